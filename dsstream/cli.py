@@ -1,0 +1,237 @@
+"""The ``dsstream`` command line.  argparse lives only here and maps onto config dataclasses."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import sys
+from dataclasses import asdict
+from pathlib import Path
+from typing import Any
+
+from dsstream import __version__
+from dsstream.protocol import Ended, Error, Final, Partial, ServerEvent, encode_event
+
+__all__ = ["main", "build_parser"]
+
+EXIT_UNAVAILABLE = 2  # model not installed, server refused, bad input
+
+
+def _hotword(text: str) -> dict[str, Any]:
+    phrase, sep, boost = text.rpartition(":")
+    if sep and phrase:
+        try:
+            return {"phrase": phrase, "boost": float(boost)}
+        except ValueError:
+            pass
+    return {"phrase": text}
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="dsstream", description=__doc__)
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    serve = sub.add_parser("serve", help="run the WebSocket streaming server")
+    serve.add_argument("--host", default="127.0.0.1")
+    serve.add_argument("--port", type=int, default=8765)
+    serve.add_argument("--token", help="require this bearer token (header or ?token=)")
+    serve.add_argument("--origin", action="append", default=[], help="allowed browser origin")
+    serve.add_argument("--max-sessions", type=int, default=128)
+    serve.add_argument("--max-frame-bytes", type=int, default=1 << 20)
+    serve.add_argument("--idle-timeout", type=float, default=30.0, help="seconds")
+    serve.add_argument("--max-session", type=float, default=3600.0, help="seconds")
+    serve.add_argument("--threads", type=int, default=8, help="pipeline worker threads")
+    serve.add_argument("--samples", type=Path, help="folder of the sample models")
+    serve.add_argument("--log-level", default="INFO")
+    serve.add_argument("--log-format", choices=["text", "json"], default="text")
+
+    tr = sub.add_parser("transcribe", help="transcribe an audio file")
+    tr.add_argument("file", type=Path)
+    tr.add_argument("--server", help="ws:// URL; without it, run in this process")
+    tr.add_argument("--token")
+    tr.add_argument("--realtime", action="store_true", help="send at the pace of the audio")
+    tr.add_argument("--chunk-ms", type=float, default=100.0)
+    tr.add_argument("--hotword", action="append", default=[], help="PHRASE or PHRASE:BOOST")
+    tr.add_argument("--nbest", type=int, default=1)
+    tr.add_argument("--no-endpointing", action="store_true")
+    tr.add_argument("--json", action="store_true", help="print every event as a JSON line")
+    tr.add_argument("--samples", type=Path, help="folder of the sample models (in-process)")
+
+    ask = sub.add_parser("ask", help="ask a question about an image")
+    ask.add_argument("image", type=Path)
+    ask.add_argument("question")
+    ask.add_argument("--server", help="ws:// URL; without it, run in this process")
+    ask.add_argument("--token")
+    ask.add_argument("--json", action="store_true")
+    ask.add_argument("--samples", type=Path)
+
+    sub.add_parser("version", help="print the version")
+    return parser
+
+
+# -- serve -------------------------------------------------------------------------
+
+
+def _serve(args: argparse.Namespace) -> int:
+    from dsstream.logs import configure_logging
+    from dsstream.pipelines.defaults import default_registry
+    from dsstream.protocol import Limits
+    from dsstream.server import ServerConfig, run_server
+
+    configure_logging(args.log_level, args.log_format)
+    limits = Limits(
+        max_frame_bytes=args.max_frame_bytes,
+        max_session_s=args.max_session,
+        idle_timeout_s=args.idle_timeout,
+    )
+    config = ServerConfig(
+        host=args.host,
+        port=args.port,
+        limits=limits,
+        max_sessions=args.max_sessions,
+        token=args.token,
+        allowed_origins=tuple(args.origin),
+        worker_threads=args.threads,
+    )
+    registry = default_registry(args.samples)
+    for task, models in registry.describe().items():
+        for name, state in models.items():
+            print(f"{task}: {name}: {state}", flush=True)
+    asyncio.run(run_server(registry, config))
+    return 0
+
+
+# -- transcribe -------------------------------------------------------------------
+
+
+class _Printer:
+    """Partials on one updating line (on a terminal), finals as lines."""
+
+    def __init__(self, as_json: bool) -> None:
+        self.as_json = as_json
+        self.tty = sys.stdout.isatty()
+        self.partial_shown = False
+
+    def __call__(self, event: ServerEvent) -> None:
+        if self.as_json:
+            print(encode_event(event), flush=True)
+        elif isinstance(event, Partial):
+            if self.tty:
+                print(f"\r\x1b[K{event.text}", end="", flush=True)
+                self.partial_shown = True
+        elif isinstance(event, Final):
+            if self.partial_shown:
+                print("\r\x1b[K", end="")
+                self.partial_shown = False
+            if event.text:
+                print(event.text, flush=True)
+        elif isinstance(event, Error):
+            print(f"error: {event.code.value}: {event.message}", file=sys.stderr, flush=True)
+
+
+def _asr_options(args: argparse.Namespace) -> dict[str, Any]:
+    options: dict[str, Any] = {"nbest": args.nbest}
+    if args.hotword:
+        options["hotwords"] = [_hotword(h) for h in args.hotword]
+    if args.no_endpointing:
+        options["endpointing"] = False
+    return options
+
+
+async def _transcribe_remote(args: argparse.Namespace, show: _Printer) -> int:
+    from dsstream.audio import load_audio
+    from dsstream.client import Client
+
+    audio = load_audio(args.file)  # a bad file fails before any connection is made
+    status = 0
+    async with Client(args.server, args.token) as client:
+        async for event in client.transcribe(
+            audio, chunk_ms=args.chunk_ms, realtime=args.realtime, **_asr_options(args)
+        ):
+            show(event)
+            if isinstance(event, Error) and event.fatal:
+                status = EXIT_UNAVAILABLE
+    return status
+
+
+def _transcribe_local(args: argparse.Namespace, show: _Printer) -> int:
+    from dsstream.audio import iter_chunks, load_audio
+    from dsstream.local import LocalSession
+    from dsstream.pipelines.defaults import default_registry
+
+    samples, rate = load_audio(args.file)
+    registry = default_registry(args.samples)
+    with LocalSession("asr", registry, sample_rate=rate, **_asr_options(args)) as session:
+        for chunk in iter_chunks(samples, rate, args.chunk_ms):
+            for event in session.send_audio(chunk):
+                show(event)
+        for event in session.end():
+            show(event)
+    return 0
+
+
+def _transcribe(args: argparse.Namespace) -> int:
+    show = _Printer(args.json)
+    if args.server:
+        return asyncio.run(_transcribe_remote(args, show))
+    return _transcribe_local(args, show)
+
+
+# -- ask ---------------------------------------------------------------------------
+
+
+async def _ask_remote(args: argparse.Namespace) -> Any:
+    from dsstream.client import Client
+
+    image = args.image.read_bytes()
+    async with Client(args.server, args.token) as client:
+        await client.start("vqa")
+        await client.send_image(image)
+        answer = await client.ask(args.question)
+        await client.end()
+        async for event in client.events():
+            if isinstance(event, Ended):
+                break
+        return answer
+
+
+def _ask(args: argparse.Namespace) -> int:
+    if args.server:
+        answer = asyncio.run(_ask_remote(args))
+    else:
+        from dsstream.local import LocalSession
+        from dsstream.pipelines.defaults import default_registry
+
+        with LocalSession("vqa", default_registry(args.samples)) as session:
+            session.send_image(args.image)
+            answer = session.ask(args.question)
+    if args.json:
+        print(json.dumps(asdict(answer)))
+    else:
+        print(f"{answer.text}  (score {answer.score:.2f}, {answer.latency_ms:.0f} ms)")
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    if args.command == "version":
+        print(f"dsstream {__version__}")
+        return 0
+    handlers = {"serve": _serve, "transcribe": _transcribe, "ask": _ask}
+    try:
+        return handlers[args.command](args)
+    except KeyboardInterrupt:
+        return 130
+    except Exception as exc:  # one clear line for the user, not a traceback
+        from dsstream.client import ServerError
+        from dsstream.pipelines.base import ModelUnavailable, PipelineError
+
+        if isinstance(exc, (ModelUnavailable, PipelineError, ServerError, ValueError, OSError)):
+            print(f"dsstream {args.command}: {exc}", file=sys.stderr)
+            return EXIT_UNAVAILABLE
+        raise
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,299 @@
+"""Python clients for a dsstream server: :class:`Client` (asyncio) and
+:class:`BlockingClient` (a blocking wrapper for scripts and notebooks).
+
+Both are thin adapters over :class:`dsstream.protocol.ClientProtocol`.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import collections
+import threading
+import time
+from collections.abc import AsyncIterator, Iterable, Iterator
+from pathlib import Path
+from typing import Any, Coroutine, TypeVar
+
+import numpy as np
+from websockets.asyncio.client import ClientConnection, connect
+from websockets.exceptions import ConnectionClosed
+
+from dsstream.audio import iter_chunks, load_audio
+from dsstream.protocol import (
+    Answer,
+    ClientProtocol,
+    Ended,
+    Error,
+    ErrorCode,
+    ServerEvent,
+    Started,
+)
+
+__all__ = ["Client", "BlockingClient", "ServerError", "AudioSource"]
+
+T = TypeVar("T")
+
+# A file path, or (samples [n] float32 in [-1, 1], sample_rate in Hz).
+AudioSource = str | Path | tuple[np.ndarray, int]
+
+
+class ServerError(Exception):
+    """The server answered with an ``error`` event where a result was expected."""
+
+    def __init__(self, event: Error) -> None:
+        super().__init__(f"{event.code.value}: {event.message}")
+        self.event = event
+        self.code: ErrorCode = event.code
+
+
+def _read_source(source: AudioSource) -> tuple[np.ndarray, int]:
+    if isinstance(source, tuple):
+        samples, rate = source
+        return np.asarray(samples, dtype=np.float32).reshape(-1), int(rate)
+    return load_audio(source)
+
+
+def _read_image(image: bytes | str | Path) -> bytes:
+    if isinstance(image, (bytes, bytearray, memoryview)):
+        return bytes(image)
+    return Path(image).read_bytes()
+
+
+class Client:
+    """An asyncio client for one session.
+
+    ``url`` is the WebSocket endpoint, e.g. ``ws://127.0.0.1:8765/v1/stream``;
+    ``token`` is sent as a bearer token.  Use as an async context manager.
+    """
+
+    def __init__(self, url: str, token: str | None = None, open_timeout: float = 10.0) -> None:
+        self.url = url
+        self.token = token
+        self.open_timeout = open_timeout
+        self.protocol = ClientProtocol()
+        self._ws: ClientConnection | None = None
+        self._pending: collections.deque[ServerEvent] = collections.deque()
+        self._encoding = "pcm_s16le"
+
+    # -- connection ------------------------------------------------------------
+
+    async def connect(self) -> Client:
+        headers = {"Authorization": f"Bearer {self.token}"} if self.token else None
+        self._ws = await connect(
+            self.url,
+            additional_headers=headers,
+            open_timeout=self.open_timeout,
+            compression=None,
+            max_size=None,
+        )
+        return self
+
+    async def close(self) -> None:
+        if self._ws is not None:
+            await self._ws.close()
+
+    async def __aenter__(self) -> Client:
+        return await self.connect()
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self.close()
+
+    @property
+    def ws(self) -> ClientConnection:
+        if self._ws is None:
+            raise RuntimeError("client is not connected; use 'async with Client(url)'")
+        return self._ws
+
+    # -- requests ----------------------------------------------------------------
+
+    async def start(self, task: str = "asr", **options: Any) -> Started:
+        """Start a session; return ``started`` or raise :class:`ServerError`."""
+        await self.ws.send(self.protocol.start(task, **options))
+        self._encoding = options.get("encoding", "pcm_s16le")
+        while True:
+            event = await self._recv_raw()
+            if event is None:
+                raise ConnectionError("server closed the connection before 'started'")
+            if isinstance(event, Started):
+                return event
+            if isinstance(event, Error):
+                raise ServerError(event)
+            self._pending.append(event)
+
+    async def send_audio(self, samples: np.ndarray | bytes) -> None:
+        """Send float samples in [-1, 1] (encoded as declared in start) or raw bytes."""
+        await self.ws.send(self.protocol.audio(samples, self._encoding))
+
+    async def send_image(self, image: bytes | str | Path) -> None:
+        await self.ws.send(_read_image(image))
+
+    async def flush(self) -> None:
+        await self.ws.send(self.protocol.flush())
+
+    async def end(self) -> None:
+        await self.ws.send(self.protocol.end())
+
+    async def ask(self, text: str, qid: str | None = None, timeout: float | None = 60) -> Answer:
+        """Ask about the latest image; return the answer or raise :class:`ServerError`.
+
+        Other events that arrive meanwhile stay queued for :meth:`recv`.
+        """
+        qid, message = self.protocol.question(text, qid)
+        await self.ws.send(message)
+        async with asyncio.timeout(timeout):
+            while True:
+                event = await self._recv_raw()
+                if event is None:
+                    raise ConnectionError("server closed the connection before answering")
+                if isinstance(event, Answer) and event.id == qid:
+                    return event
+                if isinstance(event, Error):
+                    raise ServerError(event)
+                self._pending.append(event)
+
+    # -- events ------------------------------------------------------------------
+
+    async def _recv_raw(self) -> ServerEvent | None:
+        try:
+            message = await self.ws.recv()
+        except ConnectionClosed:
+            return None
+        if isinstance(message, bytes):
+            raise ValueError("unexpected binary frame from the server")
+        return self.protocol.receive(message)
+
+    async def recv(self, timeout: float | None = None) -> ServerEvent | None:
+        """The next event, or None once the server closed the connection."""
+        if self._pending:
+            return self._pending.popleft()
+        async with asyncio.timeout(timeout):
+            return await self._recv_raw()
+
+    async def events(self) -> AsyncIterator[ServerEvent]:
+        """Events until ``ended`` (included) or the connection closes."""
+        while True:
+            event = await self.recv()
+            if event is None:
+                return
+            yield event
+            if isinstance(event, Ended):
+                return
+
+    async def stream_audio(
+        self,
+        samples: np.ndarray,
+        sample_rate: int,
+        chunk_ms: float = 100.0,
+        realtime: bool = False,
+    ) -> None:
+        """Send ``samples`` in chunks; with ``realtime`` at the pace of the audio."""
+        t0 = time.monotonic()
+        sent = 0.0
+        for chunk in iter_chunks(samples, sample_rate, chunk_ms):
+            await self.send_audio(chunk)
+            sent += len(chunk) / sample_rate
+            if realtime:
+                await asyncio.sleep(max(0.0, t0 + sent - time.monotonic()))
+
+    async def transcribe(
+        self,
+        source: AudioSource,
+        chunk_ms: float = 100.0,
+        realtime: bool = False,
+        **options: Any,
+    ) -> AsyncIterator[ServerEvent]:
+        """Start an ASR session, stream ``source``, end, and yield every event.
+
+        Audio is sent concurrently with reading events, so partials arrive while
+        the audio is still being sent.
+        """
+        samples, rate = _read_source(source)
+        await self.start("asr", sample_rate=rate, **options)
+
+        async def feed() -> None:
+            await self.stream_audio(samples, rate, chunk_ms, realtime)
+            await self.end()
+
+        sender = asyncio.create_task(feed())
+        try:
+            async for event in self.events():
+                yield event
+            await sender
+        finally:
+            sender.cancel()
+
+
+class BlockingClient:
+    """A blocking wrapper around :class:`Client` (its own event loop thread).
+
+    Every method of :class:`Client` exists here without ``await``; ``events``
+    and ``transcribe`` are plain iterators.
+    """
+
+    def __init__(self, url: str, token: str | None = None, open_timeout: float = 10.0) -> None:
+        self._loop = asyncio.new_event_loop()
+        self._thread = threading.Thread(target=self._loop.run_forever, daemon=True)
+        self._thread.start()
+        self._client = Client(url, token, open_timeout)
+        try:
+            self._run(self._client.connect())
+        except BaseException:
+            self._stop_loop()
+            raise
+
+    def _run(self, coro: Coroutine[Any, Any, T]) -> T:
+        return asyncio.run_coroutine_threadsafe(coro, self._loop).result()
+
+    def _iterate(self, agen: AsyncIterator[T]) -> Iterator[T]:
+        while True:
+            try:
+                yield self._run(agen.__anext__())  # type: ignore[arg-type]
+            except StopAsyncIteration:
+                return
+
+    def start(self, task: str = "asr", **options: Any) -> Started:
+        return self._run(self._client.start(task, **options))
+
+    def send_audio(self, samples: np.ndarray | bytes) -> None:
+        self._run(self._client.send_audio(samples))
+
+    def send_image(self, image: bytes | str | Path) -> None:
+        self._run(self._client.send_image(image))
+
+    def ask(self, text: str, qid: str | None = None, timeout: float | None = 60) -> Answer:
+        return self._run(self._client.ask(text, qid, timeout))
+
+    def flush(self) -> None:
+        self._run(self._client.flush())
+
+    def end(self) -> None:
+        self._run(self._client.end())
+
+    def recv(self, timeout: float | None = None) -> ServerEvent | None:
+        return self._run(self._client.recv(timeout))
+
+    def events(self) -> Iterator[ServerEvent]:
+        return self._iterate(self._client.events())
+
+    def stream_audio(self, samples: np.ndarray, sample_rate: int, **kw: Any) -> None:
+        self._run(self._client.stream_audio(samples, sample_rate, **kw))
+
+    def transcribe(self, source: AudioSource, **kw: Any) -> Iterable[ServerEvent]:
+        return self._iterate(self._client.transcribe(source, **kw))
+
+    def close(self) -> None:
+        try:
+            self._run(self._client.close())
+        finally:
+            self._stop_loop()
+
+    def _stop_loop(self) -> None:
+        self._loop.call_soon_threadsafe(self._loop.stop)
+        self._thread.join()
+        self._loop.close()
+
+    def __enter__(self) -> BlockingClient:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()

@@ -1,0 +1,77 @@
+"""Prometheus metrics of the streaming server.
+
+Each server owns its own ``CollectorRegistry`` so several servers (tests,
+embedded use) never collide in the process-global registry.  Other
+components (the engine) add their collectors with :meth:`ServerMetrics.include`.
+"""
+
+from __future__ import annotations
+
+from prometheus_client import (
+    CollectorRegistry,
+    Counter,
+    Gauge,
+    Histogram,
+    generate_latest,
+)
+from prometheus_client.registry import Collector
+
+__all__ = ["ServerMetrics", "CONTENT_TYPE"]
+
+CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
+
+# Seconds; streaming latencies of interest run from ~1 ms to a few seconds.
+_LATENCY_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0)
+
+
+class ServerMetrics:
+    def __init__(self) -> None:
+        self.registry = CollectorRegistry()
+        r = self.registry
+        self.sessions_active = Gauge(
+            "dsstream_sessions_active", "Sessions now open", ["task"], registry=r
+        )
+        self.sessions = Counter("dsstream_sessions", "Sessions started", ["task"], registry=r)
+        self.connections = Counter(
+            "dsstream_connections", "WebSocket connections accepted", registry=r
+        )
+        self.frames = Counter("dsstream_frames_received", "Frames received", ["kind"], registry=r)
+        self.bytes = Counter(
+            "dsstream_bytes_received", "Payload bytes received", ["kind"], registry=r
+        )
+        self.events = Counter("dsstream_events_sent", "Events sent", ["type"], registry=r)
+        self.errors = Counter("dsstream_errors", "Error events sent", ["code"], registry=r)
+        self.step_latency = Histogram(
+            "dsstream_step_seconds",
+            "Pipeline compute time per frame",
+            ["task"],
+            buckets=_LATENCY_BUCKETS,
+            registry=r,
+        )
+        self.queue_latency = Histogram(
+            "dsstream_queue_seconds",
+            "Time a frame waited in its session queue before processing",
+            ["task"],
+            buckets=_LATENCY_BUCKETS,
+            registry=r,
+        )
+        self.answer_latency = Histogram(
+            "dsstream_answer_seconds",
+            "VQA question-to-answer latency",
+            buckets=_LATENCY_BUCKETS,
+            registry=r,
+        )
+        self.session_seconds = Histogram(
+            "dsstream_session_seconds",
+            "Session wall-clock duration",
+            ["task"],
+            buckets=(1, 5, 15, 60, 300, 900, 3600),
+            registry=r,
+        )
+
+    def include(self, collector: Collector) -> None:
+        """Expose another component's collector (e.g. the engine's) on /metrics."""
+        self.registry.register(collector)
+
+    def exposition(self) -> bytes:
+        return generate_latest(self.registry)

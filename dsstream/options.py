@@ -1,0 +1,227 @@
+"""Session options: frozen dataclasses validated from a ``start`` message.
+
+Every field has a unit in its name or comment.  Validation is strict: an
+unknown option is an error, so a client's typo never silently falls back to a
+default.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import asdict, dataclass, field, fields
+from typing import Any
+
+__all__ = [
+    "ENCODINGS",
+    "MIN_SAMPLE_RATE",
+    "MAX_SAMPLE_RATE",
+    "Hotword",
+    "EndpointOptions",
+    "AsrOptions",
+    "VqaOptions",
+    "OptionsError",
+    "parse_task_options",
+    "options_dict",
+]
+
+ENCODINGS = ("pcm_s16le", "f32le")
+MIN_SAMPLE_RATE = 8000
+MAX_SAMPLE_RATE = 192000
+MAX_HOTWORDS = 5000
+MAX_HOTWORD_CHARS = 100
+
+
+class OptionsError(ValueError):
+    """Invalid start options; ``code`` is ``bad_message`` or ``unsupported``."""
+
+    def __init__(self, message: str, code: str = "bad_message") -> None:
+        super().__init__(message)
+        from dsstream.protocol import ErrorCode  # local: protocol imports this module
+
+        self.code = ErrorCode(code)
+
+
+@dataclass(frozen=True)
+class Hotword:
+    phrase: str  # one or more words
+    boost: float = 5.0  # log-score bonus per word when the phrase is completed
+
+
+@dataclass(frozen=True)
+class EndpointOptions:
+    """Endpoint rules, after sherpa-onnx's three rules."""
+
+    enabled: bool = True
+    trailing_silence_ms: int = 800  # silence after speech that closes an utterance
+    silence_without_speech_ms: int = 5000  # silence with nothing recognized yet
+    max_utterance_ms: int = 20000  # an utterance is cut at this length
+
+
+@dataclass(frozen=True)
+class AsrOptions:
+    encoding: str = "pcm_s16le"  # "pcm_s16le" or "f32le", little endian
+    sample_rate: int = 16000  # Hz of the audio the client sends
+    channels: int = 1  # 1, or 2 interleaved (averaged to mono)
+    partials: bool = True  # send partial results
+    partial_interval_ms: int = 200  # at most one partial per this much audio
+    word_timestamps: bool = True  # words with start/end/confidence in finals
+    nbest: int = 1  # hypotheses listed in finals (1..10)
+    hotwords: tuple[Hotword, ...] = ()  # phrases to favour, each with its boost
+    lm_weight: float | None = None  # LM weight (alpha); None: the model's default
+    endpointing: EndpointOptions = field(default_factory=EndpointOptions)
+    model: str | None = None  # a model name; None: the server's default
+
+
+@dataclass(frozen=True)
+class VqaOptions:
+    model: str | None = None  # a model name; None: the server's default
+
+
+def options_dict(options: AsrOptions | VqaOptions) -> dict[str, Any]:
+    """Options as plain JSON-able data (for ``started``)."""
+    out = asdict(options)
+    if isinstance(options, AsrOptions):
+        out["hotwords"] = [asdict(h) for h in options.hotwords]
+    return out
+
+
+def _is_number(value: Any) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool)
+
+
+def _bool(name: str, value: Any) -> bool:
+    if not isinstance(value, bool):
+        raise OptionsError(f"option {name!r} must be true or false")
+    return value
+
+
+def _int(name: str, value: Any, lo: int, hi: int, code: str = "bad_message") -> int:
+    if not isinstance(value, int) or isinstance(value, bool):
+        raise OptionsError(f"option {name!r} must be an integer")
+    if not lo <= value <= hi:
+        raise OptionsError(f"option {name!r}={value} is outside [{lo}, {hi}]", code)
+    return value
+
+
+def _float(name: str, value: Any, lo: float, hi: float) -> float:
+    if not _is_number(value) or not math.isfinite(value):
+        raise OptionsError(f"option {name!r} must be a finite number")
+    if not lo <= value <= hi:
+        raise OptionsError(f"option {name!r}={value} is outside [{lo}, {hi}]")
+    return float(value)
+
+
+def _check_keys(where: str, raw: dict[str, Any], cls: type) -> None:
+    known = {f.name for f in fields(cls)}
+    unknown = sorted(set(raw) - known)
+    if unknown:
+        raise OptionsError(
+            f"unknown {where} option(s): {', '.join(unknown)}; known: {', '.join(sorted(known))}"
+        )
+
+
+def _hotword(item: Any) -> Hotword:
+    if isinstance(item, str):
+        item = {"phrase": item}
+    if not isinstance(item, dict):
+        raise OptionsError("each hotword is a string or {'phrase': str, 'boost': number}")
+    _check_keys("hotword", item, Hotword)
+    phrase = item.get("phrase")
+    if not isinstance(phrase, str) or not phrase.split():
+        raise OptionsError("hotword 'phrase' must be a non-empty string")
+    if len(phrase) > MAX_HOTWORD_CHARS:
+        raise OptionsError(f"hotword longer than {MAX_HOTWORD_CHARS} characters")
+    boost = _float("boost", item.get("boost", Hotword.boost), -50.0, 50.0)
+    return Hotword(" ".join(phrase.split()), boost)
+
+
+def _hotwords(value: Any) -> tuple[Hotword, ...]:
+    if not isinstance(value, list):
+        raise OptionsError("option 'hotwords' must be a list")
+    if len(value) > MAX_HOTWORDS:
+        raise OptionsError(f"at most {MAX_HOTWORDS} hotwords")
+    return tuple(_hotword(item) for item in value)
+
+
+def _endpointing(value: Any) -> EndpointOptions:
+    if isinstance(value, bool):
+        return EndpointOptions(enabled=value)
+    if not isinstance(value, dict):
+        raise OptionsError("option 'endpointing' must be true, false or an object")
+    _check_keys("endpointing", value, EndpointOptions)
+    d = EndpointOptions()
+    return EndpointOptions(
+        enabled=_bool("enabled", value.get("enabled", d.enabled)),
+        trailing_silence_ms=_int(
+            "trailing_silence_ms",
+            value.get("trailing_silence_ms", d.trailing_silence_ms),
+            100,
+            60000,
+        ),
+        silence_without_speech_ms=_int(
+            "silence_without_speech_ms",
+            value.get("silence_without_speech_ms", d.silence_without_speech_ms),
+            100,
+            600000,
+        ),
+        max_utterance_ms=_int(
+            "max_utterance_ms", value.get("max_utterance_ms", d.max_utterance_ms), 1000, 600000
+        ),
+    )
+
+
+def _model(value: Any) -> str | None:
+    if value is not None and (not isinstance(value, str) or not value):
+        raise OptionsError("option 'model' must be a non-empty string")
+    return value
+
+
+def _asr(raw: dict[str, Any]) -> AsrOptions:
+    _check_keys("asr", raw, AsrOptions)
+    d = AsrOptions()
+    encoding = raw.get("encoding", d.encoding)
+    if encoding not in ENCODINGS:
+        raise OptionsError(
+            f"encoding {encoding!r} is not supported; use one of {', '.join(ENCODINGS)}",
+            "unsupported",
+        )
+    return AsrOptions(
+        encoding=encoding,
+        sample_rate=_int(
+            "sample_rate",
+            raw.get("sample_rate", d.sample_rate),
+            MIN_SAMPLE_RATE,
+            MAX_SAMPLE_RATE,
+            "unsupported",
+        ),
+        channels=_int("channels", raw.get("channels", d.channels), 1, 2, "unsupported"),
+        partials=_bool("partials", raw.get("partials", d.partials)),
+        partial_interval_ms=_int(
+            "partial_interval_ms", raw.get("partial_interval_ms", d.partial_interval_ms), 0, 60000
+        ),
+        word_timestamps=_bool("word_timestamps", raw.get("word_timestamps", d.word_timestamps)),
+        nbest=_int("nbest", raw.get("nbest", d.nbest), 1, 10),
+        hotwords=_hotwords(raw.get("hotwords", [])),
+        lm_weight=None
+        if raw.get("lm_weight") is None
+        else _float("lm_weight", raw["lm_weight"], 0.0, 10.0),
+        endpointing=_endpointing(raw.get("endpointing", {})),
+        model=_model(raw.get("model")),
+    )
+
+
+def _vqa(raw: dict[str, Any]) -> VqaOptions:
+    _check_keys("vqa", raw, VqaOptions)
+    return VqaOptions(model=_model(raw.get("model")))
+
+
+def parse_task_options(task: str, raw: dict[str, Any]) -> AsrOptions | VqaOptions:
+    """Validate the options of a ``start`` message for ``task``.
+
+    Raises :class:`OptionsError` with a message naming the offending option.
+    """
+    if task == "asr":
+        return _asr(raw)
+    if task == "vqa":
+        return _vqa(raw)
+    raise OptionsError(f"unknown task {task!r}")

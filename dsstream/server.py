@@ -1,0 +1,257 @@
+"""The WebSocket streaming server: a thin asyncio adapter around the protocol core.
+
+One port serves the WebSocket endpoint (``/v1/stream`` by default), the demo
+page (``GET /``), ``GET /healthz`` and ``GET /metrics``.  Sessions are driven
+by :class:`dsstream.session.SessionRunner`; this module handles the HTTP side,
+authentication, admission and graceful shutdown.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import email.utils
+import hmac
+import http
+import json
+import logging
+import signal
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import asdict, dataclass, field
+from importlib import resources
+from urllib.parse import parse_qs, urlsplit
+
+from websockets.asyncio.server import Server, ServerConnection, serve
+from websockets.datastructures import Headers
+from websockets.http11 import Request, Response
+
+from dsstream import __version__
+from dsstream.metrics import CONTENT_TYPE, ServerMetrics
+from dsstream.pipelines.base import PipelineRegistry
+from dsstream.protocol import CloseCode, ErrorCode, Limits, ServerProtocol, encode_event
+from dsstream.session import SessionRunner
+
+__all__ = ["ServerConfig", "StreamServer", "run_server"]
+
+log = logging.getLogger("dsstream.server")
+
+_STATIC = {
+    "/": ("index.html", "text/html; charset=utf-8"),
+    "/index.html": ("index.html", "text/html; charset=utf-8"),
+    "/app.js": ("app.js", "text/javascript; charset=utf-8"),
+    "/worklet.js": ("worklet.js", "text/javascript; charset=utf-8"),
+    "/style.css": ("style.css", "text/css; charset=utf-8"),
+}
+
+
+@dataclass(frozen=True)
+class ServerConfig:
+    host: str = "127.0.0.1"
+    port: int = 8765  # 0 picks a free port (see StreamServer.port)
+    path: str = "/v1/stream"  # the WebSocket endpoint
+    limits: Limits = field(default_factory=Limits)
+    max_sessions: int = 128  # concurrent sessions; beyond it, ``busy``
+    session_queue_frames: int = 64  # per-session queue; full means the reader pauses
+    token: str | None = None  # bearer token required when set
+    allowed_origins: tuple[str, ...] = ()  # browser origins allowed; empty allows any
+    worker_threads: int = 8  # threads running pipeline calls
+    shutdown_grace_s: float = 30.0  # time open sessions get to finish on shutdown
+    busy_retry_after_ms: int = 2000  # the retry hint sent with ``busy``
+    # Frames above the limit get a non-fatal ``too_large``; far above it the
+    # WebSocket layer closes the connection (1009) without reading them.
+    hard_frame_factor: int = 4
+
+
+class StreamServer:
+    """The dsstream WebSocket server.
+
+    Use as ``async with StreamServer(registry, config) as server:`` (then
+    ``server.url``), or ``await server.serve_forever()`` in a program.
+    """
+
+    def __init__(
+        self,
+        registry: PipelineRegistry,
+        config: ServerConfig | None = None,
+        metrics: ServerMetrics | None = None,
+    ) -> None:
+        self.registry = registry
+        self.config = config or ServerConfig()
+        self.metrics = metrics or ServerMetrics()
+        self.executor = ThreadPoolExecutor(self.config.worker_threads, "dsstream-pipeline")
+        self.active_sessions = 0
+        self.runners: set[SessionRunner] = set()
+        self._server: Server | None = None
+        self._closing = False
+        self._closed: asyncio.Event | None = None
+
+    # -- lifecycle -------------------------------------------------------------
+
+    async def start(self) -> None:
+        limits = self.config.limits
+        hard = self.config.hard_frame_factor * max(limits.max_frame_bytes, limits.max_text_bytes)
+        self._closed = asyncio.Event()
+        self._server = await serve(
+            self._handle,
+            self.config.host,
+            self.config.port,
+            process_request=self._process_request,
+            max_size=hard,
+            compression=None,  # PCM audio does not deflate well; save the CPU
+            server_header=f"dsstream/{__version__}",
+            logger=logging.getLogger("dsstream.websockets"),
+        )
+        log.info("serving on %s (demo page %s)", self.url, self.http_url)
+
+    @property
+    def port(self) -> int:
+        assert self._server is not None, "server not started"
+        return self._server.sockets[0].getsockname()[1]
+
+    @property
+    def url(self) -> str:
+        return f"ws://{self._display_host()}:{self.port}{self.config.path}"
+
+    @property
+    def http_url(self) -> str:
+        return f"http://{self._display_host()}:{self.port}/"
+
+    def _display_host(self) -> str:
+        host = self.config.host
+        return "127.0.0.1" if host in ("", "0.0.0.0") else f"[{host}]" if ":" in host else host
+
+    async def shutdown(self) -> None:
+        """Graceful: stop accepting, let open sessions send their finals, then close."""
+        if self._closing or self._server is None:
+            return
+        self._closing = True
+        log.info("shutting down: finishing %d open session(s)", len(self.runners))
+        for runner in list(self.runners):
+            runner.request_stop("shutdown")
+        self._server.close(close_connections=False)
+        try:
+            await asyncio.wait_for(self._server.wait_closed(), self.config.shutdown_grace_s + 5)
+        except TimeoutError:
+            log.warning("forcing connections closed after the grace period")
+            self._server.close(close_connections=True)
+            await self._server.wait_closed()
+        self.executor.shutdown(wait=False, cancel_futures=True)
+        assert self._closed is not None
+        self._closed.set()
+        log.info("server closed")
+
+    async def serve_forever(self, handle_signals: bool = True) -> None:
+        """Serve until SIGINT/SIGTERM (when ``handle_signals``) or :meth:`shutdown`."""
+        if self._server is None:
+            await self.start()
+        assert self._closed is not None
+        if handle_signals:
+            loop = asyncio.get_running_loop()
+            for sig in (signal.SIGINT, signal.SIGTERM):
+                loop.add_signal_handler(sig, lambda: asyncio.ensure_future(self.shutdown()))
+        await self._closed.wait()
+
+    async def __aenter__(self) -> StreamServer:
+        await self.start()
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self.shutdown()
+
+    # -- HTTP --------------------------------------------------------------------
+
+    def _process_request(self, connection: ServerConnection, request: Request) -> Response | None:
+        path = urlsplit(request.path).path
+        upgrade = "websocket" in request.headers.get("Upgrade", "").lower()
+        if path == self.config.path and upgrade:
+            return None  # go on with the WebSocket handshake
+        if path == self.config.path:
+            return connection.respond(http.HTTPStatus.UPGRADE_REQUIRED, "WebSocket endpoint\n")
+        if path == "/healthz":
+            return _response(connection, http.HTTPStatus.OK, self._health(), "application/json")
+        if path == "/metrics":
+            return _response(
+                connection, http.HTTPStatus.OK, self.metrics.exposition(), CONTENT_TYPE
+            )
+        if path in _STATIC:
+            name, ctype = _STATIC[path]
+            body = resources.files("dsstream.web").joinpath(name).read_bytes()
+            return _response(connection, http.HTTPStatus.OK, body, ctype)
+        return connection.respond(http.HTTPStatus.NOT_FOUND, "not found\n")
+
+    def _health(self) -> bytes:
+        status = {
+            "status": "shutting_down" if self._closing else "ok",
+            "version": __version__,
+            "sessions": self.active_sessions,
+            "max_sessions": self.config.max_sessions,
+            "models": self.registry.describe(),
+            "limits": asdict(self.config.limits),
+        }
+        return json.dumps(status).encode()
+
+    # -- WebSocket -----------------------------------------------------------------
+
+    async def _handle(self, ws: ServerConnection) -> None:
+        self.metrics.connections.inc()
+        refusal = self._refusal(ws)
+        if refusal:
+            await self._refuse(ws, *refusal)
+            return
+        runner = SessionRunner(self, ws)
+        self.runners.add(runner)
+        try:
+            await runner.run()
+        finally:
+            self.runners.discard(runner)
+
+    def _refusal(self, ws: ServerConnection) -> tuple[ErrorCode, str] | None:
+        request = ws.request
+        assert request is not None
+        if self._closing:
+            return ErrorCode.BUSY, "server is shutting down"
+        origins = self.config.allowed_origins
+        origin = request.headers.get("Origin")
+        if origins and origin is not None and origin not in origins:
+            return ErrorCode.UNAUTHORIZED, f"origin {origin!r} is not allowed"
+        if self.config.token is not None and not self._token_ok(request):
+            return ErrorCode.UNAUTHORIZED, "missing or wrong bearer token"
+        return None
+
+    def _token_ok(self, request: Request) -> bool:
+        expected = self.config.token or ""
+        header = request.headers.get("Authorization", "")
+        given = header[7:].strip() if header.lower().startswith("bearer ") else ""
+        if not given:  # browsers cannot set headers on a WebSocket: ?token=...
+            given = parse_qs(urlsplit(request.path).query).get("token", [""])[0]
+        return hmac.compare_digest(given.encode(), expected.encode())
+
+    async def _refuse(self, ws: ServerConnection, code: ErrorCode, message: str) -> None:
+        error = ServerProtocol(self.config.limits).fail(
+            code, message, self.config.busy_retry_after_ms if code is ErrorCode.BUSY else None
+        )
+        self.metrics.errors.labels(code.value).inc()
+        log.info("refused connection: %s", message)
+        await ws.send(encode_event(error))
+        close = CloseCode.TRY_AGAIN_LATER if code is ErrorCode.BUSY else CloseCode.POLICY_VIOLATION
+        await ws.close(close, message[:120])
+
+
+def _response(
+    connection: ServerConnection, status: http.HTTPStatus, body: bytes, content_type: str
+) -> Response:
+    headers = Headers()
+    headers["Date"] = email.utils.formatdate(usegmt=True)
+    headers["Connection"] = "close"
+    headers["Content-Type"] = content_type
+    headers["Content-Length"] = str(len(body))
+    headers["Cache-Control"] = "no-store"
+    return Response(status.value, status.phrase, headers, body)
+
+
+async def run_server(registry: PipelineRegistry, config: ServerConfig) -> None:
+    """Start a server and serve until SIGINT/SIGTERM, then shut down gracefully."""
+    server = StreamServer(registry, config)
+    await server.start()
+    print(f"dsstream {__version__} serving {server.url}", flush=True)
+    print(f"demo page: {server.http_url}", flush=True)
+    await server.serve_forever()

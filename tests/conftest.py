@@ -1,0 +1,64 @@
+import asyncio
+import contextlib
+import functools
+import io
+import os
+import sys
+
+import numpy as np
+import pytest
+
+sys.path.insert(0, os.path.dirname(__file__))
+
+from dsstream.protocol import Limits  # noqa: E402
+from dsstream.server import ServerConfig, StreamServer  # noqa: E402
+
+
+def pytest_collection_modifyitems(config, items):
+    try:
+        import torch
+
+        has_cuda = torch.cuda.is_available()
+    except ImportError:
+        has_cuda = False
+    if has_cuda:
+        return
+    skip = pytest.mark.skip(reason="needs a CUDA GPU")
+    for item in items:
+        if "cuda" in item.keywords:
+            item.add_marker(skip)
+
+
+def async_test(fn):
+    """Run an async test function in a fresh event loop (no plugin needed)."""
+
+    @functools.wraps(fn)
+    def wrapper(*args, **kwargs):
+        return asyncio.run(asyncio.wait_for(fn(*args, **kwargs), timeout=120))
+
+    return wrapper
+
+
+@contextlib.asynccontextmanager
+async def running_server(registry, limits: Limits | None = None, **config):
+    server = StreamServer(registry, ServerConfig(port=0, limits=limits or Limits(), **config))
+    await server.start()
+    try:
+        yield server
+    finally:
+        await server.shutdown()
+
+
+def tone(seconds: float, rate: int, freq: float = 440.0, channels: int = 1) -> np.ndarray:
+    t = np.arange(int(seconds * rate)) / rate
+    x = (0.3 * np.sin(2 * np.pi * freq * t)).astype(np.float32)
+    return np.repeat(x[:, None], channels, axis=1) if channels > 1 else x
+
+
+def png_bytes(width: int = 32, height: int = 24, fmt: str = "PNG") -> bytes:
+    from PIL import Image
+
+    img = Image.new("RGB", (width, height), (200, 30, 30))
+    buf = io.BytesIO()
+    img.save(buf, format=fmt)
+    return buf.getvalue()

@@ -1,0 +1,79 @@
+"""The public API: each package's __all__ is what we promise, and it resolves."""
+
+import importlib
+
+import pytest
+
+EXPECTED = {
+    "dsstream": {
+        "__version__",
+        "Client",
+        "BlockingClient",
+        "ServerError",
+        "LocalSession",
+        "AsrOptions",
+        "VqaOptions",
+        "EndpointOptions",
+        "Hotword",
+        "Started",
+        "Partial",
+        "Final",
+        "Endpoint",
+        "Answer",
+        "Ended",
+        "Error",
+        "ErrorCode",
+        "Word",
+    },
+    "dsstream.pipelines": {
+        "ArtifactPipelineFactory",
+        "Frame",
+        "ModelUnavailable",
+        "Pipeline",
+        "PipelineError",
+        "PipelineFactory",
+        "PipelineRegistry",
+        "SAMPLES_DIR",
+        "default_registry",
+    },
+    "dsstream.server": {"ServerConfig", "StreamServer", "run_server"},
+    "dsstream.client": {"Client", "BlockingClient", "ServerError", "AudioSource"},
+}
+
+
+@pytest.mark.parametrize("module", sorted(EXPECTED))
+def test_all_is_exact_and_resolves(module):
+    mod = importlib.import_module(module)
+    assert set(mod.__all__) == EXPECTED[module]
+    for name in mod.__all__:
+        assert hasattr(mod, name), f"{module}.{name} is exported but missing"
+
+
+@pytest.mark.parametrize(
+    "module",
+    [
+        "dsstream.protocol",
+        "dsstream.options",
+        "dsstream.audio",
+        "dsstream.media",
+        "dsstream.local",
+        "dsstream.metrics",
+        "dsstream.logs",
+        "dsstream.session",
+        "dsstream.cli",
+    ],
+)
+def test_every_module_declares_a_resolvable_all(module):
+    mod = importlib.import_module(module)
+    assert mod.__all__, module
+    for name in mod.__all__:
+        assert hasattr(mod, name), f"{module}.{name}"
+
+
+def test_importing_dsstream_does_not_load_torch():
+    import subprocess
+    import sys
+
+    code = "import sys, dsstream, dsstream.client; print('torch' in sys.modules)"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "False"

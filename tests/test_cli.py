@@ -1,0 +1,147 @@
+"""The dsstream command line, in-process and against a loopback server."""
+
+import asyncio
+import json
+import subprocess
+import sys
+import threading
+
+import pipelines
+import pytest
+import soundfile as sf
+from conftest import png_bytes, running_server, tone
+
+from dsstream import __version__
+from dsstream.cli import _hotword, main
+
+
+def _cli(*args: str, timeout: float = 60) -> subprocess.CompletedProcess:
+    return subprocess.run(
+        [sys.executable, "-m", "dsstream.cli", *args],
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+    )
+
+
+@pytest.fixture(scope="module")
+def server_url():
+    """A server with the test pipelines, run in a background thread."""
+    ready, holder = threading.Event(), {}
+
+    async def serve():
+        async with running_server(pipelines.registry()) as server:
+            holder["url"], holder["stop"] = server.url, asyncio.Event()
+            ready.set()
+            await holder["stop"].wait()
+
+    loop = asyncio.new_event_loop()
+    thread = threading.Thread(target=loop.run_until_complete, args=(serve(),))
+    thread.start()
+    assert ready.wait(20)
+    yield holder["url"]
+    loop.call_soon_threadsafe(holder["stop"].set)
+    thread.join(20)
+
+
+def test_version(capsys):
+    assert main(["version"]) == 0
+    assert capsys.readouterr().out.strip() == f"dsstream {__version__}"
+
+
+def test_transcribe_against_a_server_prints_finals(tmp_path, server_url):
+    wav = tmp_path / "clip.wav"
+    sf.write(wav, tone(0.75, 22050), 22050, subtype="PCM_16")
+    result = _cli("transcribe", str(wav), "--server", server_url)
+    assert result.returncode == 0, result.stderr
+    # 0.75 s at 22050 Hz resampled to 16 kHz: ceil(16537 * 320 / 441) samples.
+    assert result.stdout.split() == ["12000"]
+    events = _cli("transcribe", str(wav), "--server", server_url, "--json").stdout.splitlines()
+    kinds = [json.loads(line)["type"] for line in events]
+    assert kinds[0] == "partial" and kinds[-2:] == ["endpoint", "ended"] and "final" in kinds
+
+
+def test_transcribe_in_process_without_a_model_names_what_is_missing(tmp_path):
+    wav = tmp_path / "clip.wav"
+    sf.write(wav, tone(0.1, 16000), 16000)
+    result = _cli("transcribe", str(wav), "--samples", str(tmp_path / "none"))
+    assert result.returncode == 2
+    assert "not installed" in result.stderr and "model.ds" in result.stderr
+
+
+def test_transcribe_unreadable_file_is_a_clear_error(tmp_path):
+    bad = tmp_path / "bad.wav"
+    bad.write_bytes(b"RIFF....garbage")
+    result = _cli("transcribe", str(bad), "--server", "ws://127.0.0.1:9")
+    assert result.returncode == 2 and "cannot read audio file" in result.stderr
+
+
+def test_ask_against_a_server(tmp_path, server_url):
+    image = tmp_path / "scene.png"
+    image.write_bytes(png_bytes(75, 75))
+    result = _cli("ask", str(image), "what is it?", "--server", server_url, "--json")
+    assert result.returncode == 0, result.stderr
+    answer = json.loads(result.stdout)
+    assert answer["text"] == "75x75 what is it?" and answer["type"] == "answer"
+
+
+def test_ask_in_process_without_a_model(tmp_path):
+    image = tmp_path / "scene.png"
+    image.write_bytes(png_bytes())
+    result = _cli("ask", str(image), "what?", "--samples", str(tmp_path))
+    assert result.returncode == 2 and "vqa model" in result.stderr
+
+
+def test_serve_starts_and_serves_without_sample_models(tmp_path):
+    import socket
+    import time
+    import urllib.request
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    proc = subprocess.Popen(
+        [
+            sys.executable,
+            "-m",
+            "dsstream.cli",
+            "serve",
+            "--port",
+            str(port),
+            "--samples",
+            str(tmp_path),
+        ],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        for _ in range(100):
+            try:
+                with urllib.request.urlopen(f"http://127.0.0.1:{port}/healthz", timeout=1) as r:
+                    health = json.loads(r.read())
+                break
+            except OSError:
+                time.sleep(0.2)
+        else:
+            pytest.fail("server did not come up")
+        assert "not installed" in health["models"]["asr"]["sample-asr"]
+    finally:
+        proc.send_signal(2)  # SIGINT: graceful shutdown
+        out, err = proc.communicate(timeout=30)
+    assert proc.returncode == 0, err
+    assert f"ws://127.0.0.1:{port}/v1/stream" in out
+    assert "shutting down" in err
+
+
+@pytest.mark.parametrize(
+    "text, expected",
+    [
+        ("kenlm", {"phrase": "kenlm"}),
+        ("new york:7.5", {"phrase": "new york", "boost": 7.5}),
+        ("ratio 3:2", {"phrase": "ratio 3", "boost": 2.0}),
+        ("a:b", {"phrase": "a:b"}),
+    ],
+)
+def test_hotword_argument(text, expected):
+    assert _hotword(text) == expected

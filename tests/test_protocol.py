@@ -1,0 +1,188 @@
+"""The sans-I/O protocol core, driven by message fixtures."""
+
+import json
+from dataclasses import asdict
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from dsstream.options import options_dict
+from dsstream.protocol import (
+    Answer,
+    ClientProtocol,
+    Ended,
+    Endpoint,
+    Error,
+    ErrorCode,
+    Final,
+    Hypothesis,
+    Partial,
+    ServerProtocol,
+    Started,
+    StartSession,
+    State,
+    Word,
+    encode_event,
+    parse_server_event,
+)
+
+CASES = json.loads((Path(__file__).parent / "fixtures" / "protocol_cases.json").read_text())
+
+
+def _feed(proto: ServerProtocol, send):
+    if isinstance(send, str):
+        return proto.receive_text(send)
+    if "binary_hex" in send:
+        return proto.receive_binary(bytes.fromhex(send["binary_hex"]))
+    if "binary_len" in send:
+        return proto.receive_binary(b"\0" * send["binary_len"])
+    return proto.receive_text(json.dumps(send))
+
+
+def _subset(expected, actual):
+    if isinstance(expected, dict):
+        return all(_subset(v, actual[k]) for k, v in expected.items())
+    return expected == actual
+
+
+@pytest.mark.parametrize("case", CASES, ids=[c["name"] for c in CASES])
+def test_fixture(case):
+    proto = ServerProtocol()
+    for message in case["setup"]:
+        (item,) = _feed(proto, message)
+        assert isinstance(item, StartSession)
+        proto.accept_start("s1", {})
+    (item,) = _feed(proto, case["send"])
+    expect = case["expect"]
+    if "error" in expect:
+        assert isinstance(item, Error), item
+        assert item.code == ErrorCode(expect["error"])
+        assert expect["match"] in item.message
+        assert item.fatal is False
+        return
+    assert type(item).__name__ == expect["request"]
+    if "task" in expect:
+        assert item.task == expect["task"]
+    if "options" in expect:
+        assert _subset(expect["options"], options_dict(item.options))
+    if "samples" in expect:
+        np.testing.assert_array_equal(item.samples, np.array(expect["samples"], np.float32))
+        assert item.samples.dtype == np.float32
+    for key in ("id", "text"):
+        if key in expect:
+            assert getattr(item, key) == expect[key]
+
+
+def test_fixtures_cover_every_error_code_the_core_emits():
+    codes = {c["expect"]["error"] for c in CASES if "error" in c["expect"]}
+    assert codes == {"bad_message", "bad_audio", "too_large", "unsupported"}
+    requests = {c["expect"]["request"] for c in CASES if "request" in c["expect"]}
+    assert requests == {"StartSession", "AudioChunk", "ImageData", "Question", "Flush", "End"}
+
+
+def test_rejected_start_can_be_retried_and_fatal_rejection_closes():
+    proto = ServerProtocol()
+    proto.receive_text('{"type":"start","task":"asr"}')
+    err = proto.reject_start(ErrorCode.UNSUPPORTED, "no", fatal=False)
+    assert not err.fatal and proto.state is State.AWAITING_START
+    (item,) = proto.receive_text('{"type":"start","task":"vqa"}')
+    assert isinstance(item, StartSession) and item.task == "vqa"
+    err = proto.reject_start(ErrorCode.MODEL_UNAVAILABLE, "missing x", fatal=True)
+    assert err.fatal and proto.state is State.CLOSED
+    (item,) = proto.receive_text('{"type":"flush"}')
+    assert isinstance(item, Error) and "closed" in item.message
+
+
+def test_accept_start_reports_effective_options_and_limits():
+    proto = ServerProtocol()
+    proto.receive_text('{"type":"start","task":"asr","sample_rate":8000}')
+    started = proto.accept_start("abc", {"model": "m", "sample_rate": 8000})
+    assert started.session_id == "abc" and started.task == "asr"
+    assert started.limits["max_frame_bytes"] == proto.limits.max_frame_bytes
+    assert proto.state is State.ACTIVE
+
+
+EVENTS = [
+    Started("s1", "asr", {"model": "m", "sample_rate": 16000}, {"max_frame_bytes": 10}),
+    Partial("hello wor", 0),
+    Final(
+        "hello world",
+        0,
+        0.0,
+        1.5,
+        (Word("hello", 0.1, 0.5, 0.9), Word("world", 0.6, 1.2, 0.75)),
+        (Hypothesis("hello world", -3.5), Hypothesis("hello word", -4.25)),
+    ),
+    Final("", 1, 1.5, 2.0),
+    Endpoint(0, 1.5, "trailing_silence"),
+    Answer("q1", "circle", 0.97, 12.5),
+    Answer("q2", "left", 0.5, 3.0, transcript="is the red object on the left"),
+    Ended("s1", "client", {"frames": 3}),
+    Error(ErrorCode.BUSY, "full", True, 2000),
+    Error(ErrorCode.BAD_AUDIO, "odd"),
+]
+
+
+@pytest.mark.parametrize("event", EVENTS, ids=[f"{e.type}{i}" for i, e in enumerate(EVENTS)])
+def test_server_event_round_trip(event):
+    text = encode_event(event)
+    obj = json.loads(text)
+    assert obj["type"] == event.type
+    assert parse_server_event(text) == event
+
+
+def test_error_wire_format():
+    obj = json.loads(encode_event(Error(ErrorCode.TOO_LARGE, "big", False)))
+    assert obj == {"type": "error", "code": "too_large", "message": "big", "fatal": False}
+
+
+@pytest.mark.parametrize(
+    "text", ['{"type":"nope"}', "[]", '{"type":"partial"}', '{"type":"error","code":"x"}']
+)
+def test_parse_server_event_rejects_invalid(text):
+    with pytest.raises(ValueError):
+        parse_server_event(text)
+
+
+def test_client_protocol_builds_messages_the_server_accepts():
+    client, server = ClientProtocol(), ServerProtocol()
+    (start,) = server.receive_text(client.start("asr", sample_rate=8000, encoding="f32le"))
+    assert isinstance(start, StartSession) and start.options.sample_rate == 8000
+    server.accept_start("s", {})
+    samples = np.array([0.25, -0.5, 1.0], np.float32)
+    (chunk,) = server.receive_binary(client.audio(samples, "f32le"))
+    np.testing.assert_array_equal(chunk.samples, samples)
+    (flush,) = server.receive_text(client.flush())
+    (end,) = server.receive_text(client.end())
+    assert type(flush).__name__ == "Flush" and type(end).__name__ == "End"
+
+
+def test_client_pcm_encoding_round_trips_within_one_lsb():
+    client, server = ClientProtocol(), ServerProtocol()
+    server.receive_text(client.start("asr"))
+    server.accept_start("s", {})
+    samples = np.linspace(-1, 1, 101).astype(np.float32)
+    (chunk,) = server.receive_binary(client.audio(samples, "pcm_s16le"))
+    assert np.max(np.abs(chunk.samples - samples)) <= 1 / 32768
+
+
+def test_client_question_ids_and_state_tracking():
+    client = ClientProtocol()
+    qid, message = client.question("what?")
+    assert qid == "c1" and json.loads(message) == {"type": "question", "id": "c1", "text": "what?"}
+    assert client.question("again?", "mine")[0] == "mine"
+    client.receive(encode_event(EVENTS[0]))
+    assert client.started == EVENTS[0]
+    client.receive(encode_event(Ended("s1", "client")))
+    assert client.ended is not None
+
+
+def test_started_options_are_json_serializable():
+    proto = ServerProtocol()
+    (item,) = proto.receive_text('{"type":"start","task":"asr","hotwords":["a b"]}')
+    started = proto.accept_start("s", options_dict(item.options))
+    assert parse_server_event(encode_event(started)).options["hotwords"] == [
+        {"phrase": "a b", "boost": 5.0}
+    ]
+    assert asdict(item.options)["endpointing"]["enabled"] is True
