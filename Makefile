@@ -29,7 +29,7 @@ lint: $(STAMP)
 	$(VENV)/bin/mypy
 
 bench: $(STAMP)
-	$(PY) -m pytest -q tests/bench -p no:cacheprovider -s --timeout=3600
+	$(PY) -m pytest -q tests/bench -o python_files='bench_*.py' -s --timeout=3600
 
 clean:
 	rm -rf $(VENV) build *.egg-info

@@ -181,15 +181,24 @@ class Client:
 
     async def stream_audio(
         self,
-        samples: np.ndarray,
+        samples: np.ndarray | Iterable[np.ndarray],
         sample_rate: int,
         chunk_ms: float = 100.0,
         realtime: bool = False,
     ) -> None:
-        """Send ``samples`` in chunks; with ``realtime`` at the pace of the audio."""
+        """Send audio: an array (cut into ``chunk_ms`` chunks) or an iterable of chunks.
+
+        With ``realtime`` the chunks go out at the pace of the audio, as a live
+        source would send them; otherwise as fast as the server reads them.
+        """
+        chunks = (
+            iter_chunks(samples, sample_rate, chunk_ms)
+            if isinstance(samples, np.ndarray)
+            else samples
+        )
         t0 = time.monotonic()
         sent = 0.0
-        for chunk in iter_chunks(samples, sample_rate, chunk_ms):
+        for chunk in chunks:
             await self.send_audio(chunk)
             sent += len(chunk) / sample_rate
             if realtime:

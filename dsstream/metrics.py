@@ -7,6 +7,8 @@ components (the engine) add their collectors with :meth:`ServerMetrics.include`.
 
 from __future__ import annotations
 
+from typing import Any
+
 from prometheus_client import (
     CollectorRegistry,
     Counter,
@@ -68,6 +70,19 @@ class ServerMetrics:
             buckets=(1, 5, 15, 60, 300, 900, 3600),
             registry=r,
         )
+
+        # Hot-path children resolved once: labels() validates and locks per call.
+        self.text_frames = self.frames.labels("text")
+        self.binary_frames = self.frames.labels("binary")
+        self.text_bytes = self.bytes.labels("text")
+        self.binary_bytes = self.bytes.labels("binary")
+        self._event_children: dict[str, Any] = {}
+
+    def event_sent(self, event_type: str) -> None:
+        child = self._event_children.get(event_type)
+        if child is None:
+            child = self._event_children[event_type] = self.events.labels(event_type)
+        child.inc()
 
     def include(self, collector: Collector) -> None:
         """Expose another component's collector (e.g. the engine's) on /metrics."""

@@ -264,13 +264,14 @@ ServerEvent = Union[Started, Partial, Final, Endpoint, Answer, Ended, Error]
 
 
 def _event_dict(event: ServerEvent) -> dict[str, Any]:
-    raw = asdict(event)
-    out = {"type": raw.pop("type")}
-    out.update({k: v for k, v in raw.items() if v is not None})
+    # Shallow field copy, not dataclasses.asdict: asdict deep-copies and was the
+    # largest cost of sending a partial (profiled on the loopback benchmark).
+    out: dict[str, Any] = {"type": event.type}
+    out.update((k, v) for k, v in vars(event).items() if v is not None and k != "type")
     if isinstance(event, Final):
-        out["words"] = [asdict(w) for w in event.words]
-        out["nbest"] = [asdict(h) for h in event.nbest]
-    if isinstance(event, Error):
+        out["words"] = [vars(w) for w in event.words]
+        out["nbest"] = [vars(h) for h in event.nbest]
+    elif isinstance(event, Error):
         out["code"] = event.code.value
     return out
 

@@ -56,6 +56,9 @@ class ServerConfig:
     worker_threads: int = 8  # threads running pipeline calls
     shutdown_grace_s: float = 30.0  # time open sessions get to finish on shutdown
     busy_retry_after_ms: int = 2000  # the retry hint sent with ``busy``
+    # Frames already queued when the worker wakes go to the pool in one call:
+    # one thread hop per burst instead of per frame.
+    max_frames_per_call: int = 16
     # Frames above the limit get a non-fatal ``too_large``; far above it the
     # WebSocket layer closes the connection (1009) without reading them.
     hard_frame_factor: int = 4

@@ -165,12 +165,13 @@ class SessionRunner:
             self._timeout_message = message
 
     async def _dispatch(self, message: str | bytes) -> str | None:
-        kind = "text" if isinstance(message, str) else "binary"
-        self.metrics.frames.labels(kind).inc()
-        self.metrics.bytes.labels(kind).inc(len(message))
         if isinstance(message, str):
+            self.metrics.text_frames.inc()
+            self.metrics.text_bytes.inc(len(message))
             items = self.protocol.receive_text(message)
         else:
+            self.metrics.binary_frames.inc()
+            self.metrics.binary_bytes.inc(len(message))
             items = self.protocol.receive_binary(message)
         for item in items:
             if self._stop.done():
@@ -237,6 +238,8 @@ class SessionRunner:
             self.session_id, {**options_dict(request.options), **effective}
         )
         self.metrics.sessions.labels(request.task).inc()
+        self._step_latency = self.metrics.step_latency.labels(request.task)
+        self._queue_latency = self.metrics.queue_latency.labels(request.task)
         self.log.info("started %s session (%s)", request.task, effective.get("model", "?"))
         await self.send(started)
         self._worker = asyncio.create_task(self._work())
@@ -257,36 +260,60 @@ class SessionRunner:
         return await asyncio.get_running_loop().run_in_executor(executor, fn, *args)
 
     async def _work(self) -> None:
+        """Drain the queue in order; frames already waiting go to the pool in one call."""
         assert self.pipeline is not None
         while True:
-            item, queued_at = await self.queue.get()
-            if isinstance(item, _Finish):
-                await self._end(item.reason)
-                return
-            self.metrics.queue_latency.labels(self.task).observe(time.monotonic() - queued_at)
-            if not await self._step(item):
+            batch = [await self.queue.get()]
+            while (
+                len(batch) < self.config.max_frames_per_call
+                and not self.queue.empty()
+                and not isinstance(batch[-1][0], _Finish)
+            ):
+                batch.append(self.queue.get_nowait())
+            finish = batch.pop()[0] if isinstance(batch[-1][0], _Finish) else None
+            if batch:
+                now = time.monotonic()
+                for _, queued_at in batch:
+                    self._queue_latency.observe(now - queued_at)
+                outcomes = await self._call(self._run_steps, [item for item, _ in batch])
+                if not await self._deliver(outcomes):
+                    return
+            if finish is not None:
+                await self._end(finish.reason)
                 return
 
-    async def _step(self, item: Any) -> bool:
-        """Run one frame; False when the session failed and must close."""
-        t0 = time.monotonic()
-        try:
-            events = await self._call(self.pipeline.step, item)  # type: ignore[union-attr]
-        except PipelineError as exc:
-            await self.send(Error(exc.code, exc.message, exc.fatal))
-            if exc.fatal:
-                self.close_code = close_code_for(exc.code)
+    def _run_steps(self, items: list[Any]) -> list[Any]:
+        """Pool side: each item's events, or the exception it raised (stops at a fatal one)."""
+        assert self.pipeline is not None
+        outcomes: list[Any] = []
+        for item in items:
+            t0 = time.monotonic()
+            try:
+                outcomes.append(self.pipeline.step(item))
+            except Exception as exc:
+                outcomes.append(exc)
+                if not isinstance(exc, PipelineError) or exc.fatal:
+                    break
+            self._step_latency.observe(time.monotonic() - t0)
+        return outcomes
+
+    async def _deliver(self, outcomes: list[Any]) -> bool:
+        """Send what the steps produced; False when the session failed and must close."""
+        for outcome in outcomes:
+            if isinstance(outcome, PipelineError):
+                await self.send(Error(outcome.code, outcome.message, outcome.fatal))
+                if outcome.fatal:
+                    self.close_code = close_code_for(outcome.code)
+                    await self._abort("error")
+                    return False
+            elif isinstance(outcome, Exception):
+                self.log.error("pipeline step failed", exc_info=outcome)
+                await self._fatal(ErrorCode.INTERNAL, "internal error while processing a frame")
                 await self._abort("error")
                 return False
-            return True
-        except Exception:
-            self.log.exception("pipeline step failed")
-            await self._fatal(ErrorCode.INTERNAL, "internal error while processing a frame")
-            await self._abort("error")
-            return False
-        self.metrics.step_latency.labels(self.task).observe(time.monotonic() - t0)
-        for event in events:
-            await self.send(event)
+            else:
+                for event in outcome:
+                    await self.send(event)
         return True
 
     async def _abort(self, reason: str) -> None:
@@ -326,7 +353,7 @@ class SessionRunner:
     # -- sending -----------------------------------------------------------------
 
     async def send(self, event: ServerEvent) -> None:
-        self.metrics.events.labels(event.type).inc()
+        self.metrics.event_sent(event.type)
         if isinstance(event, Error):
             self.metrics.errors.labels(event.code.value).inc()
             if event.code is not ErrorCode.TIMEOUT:

@@ -54,13 +54,14 @@ async def test_asr_session_flush_and_end_semantics():
             assert started.limits["max_frame_bytes"] == Limits().max_frame_bytes
             await client.stream_audio(audio[:8000], 16000, chunk_ms=100)
             await client.flush()
-            await client.stream_audio(audio[8000:], 16000, chunk_ms=100)
+            await client.stream_audio(iter(np.array_split(audio[8000:], 4)), 16000)
             await client.end()
             events = await _collect(client)
     finals = _of(events, Final)
     assert [f.text for f in finals] == ["8000", "8000"]
     assert [f.segment for f in finals] == [0, 1]
     assert (finals[0].start, finals[0].end, finals[1].end) == (0.0, 0.5, 1.0)
+    assert len([p for p in _of(events, Partial) if p.segment == 1]) == 4
     assert [e.reason for e in _of(events, Endpoint)] == ["flush", "end"]
     # Partials of a segment come before its final, counting up.
     first = events.index(finals[0])
@@ -156,9 +157,10 @@ async def test_backpressure_bounds_what_the_server_reads_ahead():
             await client.end()
             events = await _collect(client)
     assert _of(events, Final)[0].text == str(40 * 1600)
-    # read ahead = frames read by the server minus frames the pipeline has begun;
-    # the queue holds 2, plus one the reader holds while blocked on the full queue.
-    assert max(read - done for read, done in seen) <= 3
+    # read ahead = frames read by the server minus frames the pipeline has begun:
+    # a batch taken from the queue (at most 2), the refilled queue (2), and one
+    # the reader holds while blocked on the full queue.  Unbounded, it was 38.
+    assert max(read - done for read, done in seen) <= 2 * 2 + 1
 
 
 # -- limits -----------------------------------------------------------------------
