@@ -66,8 +66,42 @@ def build_parser() -> argparse.ArgumentParser:
     ask.add_argument("--json", action="store_true")
     ask.add_argument("--samples", type=Path)
 
+    lm = sub.add_parser("lm", help="language model tools")
+    lm_sub = lm.add_subparsers(dest="lm_command", required=True)
+    build = lm_sub.add_parser("build", help="estimate a Kneser-Ney n-gram LM (ARPA)")
+    build.add_argument("corpus", nargs="+", type=Path, help="text files")
+    build.add_argument("-o", "--output", type=Path, required=True, help="ARPA file to write")
+    build.add_argument("--order", type=int, default=3, choices=range(1, 10), metavar="N")
+    build.add_argument(
+        "--prune", type=int, nargs="+", default=[], metavar="K",
+        help="per order, drop n-grams with adjusted count <= K (e.g. 0 0 1)",
+    )  # fmt: skip
+    build.add_argument(
+        "--one-per-line", action="store_true", help="one sentence per line (else prose)"
+    )
+    build.add_argument("--exclude", type=Path, help="file of sentences to leave out")
+    build.add_argument("--quiet", action="store_true", help="no progress bar")
+
     sub.add_parser("version", help="print the version")
     return parser
+
+
+def _lm(args: argparse.Namespace) -> int:
+    from dsstream.lm import build_arpa, read_corpus
+
+    exclude = list(read_corpus(args.exclude, one_per_line=True)) if args.exclude else []
+    model = build_arpa(
+        args.corpus,
+        args.output,
+        order=args.order,
+        prune_thresholds=args.prune,
+        one_per_line=args.one_per_line,
+        exclude=exclude,
+        progress=not args.quiet,
+    )
+    sizes = ", ".join(f"{n}-grams: {len(t)}" for n, t in enumerate(model.probs, 1))
+    print(f"wrote {args.output} ({sizes})")
+    return 0
 
 
 # -- serve -------------------------------------------------------------------------
@@ -218,7 +252,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.command == "version":
         print(f"dsstream {__version__}")
         return 0
-    handlers = {"serve": _serve, "transcribe": _transcribe, "ask": _ask}
+    handlers = {"serve": _serve, "transcribe": _transcribe, "ask": _ask, "lm": _lm}
     try:
         return handlers[args.command](args)
     except KeyboardInterrupt:

@@ -38,6 +38,30 @@ EXPECTED = {
     },
     "dsstream.server": {"ServerConfig", "StreamServer", "run_server"},
     "dsstream.client": {"Client", "BlockingClient", "ServerError", "AudioSource"},
+    "dsstream.decoding": {
+        "CTCDecoder",
+        "DecoderStream",
+        "DecodeResult",
+        "DecoderConfig",
+        "WordInfo",
+        "Vocabulary",
+        "VocabularyError",
+        "ENGLISH_CHARS",
+        "KenLM",
+        "LMError",
+        "HotwordTrie",
+        "greedy_decode",
+    },
+    "dsstream.lm": {
+        "NGramModel",
+        "build_lm",
+        "build_arpa",
+        "write_arpa",
+        "read_corpus",
+        "normalize_sentence",
+        "normalize_corpus",
+        "split_sentences",
+    },
 }
 
 

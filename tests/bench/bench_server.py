@@ -92,4 +92,6 @@ def test_bench_streaming_layer_overhead():
     for clients in (1, 8, 32, 128):
         ours, theirs = asyncio.run(_run(clients))
         # Each frame is 100 ms of audio: frames/s / 10 = streams kept in real time.
-        print(f"{clients:7d}  {ours:17.0f}  {theirs:24.0f}  {ours / theirs:5.2f}  {ours / 10:16.0f}")
+        print(
+            f"{clients:7d}  {ours:17.0f}  {theirs:24.0f}  {ours / theirs:5.2f}  {ours / 10:16.0f}"
+        )

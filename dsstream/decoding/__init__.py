@@ -1,0 +1,29 @@
+"""CTC decoding: prefix beam search with KenLM fusion, hotwords and streaming."""
+
+from dsstream.decoding.decoder import (
+    ENGLISH_CHARS,
+    CTCDecoder,
+    DecodeResult,
+    DecoderStream,
+    WordInfo,
+    greedy_decode,
+)
+from dsstream.decoding.hotwords import HotwordTrie
+from dsstream.decoding.lm import KenLM, LMError
+from dsstream.decoding.search import DecoderConfig
+from dsstream.decoding.vocab import Vocabulary, VocabularyError
+
+__all__ = [
+    "CTCDecoder",
+    "DecoderStream",
+    "DecodeResult",
+    "DecoderConfig",
+    "WordInfo",
+    "Vocabulary",
+    "VocabularyError",
+    "ENGLISH_CHARS",
+    "KenLM",
+    "LMError",
+    "HotwordTrie",
+    "greedy_decode",
+]

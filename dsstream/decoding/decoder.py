@@ -1,0 +1,263 @@
+"""The public CTC decoder: batch and streaming calls over the beam search."""
+
+from __future__ import annotations
+
+import math
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, replace
+from pathlib import Path
+from typing import Any, Iterable, Sequence
+
+import numpy as np
+
+from dsstream.decoding.hotwords import HotwordTrie
+from dsstream.decoding.lm import KenLM
+from dsstream.decoding.search import BeamSearch, DecoderConfig
+from dsstream.decoding.vocab import Vocabulary
+
+__all__ = [
+    "CTCDecoder",
+    "DecoderStream",
+    "DecodeResult",
+    "WordInfo",
+    "ENGLISH_CHARS",
+    "greedy_decode",
+]
+
+# The sample ASR model's output tokens: blank, word delimiter, apostrophe, a-z.
+ENGLISH_CHARS = Vocabulary(("<blank>", "|", "'", *"abcdefghijklmnopqrstuvwxyz"), 0)
+
+HotwordsArg = Iterable[str | tuple[str, float]] | None
+
+
+@dataclass(frozen=True)
+class WordInfo:
+    word: str
+    start: float  # seconds (from the stream start, with time_offset)
+    end: float  # seconds
+    confidence: float  # exp(mean token log-prob at the frames that emitted it), in [0, 1]
+
+
+@dataclass(frozen=True)
+class DecodeResult:
+    text: str
+    score: float  # total log-score of the best hypothesis (acoustic + LM + bonuses)
+    words: tuple[WordInfo, ...]
+    nbest: tuple[tuple[str, float], ...]  # (text, score), best first, distinct texts
+    frames: int  # frames decoded
+
+
+def log_softmax(x: np.ndarray) -> np.ndarray:
+    """Row-wise log-softmax in float64; idempotent on log-probabilities."""
+    x = x.astype(np.float64, copy=False)
+    m = np.max(x, axis=1, keepdims=True)
+    m = np.where(np.isfinite(m), m, 0.0)
+    return x - (m + np.log(np.sum(np.exp(x - m), axis=1, keepdims=True)))
+
+
+def _as_matrix(logits: Any, vocab_size: int) -> np.ndarray:
+    if hasattr(logits, "detach"):  # a torch tensor, without importing torch here
+        logits = logits.detach().cpu().numpy()
+    if not isinstance(logits, np.ndarray):
+        raise TypeError(
+            f"logits must be a numpy array or torch tensor, got {type(logits).__name__}"
+        )
+    if logits.ndim != 2:
+        raise ValueError(f"logits must have shape [frames, vocab], got shape {logits.shape}")
+    if logits.dtype not in (np.float32, np.float64):
+        raise TypeError(f"logits must be float32 or float64, got {logits.dtype}")
+    if logits.shape[1] != vocab_size:
+        raise ValueError(
+            f"logits have {logits.shape[1]} classes but the vocabulary has {vocab_size} tokens"
+        )
+    if np.isnan(logits).any():
+        raise ValueError("logits contain NaN")
+    if np.isposinf(logits).any():
+        raise ValueError("logits contain +inf")
+    if len(logits) and np.isneginf(logits).all(axis=1).any():
+        raise ValueError("a frame of logits is -inf for every token")
+    return log_softmax(logits)
+
+
+def _hotwords(hotwords: HotwordsArg, default_boost: float) -> HotwordTrie | None:
+    if not hotwords:
+        return None
+    pairs = []
+    for item in hotwords:
+        if isinstance(item, str):
+            pairs.append((item, default_boost))
+        else:
+            phrase, boost = item
+            if not math.isfinite(boost):
+                raise ValueError(f"hotword boost must be finite, got {boost}")
+            pairs.append((phrase, float(boost)))
+    return HotwordTrie(pairs)
+
+
+def greedy_decode(logits: Any, vocab: Vocabulary = ENGLISH_CHARS) -> str:
+    """Best-path decoding: argmax per frame, collapse repeats, drop blanks."""
+    best = np.argmax(_as_matrix(logits, len(vocab)), axis=1)
+    parts = vocab.token_parts()
+    words: list[str] = []
+    current, prev = "", -1
+    for tok in best.tolist():
+        if tok != prev and tok != vocab.blank_id:
+            starts, chars = parts[tok]
+            if starts and current:
+                words.append(current)
+                current = ""
+            current += chars
+        prev = tok
+    if current:
+        words.append(current)
+    return " ".join(words)
+
+
+class CTCDecoder:
+    """CTC prefix beam search with optional KenLM shallow fusion and hotwords.
+
+    ``CTCDecoder(blank_id=0, beam_width=10, language_model="lm.arpa")`` decodes
+    the sample model's character vocabulary; pass ``vocabulary`` (a
+    :class:`Vocabulary` or token list) for another model.  ``decode(logits)``
+    takes ``[frames, vocab]`` logits or log-probabilities (normalized with a
+    log-softmax either way).  ``frame_shift_s`` converts frames to seconds.
+    """
+
+    def __init__(
+        self,
+        vocabulary: Vocabulary | Sequence[str] | None = None,
+        blank_id: int = 0,
+        beam_width: int = 10,
+        language_model: str | Path | KenLM | None = None,
+        unigrams: Iterable[str] | None = None,
+        alpha: float | None = None,
+        beta: float | None = None,
+        frame_shift_s: float = 0.04,
+        hotword_boost: float = 5.0,
+        config: DecoderConfig | None = None,
+        **overrides: Any,
+    ) -> None:
+        if vocabulary is None:
+            vocab = ENGLISH_CHARS if blank_id == 0 else replace(ENGLISH_CHARS, blank_id=blank_id)
+        elif isinstance(vocabulary, Vocabulary):
+            vocab = vocabulary
+        else:
+            vocab = Vocabulary(tuple(vocabulary), blank_id)
+        self.vocab = vocab
+        cfg = config or DecoderConfig()
+        changes: dict[str, Any] = {"beam_width": beam_width, **overrides}
+        if alpha is not None:
+            changes["alpha"] = alpha
+        if beta is not None:
+            changes["beta"] = beta
+        self.config = replace(cfg, **changes)
+        if isinstance(language_model, KenLM) or language_model is None:
+            self.lm = language_model
+        else:
+            self.lm = KenLM(language_model, unigrams)
+        self.frame_shift_s = frame_shift_s
+        self.hotword_boost = hotword_boost
+
+    def begin(
+        self, hotwords: HotwordsArg = None, time_offset: float = 0.0, **overrides: Any
+    ) -> DecoderStream:
+        """Start a stream; ``overrides`` change config fields for this stream only."""
+        config = replace(self.config, **overrides) if overrides else self.config
+        search = BeamSearch(self.vocab, config, self.lm, _hotwords(hotwords, self.hotword_boost))
+        return DecoderStream(self, search, time_offset)
+
+    def decode(
+        self, logits: Any, hotwords: HotwordsArg = None, nbest: int = 1, **overrides: Any
+    ) -> DecodeResult:
+        """Decode one utterance ``[frames, vocab]``."""
+        stream = self.begin(hotwords, **overrides)
+        stream.step(logits)
+        return stream.end(nbest)
+
+    def decode_batch(
+        self,
+        batch: Sequence[Any],
+        hotwords: HotwordsArg = None,
+        nbest: int = 1,
+        max_workers: int | None = None,
+        hotwords_per_item: Sequence[HotwordsArg] | None = None,
+    ) -> list[DecodeResult]:
+        """Decode several utterances on a thread pool.
+
+        ``hotwords`` apply to every item; ``hotwords_per_item`` gives each its own.
+        """
+        if hotwords_per_item is not None and len(hotwords_per_item) != len(batch):
+            raise ValueError("hotwords_per_item needs one entry per batch item")
+        per_item = list(hotwords_per_item or [hotwords] * len(batch))
+        with ThreadPoolExecutor(max_workers) as pool:
+            futures = [pool.submit(self.decode, x, hw, nbest) for x, hw in zip(batch, per_item)]
+            return [f.result() for f in futures]
+
+
+class DecoderStream:
+    """One stream's decoding: ``step`` chunks of frames, then ``end``.
+
+    Beams persist across chunks, so any chunking gives exactly the result of
+    decoding the whole matrix at once.
+    """
+
+    def __init__(self, decoder: CTCDecoder, search: BeamSearch, time_offset: float) -> None:
+        self.decoder = decoder
+        self.search = search
+        self.time_offset = time_offset
+        self.ended = False
+
+    @property
+    def frames(self) -> int:
+        return self.search.frames
+
+    def step(self, log_probs: Any) -> str:
+        """Consume ``[frames, vocab]``; return the current best partial text."""
+        if self.ended:
+            raise RuntimeError("decoder stream has ended")
+        matrix = _as_matrix(log_probs, len(self.decoder.vocab))
+        self.search.advance(matrix)
+        return self.partial()
+
+    def partial(self) -> str:
+        return self.search.text(self.search.beams[0][0])
+
+    def end(self, nbest: int = 1) -> DecodeResult:
+        """Finish: score the last word and the sentence end; return the result."""
+        if self.ended:
+            raise RuntimeError("decoder stream has ended")
+        self.ended = True
+        finals = self.search.finish()
+        best = finals[0]
+        texts: list[tuple[str, float]] = []
+        seen: set[str] = set()
+        for beam in finals:
+            text = self.search.text(beam.node)
+            if text not in seen:
+                seen.add(text)
+                texts.append((text, beam.score))
+            if len(texts) >= nbest:
+                break
+        return DecodeResult(
+            text=texts[0][0],
+            score=best.score,
+            words=tuple(self._words(best.node)),
+            nbest=tuple(texts),
+            frames=self.search.frames,
+        )
+
+    def _words(self, node: int) -> list[WordInfo]:
+        s, shift, off = self.search, self.decoder.frame_shift_s, self.time_offset
+        out = []
+        for word, nodes in s.word_spans(node):
+            frames = [s.frame[n] for n in nodes]
+            mean_logp = sum(s.logp[n] for n in nodes) / len(nodes)
+            out.append(
+                WordInfo(
+                    word,
+                    round(off + frames[0] * shift, 4),
+                    round(off + (frames[-1] + 1) * shift, 4),
+                    round(math.exp(mean_logp), 4),
+                )
+            )
+        return out

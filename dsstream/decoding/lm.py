@@ -1,0 +1,134 @@
+"""Word-level n-gram LM for shallow fusion, through the ``kenlm`` package.
+
+States are interned to small integers so beams carry an int, and every
+(state, word) pair is scored once: later beams reaching the same context and
+word hit the cache.
+"""
+
+from __future__ import annotations
+
+import gzip
+import math
+import threading
+from pathlib import Path
+from typing import Iterable
+
+__all__ = ["KenLM", "LMError", "read_arpa_unigrams"]
+
+LN10 = math.log(10.0)
+_SPECIAL = {"<s>", "</s>", "<unk>"}
+# A beam search scores a few thousand distinct (context, word) pairs per
+# second of audio; past this many cached pairs the cache starts over.
+MAX_CACHE = 2_000_000
+
+
+class LMError(ValueError):
+    """A missing, unreadable or unusable language model."""
+
+
+def read_arpa_unigrams(path: str | Path) -> list[str]:
+    """The words of an ARPA file's ``\\1-grams:`` section, without <s>, </s>, <unk>."""
+    opener = gzip.open if str(path).endswith(".gz") else open
+    words: list[str] = []
+    with opener(path, "rt", encoding="utf-8") as f:
+        for line in f:
+            if line.startswith("\\1-grams:"):
+                break
+        else:
+            raise LMError(f"{path} is not an ARPA file: no \\1-grams: section")
+        for line in f:
+            line = line.strip()
+            if not line:
+                continue
+            if line.startswith("\\"):
+                break
+            fields = line.split("\t")
+            if len(fields) < 2:
+                raise LMError(f"{path}: malformed unigram line {line[:60]!r}")
+            if fields[1] not in _SPECIAL:
+                words.append(fields[1])
+    return words
+
+
+def _is_arpa(path: Path) -> bool:
+    opener = gzip.open if path.suffix == ".gz" else open
+    try:
+        with opener(path, "rb") as f:
+            head = f.read(4096)
+    except OSError:
+        return False
+    return b"\\data\\" in head
+
+
+class KenLM:
+    """A KenLM model (ARPA or KenLM binary) with interned states and a score cache.
+
+    ``unigrams``: the LM's words, needed for partial-word checks; read from the
+    ARPA file when omitted, and required (or a ``<path>.vocab`` file beside it)
+    for binary models.  Scores are natural-log probabilities.
+    """
+
+    def __init__(self, path: str | Path, unigrams: Iterable[str] | None = None) -> None:
+        path = Path(path)
+        if not path.is_file():
+            raise LMError(f"language model file not found: {path}")
+        try:
+            import kenlm
+        except ImportError as exc:  # pragma: no cover - kenlm is a dependency
+            raise LMError("the 'kenlm' package is required for LM fusion") from exc
+        try:
+            self.model = kenlm.Model(str(path))
+        except (OSError, RuntimeError, IOError) as exc:
+            raise LMError(f"cannot load language model {path}: {exc}") from None
+        if unigrams is None:
+            sidecar = path.with_name(path.name + ".vocab")
+            if _is_arpa(path):
+                unigrams = read_arpa_unigrams(path)
+            elif sidecar.is_file():
+                unigrams = sidecar.read_text(encoding="utf-8").split()
+            else:
+                raise LMError(
+                    f"{path} is a binary LM: pass its unigrams or put them in {sidecar.name}"
+                )
+        self.path = path
+        self.order: int = self.model.order
+        self.vocab = frozenset(unigrams)
+        self.prefixes = frozenset(w[:i] for w in self.vocab for i in range(1, len(w) + 1))
+        self._kenlm = kenlm
+        self._states: list[object] = []
+        self._state_ids: dict[object, int] = {}
+        self._cache: dict[tuple[int, str], tuple[float, int]] = {}
+        self._lock = threading.Lock()
+        begin = kenlm.State()
+        self.model.BeginSentenceWrite(begin)
+        self.begin_state = self._intern(begin)
+
+    def _intern(self, state: object) -> int:
+        sid = self._state_ids.get(state)
+        if sid is None:
+            sid = self._state_ids[state] = len(self._states)
+            self._states.append(state)
+        return sid
+
+    def score(self, state: int, word: str) -> tuple[float, int]:
+        """``(ln p(word | state), next state)``; ``word="</s>"`` ends the sentence."""
+        key = (state, word)
+        hit = self._cache.get(key)
+        if hit is not None:
+            return hit
+        with self._lock:
+            out = self._kenlm.State()
+            logp = self.model.BaseScore(self._states[state], word, out) * LN10
+            result = (logp, self._intern(out))
+            if len(self._cache) >= MAX_CACHE:
+                self._cache.clear()
+            self._cache[key] = result
+        return result
+
+    def is_prefix(self, partial: str) -> bool:
+        """Whether some LM word starts with ``partial``."""
+        return partial in self.prefixes
+
+    @property
+    def cache_size(self) -> int:
+        return len(self._cache)

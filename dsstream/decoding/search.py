@@ -1,0 +1,310 @@
+"""CTC prefix beam search with word-level LM fusion and hotwords (pure Python).
+
+This is the reference implementation; a compiled core must give identical
+results.  Every operation here is deterministic: candidates are visited in
+token order, hypotheses merge in a fixed order, ties break by first
+appearance.
+
+Prefixes live in a tree: a node is (parent, token), created once, so equal
+prefixes are the same integer and merge exactly.  Everything that depends only
+on the prefix text (LM state and score, the partial word, hotword state) is
+computed once per node, in a :class:`Context`.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Any, Union
+
+import numpy as np
+
+from dsstream.decoding.hotwords import HotwordState, HotwordTrie
+from dsstream.decoding.lm import KenLM
+from dsstream.decoding.vocab import Vocabulary
+
+__all__ = ["DecoderConfig", "Context", "BeamSearch", "FinalBeam"]
+
+NEG = float("-inf")
+
+
+@dataclass(frozen=True)
+class DecoderConfig:
+    """Search and fusion settings; log-probabilities are natural logs."""
+
+    beam_width: int = 10  # hypotheses kept per frame
+    alpha: float = 0.5  # LM weight
+    beta: float = 1.0  # word insertion bonus, per word
+    unk_offset: float = -10.0  # per word (and partial word) outside the LM vocabulary
+    beam_prune_logp: float = -10.0  # drop hypotheses this far below the best
+    token_min_logp: float = -5.0  # per frame, skip tokens below this log-probability
+    top_k: int = 40  # per frame, at most this many non-blank tokens
+    # Frames whose blank log-probability is at least this only extend with blank
+    # (log 0.999); None disables the shortcut.
+    blank_skip_logp: float | None = math.log(0.999)
+
+    def __post_init__(self) -> None:
+        if self.beam_width < 1:
+            raise ValueError(f"beam_width must be at least 1, got {self.beam_width}")
+        if self.top_k < 1:
+            raise ValueError(f"top_k must be at least 1, got {self.top_k}")
+        for name in ("alpha", "beta", "unk_offset", "beam_prune_logp", "token_min_logp"):
+            if not math.isfinite(getattr(self, name)):
+                raise ValueError(f"{name} must be finite")
+
+
+def logaddexp(a: float, b: float) -> float:
+    if a < b:
+        a, b = b, a
+    if b == NEG:
+        return a
+    return a + math.log1p(math.exp(b - a))
+
+
+@dataclass(frozen=True, slots=True)
+class Context:
+    """What a prefix means for the LM and hotwords (one per prefix node)."""
+
+    lm_score: float  # alpha * ln p(words) + beta * words (+ unk offsets)
+    lm_state: int  # KenLM state after the completed words
+    partial: str  # characters of the unfinished word
+    hw: HotwordState
+    words: int  # completed words
+    score: float  # lm_score + partial-word penalty + hotword bonus
+
+
+@dataclass(frozen=True)
+class FinalBeam:
+    node: int
+    score: float  # acoustic + LM (with </s>) + bonuses
+    acoustic: float  # log P(prefix | frames)
+
+
+Key = Union[int, tuple[int, int]]
+
+
+class BeamSearch:
+    """One stream's search state: feed frames with :meth:`advance`, then :meth:`finish`."""
+
+    def __init__(
+        self,
+        vocab: Vocabulary,
+        config: DecoderConfig,
+        lm: KenLM | None = None,
+        hotwords: HotwordTrie | None = None,
+    ) -> None:
+        self.vocab = vocab
+        self.cfg = config
+        self.lm = lm
+        self.trie = hotwords if hotwords is not None and len(hotwords) else None
+        self.blank = vocab.blank_id
+        self.parts = vocab.token_parts()
+        # Prefix tree; node 0 is the empty prefix.
+        self.parent: list[int] = [-1]
+        self.token: list[int] = [-1]
+        self.frame: list[int] = [-1]
+        self.logp: list[float] = [0.0]
+        self.ctx: list[Context] = [self._root_context()]
+        self.children: dict[tuple[int, int], int] = {}
+        self.beams: list[tuple[int, float, float]] = [(0, 0.0, NEG)]  # (node, p_blank, p_nonblank)
+        self.frames = 0
+
+    # -- contexts ---------------------------------------------------------------
+
+    def _root_context(self) -> Context:
+        state = self.lm.begin_state if self.lm is not None else 0
+        return self._context(0.0, state, "", HotwordState(), 0)
+
+    def _context(self, lm_score: float, state: int, partial: str, hw: HotwordState,
+                 words: int) -> Context:  # fmt: skip
+        score = lm_score
+        trie = self.trie
+        if trie is not None:
+            score += hw.bonus(trie)
+        if (
+            partial
+            and self.lm is not None
+            and not self.lm.is_prefix(partial)
+            and not (trie is not None and trie.in_match(hw))
+        ):
+            score += self.cfg.unk_offset
+        return Context(lm_score, state, partial, hw, words, score)
+
+    def _word(self, lm_score: float, state: int, word: str) -> tuple[float, int]:
+        lm = self.lm
+        if lm is None:
+            return lm_score, state
+        logp, state = lm.score(state, word)
+        lm_score += self.cfg.alpha * logp + self.cfg.beta
+        if word not in lm.vocab and not (self.trie is not None and word in self.trie.words):
+            lm_score += self.cfg.unk_offset
+        return lm_score, state
+
+    def extend(self, ctx: Context, tok: int) -> Context:
+        """The context of ``prefix + tok`` from the context of ``prefix``."""
+        starts, chars = self.parts[tok]
+        lm_score, state, partial, hw, words = (
+            ctx.lm_score, ctx.lm_state, ctx.partial, ctx.hw, ctx.words
+        )  # fmt: skip
+        trie = self.trie
+        if starts and partial:
+            lm_score, state = self._word(lm_score, state, partial)
+            words += 1
+            partial = ""
+            if trie is not None:
+                hw = trie.word_end(hw)
+        for ch in chars:
+            if trie is not None:
+                hw = trie.char(hw, ch, not partial)
+            partial += ch
+        return self._context(lm_score, state, partial, hw, words)
+
+    def final_context(self, ctx: Context) -> tuple[float, HotwordState]:
+        """LM score with the last word and </s>, and the settled hotword state."""
+        lm_score, state, hw = ctx.lm_score, ctx.lm_state, ctx.hw
+        if ctx.partial:
+            lm_score, state = self._word(lm_score, state, ctx.partial)
+            if self.trie is not None:
+                hw = self.trie.word_end(hw)
+        if self.lm is not None:
+            lm_score += self.cfg.alpha * self.lm.score(state, "</s>")[0]
+        if self.trie is not None:
+            hw = self.trie.finish(hw)
+        return lm_score, hw
+
+    # -- frames -------------------------------------------------------------------
+
+    def candidates(self, row: np.ndarray) -> list[tuple[int, float]]:
+        """Non-blank tokens worth extending with in this frame, in token order."""
+        cfg = self.cfg
+        idx = np.flatnonzero(row >= cfg.token_min_logp)
+        idx = idx[idx != self.blank]
+        if len(idx) > cfg.top_k:
+            # Ties at the cut keep the lower token ids (stable sort).
+            order = np.argsort(-row[idx], kind="stable")[: cfg.top_k]
+            idx = np.sort(idx[order])
+        return [(int(i), float(row[i])) for i in idx]
+
+    def advance(self, log_probs: np.ndarray) -> None:
+        """Consume frames ``[T, V]`` of float64 log-probabilities."""
+        for row in log_probs:
+            self._frame(row)
+            self.frames += 1
+
+    def _frame(self, row: np.ndarray) -> None:
+        blank_lp = float(row[self.blank])
+        skip = self.cfg.blank_skip_logp
+        if skip is not None and blank_lp >= skip:
+            self.beams = [(n, logaddexp(pb, pnb) + blank_lp, NEG) for n, pb, pnb in self.beams]
+            return
+        cands = self.candidates(row)
+        nxt: dict[Key, list[float]] = {}
+        children, token, peak, t = self.children, self.token, self.logp, self.frames
+        for node, pb, pnb in self.beams:
+            total = logaddexp(pb, pnb)
+            _acc(nxt, node, total + blank_lp, NEG)
+            last = token[node]
+            for tok, lp in cands:
+                key: Key = children.get((node, tok), (node, tok))
+                if tok == last:
+                    _acc(nxt, node, NEG, pnb + lp)
+                    if lp > peak[node]:
+                        self._move_peak(node, lp, t)
+                    if pb > NEG:
+                        _acc(nxt, key, NEG, pb + lp)
+                else:
+                    _acc(nxt, key, NEG, total + lp)
+                if isinstance(key, int) and lp > peak[key]:
+                    self._move_peak(key, lp, t)
+        self._select(nxt, row)
+
+    def _move_peak(self, node: int, lp: float, frame: int) -> None:
+        # A token's time is the frame where it was emitted most confidently
+        # (CTC spikes), not the frame where some weak beam first proposed it.
+        self.logp[node] = lp
+        self.frame[node] = frame
+
+    def _select(self, nxt: dict[Key, list[float]], row: np.ndarray) -> None:
+        pending: dict[tuple[int, int], Context] = {}
+        scored: list[tuple[float, int, Key]] = []
+        for order, (key, (pb, pnb)) in enumerate(nxt.items()):
+            if isinstance(key, int):
+                ctx = self.ctx[key]
+            else:
+                ctx = pending[key] = self.extend(self.ctx[key[0]], key[1])
+            scored.append((logaddexp(pb, pnb) + ctx.score, order, key))
+        scored.sort(key=lambda s: (-s[0], s[1]))
+        best = scored[0][0]
+        floor = best + self.cfg.beam_prune_logp
+        beams = []
+        for score, _, key in scored[: self.cfg.beam_width]:
+            if score < floor:
+                break
+            pb, pnb = nxt[key]
+            node = key if isinstance(key, int) else self._new_node(key, pending[key], row)
+            beams.append((node, pb, pnb))
+        self.beams = beams
+
+    def _new_node(self, key: tuple[int, int], ctx: Context, row: np.ndarray) -> int:
+        node = len(self.parent)
+        self.children[key] = node
+        self.parent.append(key[0])
+        self.token.append(key[1])
+        self.frame.append(self.frames)
+        self.logp.append(float(row[key[1]]))
+        self.ctx.append(ctx)
+        return node
+
+    # -- results ---------------------------------------------------------------------
+
+    def finish(self) -> list[FinalBeam]:
+        """Rescore the beams with the final word and </s>; best first."""
+        finals = []
+        for order, (node, pb, pnb) in enumerate(self.beams):
+            lm_score, hw = self.final_context(self.ctx[node])
+            bonus = hw.banked if self.trie is not None else 0.0
+            acoustic = logaddexp(pb, pnb)
+            finals.append((acoustic + lm_score + bonus, order, FinalBeam(node, 0.0, acoustic)))
+        finals.sort(key=lambda f: (-f[0], f[1]))
+        return [FinalBeam(f.node, score, f.acoustic) for score, _, f in finals]
+
+    def path(self, node: int) -> list[int]:
+        """Prefix node ids from the first token to ``node``."""
+        out = []
+        while node > 0:
+            out.append(node)
+            node = self.parent[node]
+        out.reverse()
+        return out
+
+    def text(self, node: int) -> str:
+        words = self.word_spans(node)
+        return " ".join(w for w, _ in words)
+
+    def word_spans(self, node: int) -> list[tuple[str, list[int]]]:
+        """Words of a prefix, each with the node ids of its tokens."""
+        words: list[tuple[str, list[int]]] = []
+        current, nodes = "", list[int]()
+        for n in self.path(node):
+            starts, chars = self.parts[self.token[n]]
+            if starts and current:
+                words.append((current, nodes))
+                current, nodes = "", []
+            if chars:
+                current += chars
+                nodes.append(n)
+        if current:
+            words.append((current, nodes))
+        return words
+
+    def stats(self) -> dict[str, Any]:
+        return {"frames": self.frames, "nodes": len(self.parent), "beams": len(self.beams)}
+
+
+def _acc(table: dict[Key, list[float]], key: Key, pb: float, pnb: float) -> None:
+    entry = table.get(key)
+    if entry is None:
+        table[key] = [pb, pnb]
+    else:
+        entry[0] = logaddexp(entry[0], pb)
+        entry[1] = logaddexp(entry[1], pnb)

@@ -1,0 +1,309 @@
+"""CTC prefix beam search: text against transcripts, LM fusion, hotwords,
+streaming against whole-matrix decoding, results, and input errors."""
+
+import numpy as np
+import pytest
+from emissions import emissions
+
+from dsstream.decoding import (
+    ENGLISH_CHARS,
+    CTCDecoder,
+    HotwordTrie,
+    KenLM,
+    LMError,
+    Vocabulary,
+    VocabularyError,
+    greedy_decode,
+)
+from dsstream.decoding.hotwords import HotwordState
+from dsstream.lm import build_lm, write_arpa
+
+SENTENCES = [
+    "the cat sat on the mat",
+    "the dog sat on the log",
+    "a cat and a dog met on the mat",
+    "the quick brown fox jumps over the lazy dog",
+    "she sells sea shells by the sea shore",
+    "the weather is nice today",
+    "we met the cat near the dog",
+    "the cat is on the mat today",
+] * 3
+
+
+@pytest.fixture(scope="module")
+def lm_path(tmp_path_factory):
+    path = tmp_path_factory.mktemp("lm") / "lm.arpa"
+    write_arpa(build_lm([s.split() for s in SENTENCES], order=3), path)
+    return path
+
+
+@pytest.fixture(scope="module")
+def lm(lm_path):
+    return KenLM(lm_path)
+
+
+def test_clean_emissions_decode_exactly_with_and_without_beam():
+    rng = np.random.default_rng(0)
+    for text in ["hello world", "the quick brown fox", "it's a dog's life", "a"]:
+        x = emissions(text, rng)
+        assert greedy_decode(x) == text
+        assert CTCDecoder(beam_width=8).decode(x).text == text
+
+
+def test_space_delimiter_vocabulary_and_torch_input():
+    import torch
+
+    vocab = Vocabulary(("_", " ", *"abcdefghijklmnopqrstuvwxyz"), 0, delimiter=" ")
+    x = emissions("good morning", np.random.default_rng(1), vocab)
+    assert CTCDecoder(vocab).decode(torch.from_numpy(x)).text == "good morning"
+
+
+def test_bpe_vocabulary_with_word_start_marker(lm_path):
+    pieces = ["<blank>", "\u2581the", "\u2581c", "at", "\u2581s", "\u2581on", "\u2581m", "\u2581"]
+    vocab = Vocabulary(tuple(pieces), 0, kind="bpe")
+    seq = [1, 2, 3, 4, 3, 5, 1, 6, 3]  # the cat sat on the mat
+    x = np.full((len(seq) * 3, len(pieces)), -8.0, np.float32)
+    x[:, 0] = -0.01
+    for i, tok in enumerate(seq):
+        x[3 * i, :] = -8.0
+        x[3 * i, tok] = -0.01
+    for decoder in (CTCDecoder(vocab), CTCDecoder(vocab, language_model=lm_path)):
+        assert decoder.decode(x).text == "the cat sat on the mat"
+    assert greedy_decode(x, vocab) == "the cat sat on the mat"
+
+
+def _wer(ref: str, hyp: str) -> float:
+    r, h = ref.split(), hyp.split()
+    d = np.arange(len(h) + 1)
+    for i, rw in enumerate(r, 1):
+        prev, d[0] = d.copy(), i
+        for j, hw in enumerate(h, 1):
+            d[j] = min(prev[j] + 1, d[j - 1] + 1, prev[j - 1] + (rw != hw))
+    return d[-1] / len(r)
+
+
+def test_lm_fusion_fixes_acoustic_confusions(lm_path):
+    rng = np.random.default_rng(2)
+    texts = SENTENCES[:8]
+    mats = [emissions(t, rng, confusion=0.25) for t in texts]
+    greedy = np.mean([_wer(t, greedy_decode(m)) for t, m in zip(texts, mats)])
+    no_lm = CTCDecoder(beam_width=16)
+    with_lm = CTCDecoder(beam_width=16, language_model=lm_path, alpha=0.8, beta=1.0)
+    plain = np.mean([_wer(t, no_lm.decode(m).text) for t, m in zip(texts, mats)])
+    fused = np.mean([_wer(t, with_lm.decode(m).text) for t, m in zip(texts, mats)])
+    assert greedy > 0.2 and plain > 0.2  # the confusions really are errors
+    assert fused < 0.05 < plain
+
+
+@pytest.mark.parametrize("seed", [0, 1, 2])
+def test_streaming_in_any_chunking_equals_whole_matrix(lm, seed):
+    rng = np.random.default_rng(seed)
+    x = np.concatenate([emissions(t, rng, confusion=0.3, noise=1.0) for t in SENTENCES[:3]])
+    decoder = CTCDecoder(beam_width=12, language_model=lm)
+    hotwords = [("sea shells", 4.0), "lazy"]
+    whole = decoder.decode(x, hotwords=hotwords, nbest=4)
+    stream = decoder.begin(hotwords=hotwords)
+    cuts = np.sort(rng.choice(np.arange(1, len(x)), size=12, replace=False))
+    partials = [stream.step(chunk) for chunk in np.split(x, cuts)]
+    assert stream.end(nbest=4) == whole
+    assert partials[-1] and all(isinstance(p, str) for p in partials)
+
+
+def test_partial_grows_with_the_stream():
+    rng = np.random.default_rng(3)
+    x = emissions("one two three", rng)
+    stream = CTCDecoder().begin()
+    seen = [stream.step(chunk) for chunk in np.array_split(x, 6)]
+    assert seen[-1] == "one two three"
+    assert seen[0] != seen[-1] and "one two three".startswith(seen[2].split()[0])
+
+
+def _ambiguous(word_a: str, word_b: str, rng) -> np.ndarray:
+    """Emissions where word_b's letters narrowly win where the two words differ."""
+    assert len(word_a) == len(word_b)
+    x = emissions(word_a, rng, noise=0.1)
+    index = {t: i for i, t in enumerate(ENGLISH_CHARS.tokens)}
+    for t in range(len(x)):
+        best = int(np.argmax(x[t]))
+        for a, b in zip(word_a, word_b):
+            if a != b and best == index[a]:
+                x[t, index[b]] = x[t, best] + 0.3
+    return x - np.log(np.exp(x.astype(np.float64)).sum(axis=1, keepdims=True)).astype(np.float32)
+
+
+def test_hotword_changes_an_ambiguous_recognition(lm):
+    x = _ambiguous("kenlm", "kenlo", np.random.default_rng(4))
+    decoder = CTCDecoder(beam_width=16, language_model=lm)
+    assert decoder.decode(x).text == "kenlo"
+    assert decoder.decode(x, hotwords=[("kenlm", 3.0)]).text == "kenlm"  # not in the LM
+    assert CTCDecoder(beam_width=16).decode(x, hotwords=["kenlm"]).text == "kenlm"
+
+
+def test_many_unrelated_hotwords_leave_the_best_hypothesis_alone(lm):
+    rng = np.random.default_rng(5)
+    x = emissions("the cat sat on the mat", rng, confusion=0.2)
+    decoder = CTCDecoder(beam_width=10, language_model=lm)
+    # Unrelated phrases still spare their own prefixes ("z...") the OOV
+    # penalty, so lower n-best entries may differ; the best may not.
+    junk = [f"zq{i}xv" for i in range(1000)]
+    with_junk, plain = decoder.decode(x, hotwords=junk), decoder.decode(x)
+    assert (with_junk.text, with_junk.score, with_junk.words) == (
+        plain.text,
+        plain.score,
+        plain.words,
+    )
+
+
+def test_hotword_trie_credit_is_given_while_spelling_and_taken_back():
+    trie = HotwordTrie([("kenlm", 2.0), ("new york", 1.5), ("new", 0.5)])
+    assert len(trie) == 3
+    s = HotwordState()
+    for i, ch in enumerate("ken"):
+        s = trie.char(s, ch, i == 0)
+    assert s.bonus(trie) == pytest.approx(2.0 * 3 / 5)
+    abandoned = trie.char(s, "x", False)
+    assert abandoned.bonus(trie) == 0.0 and abandoned.node == 0
+    # Mid-word letters never start a match; a word start does.
+    assert trie.char(HotwordState(), "k", False).node == 0
+    done = s
+    for ch in "lm":
+        done = trie.char(done, ch, False)
+    done = trie.word_end(done)
+    assert done.banked == pytest.approx(2.0) and done.bonus(trie) == pytest.approx(2.0)
+    # "new" completes (banked 0.5 * ... at least), and "new york" continues.
+    s = HotwordState()
+    for i, ch in enumerate("new"):
+        s = trie.char(s, ch, i == 0)
+    s = trie.word_end(s)
+    assert s.node != 0 and s.banked == pytest.approx(3.0 * 3 / 8)
+    for i, ch in enumerate("york"):
+        s = trie.char(s, ch, i == 0)
+    s = trie.finish(s)
+    assert s.banked == pytest.approx(3.0)  # 2 words x 1.5
+    # Abandoning "new york" after "new " keeps what "new" earned.
+    s = HotwordState()
+    for i, ch in enumerate("new"):
+        s = trie.char(s, ch, i == 0)
+    s = trie.word_end(s)
+    s = trie.finish(trie.char(s, "z", True))
+    assert s.banked == pytest.approx(3.0 * 3 / 8)
+
+
+def test_nbest_words_timestamps_and_confidence(lm):
+    rng = np.random.default_rng(6)
+    text = "the dog sat on the log"
+    x = emissions(text, rng, noise=1.0)
+    decoder = CTCDecoder(beam_width=10, language_model=lm, beam_prune_logp=-40.0)
+    result = decoder.decode(x, nbest=5)
+    assert result.text == text and result.nbest[0][0] == text
+    scores = [s for _, s in result.nbest]
+    texts = [t for t, _ in result.nbest]
+    assert scores == sorted(scores, reverse=True) and 3 <= len(set(texts)) == len(texts) <= 5
+    assert [w.word for w in result.words] == text.split()
+    duration = len(x) * 0.04
+    starts = [w.start for w in result.words]
+    assert starts == sorted(starts)
+    for word, nxt in zip(result.words, result.words[1:]):
+        assert 0 <= word.start < word.end <= nxt.start
+    assert result.words[-1].end <= duration
+    assert all(0.3 < w.confidence <= 1 for w in result.words)
+    # The first token's frame is where the layout put it.
+    first_frame = int(np.argmax(np.argmax(x, axis=1) != 0))
+    assert result.words[0].start == pytest.approx(first_frame * 0.04)
+
+
+def test_time_offset_and_confidence_drop_for_noisy_words():
+    rng = np.random.default_rng(7)
+    clean = emissions("good", rng, noise=0.1)
+    noisy = emissions("good", rng, noise=2.5)
+    decoder = CTCDecoder()
+    a = decoder.begin(time_offset=10.0)
+    a.step(clean)
+    word = a.end().words[0]
+    assert word.start >= 10.0
+    b = decoder.decode(noisy).words
+    assert b and b[0].confidence < word.confidence
+
+
+def test_pruning_knobs_keep_clean_results(lm):
+    rng = np.random.default_rng(8)
+    x = emissions("the weather is nice today", rng)
+    base = CTCDecoder(beam_width=16, language_model=lm).decode(x).text
+    for knobs in [
+        {"blank_skip_logp": None},
+        {"token_min_logp": -2.0},
+        {"top_k": 2},
+        {"beam_prune_logp": -3.0},
+        {"beam_width": 1},
+    ]:
+        assert CTCDecoder(language_model=lm, **{"beam_width": 16, **knobs}).decode(x).text == base
+
+
+def test_decode_batch_equals_single_decodes(lm):
+    rng = np.random.default_rng(9)
+    mats = [emissions(t, rng, confusion=0.2) for t in SENTENCES[:6]]
+    decoder = CTCDecoder(beam_width=8, language_model=lm)
+    batch = decoder.decode_batch(mats, nbest=2, max_workers=3)
+    assert batch == [decoder.decode(m, nbest=2) for m in mats]
+    per_item = decoder.decode_batch(mats[:2], hotwords_per_item=[["zebra"], None])
+    assert per_item[1] == decoder.decode(mats[1])
+
+
+def test_lm_state_cache_scores_each_word_once_per_context(lm_path):
+    lm = KenLM(lm_path)
+    x = emissions("the cat sat on the mat", np.random.default_rng(10), confusion=0.3)
+    CTCDecoder(beam_width=16, language_model=lm).decode(x)
+    after_one = lm.cache_size
+    assert after_one > 0
+    CTCDecoder(beam_width=16, language_model=lm).decode(x)
+    assert lm.cache_size == after_one  # the second pass hit the cache only
+
+
+def test_empty_input_gives_empty_result():
+    result = CTCDecoder().decode(np.zeros((0, len(ENGLISH_CHARS)), np.float32))
+    assert result.text == "" and result.words == () and result.frames == 0
+
+
+@pytest.mark.parametrize(
+    "logits, error, match",
+    [
+        (np.zeros((5,), np.float32), ValueError, "shape"),
+        (np.zeros((2, 5, 29), np.float32), ValueError, "shape"),
+        (np.zeros((5, 29), np.float16), TypeError, "float32 or float64, got float16"),
+        (np.zeros((5, 28), np.float32), ValueError, "28 classes but the vocabulary has 29"),
+        (np.full((5, 29), np.nan, np.float32), ValueError, "NaN"),
+        (np.full((5, 29), np.inf, np.float32), ValueError, r"\+inf"),
+        (np.full((5, 29), -np.inf, np.float32), ValueError, "-inf for every token"),
+        ([[0.0] * 29], TypeError, "numpy array or torch tensor"),
+    ],
+)
+def test_bad_logits_are_clear_errors(logits, error, match):
+    with pytest.raises(error, match=match):
+        CTCDecoder().decode(logits)
+
+
+def test_bad_language_models_and_vocabularies(tmp_path):
+    with pytest.raises(LMError, match="not found"):
+        CTCDecoder(language_model=tmp_path / "missing.arpa")
+    corrupt = tmp_path / "corrupt.arpa"
+    corrupt.write_text("\\data\\\nngram 1=2\n\n\\1-grams:\n-1.0\tthe\n")
+    with pytest.raises(LMError, match="cannot load"):
+        CTCDecoder(language_model=corrupt)
+    binary = tmp_path / "lm.bin"
+    binary.write_bytes(b"mmap lm http://kheafield.com/code format version 5\0" + b"\0" * 64)
+    with pytest.raises(LMError):
+        CTCDecoder(language_model=binary)
+    with pytest.raises(VocabularyError, match="no blank"):
+        Vocabulary.from_tokens(["a", "b", "|"], blank="<pad>")
+    with pytest.raises(VocabularyError, match="delimiter"):
+        Vocabulary(("<b>", "a", "b"), 0)
+    with pytest.raises(VocabularyError, match="outside"):
+        Vocabulary(("<b>", "|"), 5)
+    with pytest.raises(ValueError, match="beam_width"):
+        CTCDecoder(beam_width=0)
+
+
+def test_seed_api_works_as_written(lm_path):
+    decoder = CTCDecoder(blank_id=0, beam_width=10, language_model=str(lm_path))
+    x = emissions("the cat sat on the mat", np.random.default_rng(11))
+    assert decoder.decode(x).text == "the cat sat on the mat"
