@@ -11,7 +11,7 @@ PORT   ?= 8765
 
 venv: $(STAMP)
 
-$(STAMP): pyproject.toml
+$(STAMP): pyproject.toml setup.py dsstream/decoding/_native.cpp
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --quiet --upgrade pip
 	$(PY) -m pip install --quiet -e '.[dev]'
@@ -29,6 +29,8 @@ lint: $(STAMP)
 	$(VENV)/bin/mypy
 
 bench: $(STAMP)
+	# Peers compared in the same run; --no-deps: pyctcdecode pins numpy<2 but runs on 2.
+	$(PY) -m pip install --quiet --no-deps pyctcdecode==0.5.0 pygtrie flashlight-text
 	$(PY) -m pytest -q tests/bench -o python_files='bench_*.py' -s --timeout=3600
 
 clean:

@@ -16,6 +16,7 @@ from dsstream.decoding import (
     greedy_decode,
 )
 from dsstream.decoding.hotwords import HotwordState
+from dsstream.evaluation import cer, wer
 from dsstream.lm import build_lm, write_arpa
 
 SENTENCES = [
@@ -73,13 +74,7 @@ def test_bpe_vocabulary_with_word_start_marker(lm_path):
 
 
 def _wer(ref: str, hyp: str) -> float:
-    r, h = ref.split(), hyp.split()
-    d = np.arange(len(h) + 1)
-    for i, rw in enumerate(r, 1):
-        prev, d[0] = d.copy(), i
-        for j, hw in enumerate(h, 1):
-            d[j] = min(prev[j] + 1, d[j - 1] + 1, prev[j - 1] + (rw != hw))
-    return d[-1] / len(r)
+    return wer([ref], [hyp])
 
 
 def test_lm_fusion_fixes_acoustic_confusions(lm_path):
@@ -307,3 +302,75 @@ def test_seed_api_works_as_written(lm_path):
     decoder = CTCDecoder(blank_id=0, beam_width=10, language_model=str(lm_path))
     x = emissions("the cat sat on the mat", np.random.default_rng(11))
     assert decoder.decode(x).text == "the cat sat on the mat"
+
+
+def test_error_rates():
+    assert wer(["the cat sat"], ["the cat sat"]) == 0
+    assert wer(["the cat sat", "a b"], ["the bat", "a b c"]) == pytest.approx(3 / 5)
+    assert cer(["abc"], ["abd"]) == pytest.approx(1 / 3)
+    with pytest.raises(ValueError):
+        wer(["a"], [])
+
+
+# -- the compiled core against the Python reference ------------------------------
+
+native = pytest.mark.skipif(
+    not __import__("dsstream.decoding.search", fromlist=["x"]).native_available(),
+    reason="compiled decoder core not built",
+)
+
+
+@native
+@pytest.mark.parametrize("seed", range(6))
+def test_native_core_is_identical_to_python(lm, seed):
+    rng = np.random.default_rng(100 + seed)
+    text = " ".join(rng.choice(SENTENCES, 2))
+    x = emissions(text, rng, confusion=0.3, noise=1.5)
+    knobs = [
+        {},
+        {"beam_width": 3, "top_k": 3},
+        {"blank_skip_logp": None, "token_min_logp": -8.0},
+        {"beam_prune_logp": -4.0, "alpha": 1.2, "beta": -0.5},
+    ][seed % 4]
+    hotwords = [None, ["cat", ("sea shore", 2.0), "zebra"], [f"w{i}" for i in range(200)]][seed % 3]
+    for use_lm in (False, True):
+        kw = {"beam_width": 16, "language_model": lm if use_lm else None, **knobs}
+        ref = CTCDecoder(backend="python", **kw)
+        fast = CTCDecoder(backend="native", **kw)
+        assert fast.decode(x, hotwords=hotwords, nbest=8) == ref.decode(
+            x, hotwords=hotwords, nbest=8
+        )
+        cuts = np.sort(rng.choice(np.arange(1, len(x)), size=5, replace=False))
+        a, b = ref.begin(hotwords=hotwords), fast.begin(hotwords=hotwords)
+        for chunk in np.split(x, cuts):
+            assert a.step(chunk) == b.step(chunk)
+        assert a.end(3) == b.end(3)
+
+
+@native
+def test_native_bpe_vocabulary_matches_python():
+    pieces = ["<blank>", "\u2581the", "\u2581c", "at", "\u2581s", "\u2581on", "\u2581m", "\u2581"]
+    vocab = Vocabulary(tuple(pieces), 0, kind="bpe")
+    rng = np.random.default_rng(1)
+    x = rng.normal(0, 2, (60, len(pieces))).astype(np.float32)
+    results = [CTCDecoder(vocab, backend=b).decode(x, nbest=4) for b in ("python", "native")]
+    assert results[0] == results[1]
+
+
+def test_backend_choice():
+    assert CTCDecoder(backend="python").backend == "python"
+    with pytest.raises(ValueError, match="backend"):
+        CTCDecoder(backend="cuda")
+
+
+def test_missing_native_core_falls_back_with_one_warning(monkeypatch):
+    import dsstream.decoding.decoder as dec
+
+    monkeypatch.setattr(dec, "native_available", lambda: False)
+    monkeypatch.setattr(dec, "_warned_fallback", False)
+    with pytest.warns(RuntimeWarning, match="pure-Python"):
+        assert CTCDecoder().backend == "python"
+    with pytest.raises(RuntimeError, match="not built"):
+        CTCDecoder(backend="native")
+    x = emissions("fallback works", np.random.default_rng(0))
+    assert CTCDecoder().decode(x).text == "fallback works"

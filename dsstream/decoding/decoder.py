@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+import warnings
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, replace
 from pathlib import Path
@@ -12,7 +13,13 @@ import numpy as np
 
 from dsstream.decoding.hotwords import HotwordTrie
 from dsstream.decoding.lm import KenLM
-from dsstream.decoding.search import BeamSearch, DecoderConfig
+from dsstream.decoding.search import (
+    BeamSearch,
+    DecoderConfig,
+    NativeBeamSearch,
+    native_available,
+    word_spans,
+)
 from dsstream.decoding.vocab import Vocabulary
 
 __all__ = [
@@ -94,6 +101,33 @@ def _hotwords(hotwords: HotwordsArg, default_boost: float) -> HotwordTrie | None
     return HotwordTrie(pairs)
 
 
+_warned_fallback = False
+
+
+def _pick_backend(backend: str) -> str:
+    """``"native"`` (compiled core), ``"python"``, or ``"auto"``: native when built."""
+    global _warned_fallback
+    if backend not in ("auto", "native", "python"):
+        raise ValueError(f"backend must be 'auto', 'native' or 'python', got {backend!r}")
+    if backend == "python":
+        return backend
+    if native_available():
+        return "native"
+    if backend == "native":
+        raise RuntimeError(
+            "the compiled decoder core is not built; reinstall dsstream with a C++ compiler"
+        )
+    if not _warned_fallback:
+        _warned_fallback = True
+        warnings.warn(
+            "dsstream's compiled CTC decoder core is not available; using the pure-Python "
+            "search (identical results, about 10x slower)",
+            RuntimeWarning,
+            stacklevel=3,
+        )
+    return "python"
+
+
 def greedy_decode(logits: Any, vocab: Vocabulary = ENGLISH_CHARS) -> str:
     """Best-path decoding: argmax per frame, collapse repeats, drop blanks."""
     best = np.argmax(_as_matrix(logits, len(vocab)), axis=1)
@@ -134,6 +168,7 @@ class CTCDecoder:
         beta: float | None = None,
         frame_shift_s: float = 0.04,
         hotword_boost: float = 5.0,
+        backend: str = "auto",
         config: DecoderConfig | None = None,
         **overrides: Any,
     ) -> None:
@@ -157,13 +192,15 @@ class CTCDecoder:
             self.lm = KenLM(language_model, unigrams)
         self.frame_shift_s = frame_shift_s
         self.hotword_boost = hotword_boost
+        self.backend = _pick_backend(backend)
 
     def begin(
         self, hotwords: HotwordsArg = None, time_offset: float = 0.0, **overrides: Any
     ) -> DecoderStream:
         """Start a stream; ``overrides`` change config fields for this stream only."""
         config = replace(self.config, **overrides) if overrides else self.config
-        search = BeamSearch(self.vocab, config, self.lm, _hotwords(hotwords, self.hotword_boost))
+        search_cls = NativeBeamSearch if self.backend == "native" else BeamSearch
+        search = search_cls(self.vocab, config, self.lm, _hotwords(hotwords, self.hotword_boost))
         return DecoderStream(self, search, time_offset)
 
     def decode(
@@ -201,7 +238,9 @@ class DecoderStream:
     decoding the whole matrix at once.
     """
 
-    def __init__(self, decoder: CTCDecoder, search: BeamSearch, time_offset: float) -> None:
+    def __init__(
+        self, decoder: CTCDecoder, search: BeamSearch | NativeBeamSearch, time_offset: float
+    ) -> None:
         self.decoder = decoder
         self.search = search
         self.time_offset = time_offset
@@ -220,7 +259,11 @@ class DecoderStream:
         return self.partial()
 
     def partial(self) -> str:
-        return self.search.text(self.search.beams[0][0])
+        return self._text(self.search.beams[0][0])
+
+    def _text(self, node: int) -> str:
+        spans = word_spans(self.search.parts, self.search.path_info(node))
+        return " ".join(word for word, _, _ in spans)
 
     def end(self, nbest: int = 1) -> DecodeResult:
         """Finish: score the last word and the sentence end; return the result."""
@@ -232,7 +275,7 @@ class DecoderStream:
         texts: list[tuple[str, float]] = []
         seen: set[str] = set()
         for beam in finals:
-            text = self.search.text(beam.node)
+            text = self._text(beam.node)
             if text not in seen:
                 seen.add(text)
                 texts.append((text, beam.score))
@@ -247,11 +290,10 @@ class DecoderStream:
         )
 
     def _words(self, node: int) -> list[WordInfo]:
-        s, shift, off = self.search, self.decoder.frame_shift_s, self.time_offset
+        shift, off = self.decoder.frame_shift_s, self.time_offset
         out = []
-        for word, nodes in s.word_spans(node):
-            frames = [s.frame[n] for n in nodes]
-            mean_logp = sum(s.logp[n] for n in nodes) / len(nodes)
+        for word, frames, logps in word_spans(self.search.parts, self.search.path_info(node)):
+            mean_logp = sum(logps) / len(logps)
             out.append(
                 WordInfo(
                     word,

@@ -99,6 +99,7 @@ class KenLM:
         self._state_ids: dict[object, int] = {}
         self._cache: dict[tuple[int, str], tuple[float, int]] = {}
         self._lock = threading.Lock()
+        self._native: object | None = None
         begin = kenlm.State()
         self.model.BeginSentenceWrite(begin)
         self.begin_state = self._intern(begin)
@@ -124,6 +125,17 @@ class KenLM:
                 self._cache.clear()
             self._cache[key] = result
         return result
+
+    def native_info(self) -> object:
+        """The compiled core's view of this LM (built once, shared by all streams)."""
+        with self._lock:
+            if self._native is None:
+                from dsstream.decoding import _native  # type: ignore[attr-defined]
+
+                self._native = _native.LMInfo(
+                    self, sorted(self.vocab), sorted(self.prefixes), self.begin_state
+                )
+            return self._native
 
     def is_prefix(self, partial: str) -> bool:
         """Whether some LM word starts with ``partial``."""

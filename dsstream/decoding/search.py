@@ -14,8 +14,8 @@ computed once per node, in a :class:`Context`.
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
-from typing import Any, Union
+from dataclasses import asdict, dataclass
+from typing import Union
 
 import numpy as np
 
@@ -23,7 +23,15 @@ from dsstream.decoding.hotwords import HotwordState, HotwordTrie
 from dsstream.decoding.lm import KenLM
 from dsstream.decoding.vocab import Vocabulary
 
-__all__ = ["DecoderConfig", "Context", "BeamSearch", "FinalBeam"]
+__all__ = [
+    "DecoderConfig",
+    "Context",
+    "BeamSearch",
+    "NativeBeamSearch",
+    "FinalBeam",
+    "word_spans",
+    "native_available",
+]
 
 NEG = float("-inf")
 
@@ -268,37 +276,97 @@ class BeamSearch:
         finals.sort(key=lambda f: (-f[0], f[1]))
         return [FinalBeam(f.node, score, f.acoustic) for score, _, f in finals]
 
-    def path(self, node: int) -> list[int]:
-        """Prefix node ids from the first token to ``node``."""
-        out = []
+    def path_info(self, node: int) -> tuple[list[int], list[int], list[float]]:
+        """Tokens, frames and emission log-probs from the first token to ``node``."""
+        nodes = []
         while node > 0:
-            out.append(node)
+            nodes.append(node)
             node = self.parent[node]
-        out.reverse()
-        return out
+        nodes.reverse()
+        return (
+            [self.token[n] for n in nodes],
+            [self.frame[n] for n in nodes],
+            [self.logp[n] for n in nodes],
+        )
 
-    def text(self, node: int) -> str:
-        words = self.word_spans(node)
-        return " ".join(w for w, _ in words)
+    @property
+    def num_nodes(self) -> int:
+        return len(self.parent)
 
-    def word_spans(self, node: int) -> list[tuple[str, list[int]]]:
-        """Words of a prefix, each with the node ids of its tokens."""
-        words: list[tuple[str, list[int]]] = []
-        current, nodes = "", list[int]()
-        for n in self.path(node):
-            starts, chars = self.parts[self.token[n]]
-            if starts and current:
-                words.append((current, nodes))
-                current, nodes = "", []
-            if chars:
-                current += chars
-                nodes.append(n)
-        if current:
-            words.append((current, nodes))
-        return words
 
-    def stats(self) -> dict[str, Any]:
-        return {"frames": self.frames, "nodes": len(self.parent), "beams": len(self.beams)}
+def word_spans(
+    parts: list[tuple[bool, str]], info: tuple[list[int], list[int], list[float]]
+) -> list[tuple[str, list[int], list[float]]]:
+    """Words of a path, each with the frames and log-probs of its tokens."""
+    words: list[tuple[str, list[int], list[float]]] = []
+    current, frames, logps = "", list[int](), list[float]()
+    for tok, frame, logp in zip(*info):
+        starts, chars = parts[tok]
+        if starts and current:
+            words.append((current, frames, logps))
+            current, frames, logps = "", [], []
+        if chars:
+            current += chars
+            frames.append(frame)
+            logps.append(logp)
+    if current:
+        words.append((current, frames, logps))
+    return words
+
+
+class NativeBeamSearch:
+    """The compiled core behind the same interface as :class:`BeamSearch`."""
+
+    def __init__(
+        self,
+        vocab: Vocabulary,
+        config: DecoderConfig,
+        lm: KenLM | None = None,
+        hotwords: HotwordTrie | None = None,
+    ) -> None:
+        from dsstream.decoding import _native  # type: ignore[attr-defined]
+
+        self.vocab = vocab
+        self.parts = vocab.token_parts()
+        trie = hotwords if hotwords is not None and len(hotwords) else None
+        self.core = _native.Core(
+            vocab.blank_id,
+            [starts for starts, _ in self.parts],
+            [list(chars) for _, chars in self.parts],
+            asdict(config),
+            lm.native_info() if lm is not None else None,
+            trie,
+        )
+
+    @property
+    def frames(self) -> int:
+        return int(self.core.frames)
+
+    @property
+    def beams(self) -> list[tuple[int, float, float]]:
+        return list(self.core.beams())
+
+    @property
+    def num_nodes(self) -> int:
+        return int(self.core.num_nodes())
+
+    def advance(self, log_probs: np.ndarray) -> None:
+        self.core.advance(np.ascontiguousarray(log_probs, dtype=np.float64))
+
+    def finish(self) -> list[FinalBeam]:
+        return [FinalBeam(n, score, ac) for n, score, ac in self.core.finish()]
+
+    def path_info(self, node: int) -> tuple[list[int], list[int], list[float]]:
+        tokens, frames, logps = self.core.path_info(node)
+        return list(tokens), list(frames), list(logps)
+
+
+def native_available() -> bool:
+    try:
+        from dsstream.decoding import _native  # type: ignore[attr-defined]  # noqa: F401
+    except ImportError:
+        return False
+    return True
 
 
 def _acc(table: dict[Key, list[float]], key: Key, pb: float, pnb: float) -> None:

@@ -1,0 +1,460 @@
+// Compiled core of the CTC prefix beam search (dsstream/decoding/search.py).
+//
+// It mirrors the Python reference operation for operation, in the same order,
+// with the same double arithmetic and libm calls, so both give identical
+// results (tested).  The GIL is released while frames are processed and taken
+// only to ask the Python KenLM wrapper for a (state, word) score that the
+// shared native cache does not hold yet.
+#include <pybind11/numpy.h>
+#include <pybind11/pybind11.h>
+#include <pybind11/stl.h>
+
+#include <algorithm>
+#include <cmath>
+#include <cstdint>
+#include <limits>
+#include <mutex>
+#include <string>
+#include <unordered_map>
+#include <unordered_set>
+#include <utility>
+#include <vector>
+
+namespace py = pybind11;
+
+namespace {
+
+constexpr double NEG = -std::numeric_limits<double>::infinity();
+
+inline double logaddexp(double a, double b) {
+  if (a < b) std::swap(a, b);
+  if (b == NEG) return a;
+  return a + std::log1p(std::exp(b - a));
+}
+
+struct PairHash {
+  size_t operator()(const std::pair<int, std::string>& k) const {
+    return std::hash<std::string>()(k.second) * 31u + static_cast<size_t>(k.first);
+  }
+};
+
+// Read-only LM facts plus a shared (state, word) -> (ln p, next state) cache.
+class LMInfo {
+ public:
+  LMInfo(py::object lm, const std::vector<std::string>& vocab,
+         const std::vector<std::string>& prefixes, int begin_state)
+      : lm_(std::move(lm)),
+        vocab_(vocab.begin(), vocab.end()),
+        prefixes_(prefixes.begin(), prefixes.end()),
+        begin_state_(begin_state) {}
+
+  bool in_vocab(const std::string& w) const { return vocab_.count(w) > 0; }
+  bool is_prefix(const std::string& w) const { return prefixes_.count(w) > 0; }
+  int begin_state() const { return begin_state_; }
+
+  // Called without the GIL; takes it only on a cache miss.
+  std::pair<double, int> score(int state, const std::string& word) {
+    auto key = std::make_pair(state, word);
+    {
+      std::lock_guard<std::mutex> guard(mutex_);
+      auto it = cache_.find(key);
+      if (it != cache_.end()) return it->second;
+    }
+    std::pair<double, int> result;
+    {
+      py::gil_scoped_acquire gil;
+      py::tuple out = lm_.attr("score")(state, word);
+      result = {out[0].cast<double>(), out[1].cast<int>()};
+    }
+    std::lock_guard<std::mutex> guard(mutex_);
+    cache_.emplace(key, result);
+    return result;
+  }
+
+ private:
+  py::object lm_;
+  std::unordered_set<std::string> vocab_;
+  std::unordered_set<std::string> prefixes_;
+  int begin_state_;
+  std::mutex mutex_;
+  std::unordered_map<std::pair<int, std::string>, std::pair<double, int>, PairHash> cache_;
+};
+
+struct Trie {
+  std::vector<std::unordered_map<std::string, int>> children;
+  std::vector<double> score;
+  std::vector<bool> terminal;
+  std::unordered_set<std::string> words;
+  bool present = false;
+};
+
+struct HW {
+  int node = 0;
+  double anchor = 0.0;
+  double banked = 0.0;
+};
+
+struct Ctx {
+  double lm_score;
+  int lm_state;
+  std::string partial;
+  HW hw;
+  int words;
+  double score;
+};
+
+struct Config {
+  int beam_width;
+  double alpha, beta, unk_offset, beam_prune_logp, token_min_logp;
+  int top_k;
+  bool has_blank_skip;
+  double blank_skip_logp;
+};
+
+struct Beam {
+  int node;
+  double pb, pnb;
+};
+
+class Core {
+ public:
+  Core(int blank, std::vector<bool> starts, std::vector<std::vector<std::string>> chars,
+       py::dict cfg, std::shared_ptr<LMInfo> lm, py::object trie)
+      : blank_(blank), starts_(std::move(starts)), chars_(std::move(chars)), lm_(std::move(lm)) {
+    cfg_.beam_width = cfg["beam_width"].cast<int>();
+    cfg_.alpha = cfg["alpha"].cast<double>();
+    cfg_.beta = cfg["beta"].cast<double>();
+    cfg_.unk_offset = cfg["unk_offset"].cast<double>();
+    cfg_.beam_prune_logp = cfg["beam_prune_logp"].cast<double>();
+    cfg_.token_min_logp = cfg["token_min_logp"].cast<double>();
+    cfg_.top_k = cfg["top_k"].cast<int>();
+    cfg_.has_blank_skip = !cfg["blank_skip_logp"].is_none();
+    cfg_.blank_skip_logp = cfg_.has_blank_skip ? cfg["blank_skip_logp"].cast<double>() : 0.0;
+    if (!trie.is_none()) {
+      trie_.present = true;
+      for (auto item : trie.attr("children")) {
+        std::unordered_map<std::string, int> m;
+        for (auto kv : item.cast<py::dict>()) m[kv.first.cast<std::string>()] = kv.second.cast<int>();
+        trie_.children.push_back(std::move(m));
+      }
+      trie_.score = trie.attr("score").cast<std::vector<double>>();
+      trie_.terminal = trie.attr("terminal").cast<std::vector<bool>>();
+      for (auto w : trie.attr("words")) trie_.words.insert(w.cast<std::string>());
+    }
+    HW root_hw;
+    parent_.push_back(-1);
+    token_.push_back(-1);
+    frame_.push_back(-1);
+    logp_.push_back(0.0);
+    ctx_.push_back(make_ctx(0.0, lm_ ? lm_->begin_state() : 0, "", root_hw, 0));
+    beams_.push_back({0, 0.0, NEG});
+  }
+
+  int frames() const { return frames_; }
+
+  void advance(py::array_t<double, py::array::c_style | py::array::forcecast> arr) {
+    auto buf = arr.unchecked<2>();
+    const int64_t T = buf.shape(0), V = buf.shape(1);
+    py::gil_scoped_release nogil;
+    std::vector<double> row(V);
+    for (int64_t t = 0; t < T; ++t) {
+      for (int64_t v = 0; v < V; ++v) row[v] = buf(t, v);
+      frame(row);
+      ++frames_;
+    }
+  }
+
+  py::list beams() const {
+    py::list out;
+    for (const auto& b : beams_) out.append(py::make_tuple(b.node, b.pb, b.pnb));
+    return out;
+  }
+
+  // (node, final score, acoustic), best first.
+  py::list finish() {
+    struct F { double score; size_t order; int node; double acoustic; };
+    std::vector<F> finals;
+    {
+      py::gil_scoped_release nogil;
+      for (size_t i = 0; i < beams_.size(); ++i) {
+        const Beam& b = beams_[i];
+        double lm_score;
+        HW hw;
+        final_context(ctx_[b.node], lm_score, hw);
+        double bonus = trie_.present ? hw.banked : 0.0;
+        double acoustic = logaddexp(b.pb, b.pnb);
+        finals.push_back({acoustic + lm_score + bonus, i, b.node, acoustic});
+      }
+      std::stable_sort(finals.begin(), finals.end(), [](const F& a, const F& b) {
+        if (a.score != b.score) return a.score > b.score;
+        return a.order < b.order;
+      });
+    }
+    py::list out;
+    for (const auto& f : finals) out.append(py::make_tuple(f.node, f.score, f.acoustic));
+    return out;
+  }
+
+  // Tokens, frames and emission log-probs from the first token to `node`.
+  py::tuple path_info(int node) const {
+    std::vector<int> nodes;
+    while (node > 0) {
+      nodes.push_back(node);
+      node = parent_[node];
+    }
+    std::reverse(nodes.begin(), nodes.end());
+    std::vector<int> toks, frames;
+    std::vector<double> logps;
+    for (int n : nodes) {
+      toks.push_back(token_[n]);
+      frames.push_back(frame_[n]);
+      logps.push_back(logp_[n]);
+    }
+    return py::make_tuple(toks, frames, logps);
+  }
+
+  size_t num_nodes() const { return parent_.size(); }
+
+ private:
+  // -- hotwords (HotwordTrie in hotwords.py) --------------------------------
+  double hw_bonus(const HW& s) const { return s.banked + trie_.score[s.node] - s.anchor; }
+
+  HW hw_char(const HW& s, const std::string& ch, bool word_start) const {
+    if (s.node == 0) {
+      if (!word_start) return s;
+      auto it = trie_.children[0].find(ch);
+      if (it == trie_.children[0].end()) return s;
+      return {it->second, 0.0, s.banked};
+    }
+    auto it = trie_.children[s.node].find(ch);
+    if (it != trie_.children[s.node].end()) return {it->second, s.anchor, s.banked};
+    int nxt = 0;
+    if (word_start) {
+      auto r = trie_.children[0].find(ch);
+      if (r != trie_.children[0].end()) nxt = r->second;
+    }
+    return {nxt, 0.0, s.banked};
+  }
+
+  HW hw_word_end(const HW& s) const {
+    int node = s.node;
+    double anchor = s.anchor, banked = s.banked;
+    if (node == 0) return s;
+    if (trie_.terminal[node]) {
+      banked += trie_.score[node] - anchor;
+      anchor = trie_.score[node];
+    }
+    auto it = trie_.children[node].find(" ");
+    if (it != trie_.children[node].end()) return {it->second, anchor, banked};
+    return {0, 0.0, banked};
+  }
+
+  HW hw_finish(const HW& s) const {
+    HW e = hw_word_end(s);
+    return {0, 0.0, e.banked};
+  }
+
+  // -- contexts (BeamSearch._context / _word / extend) ------------------------
+  Ctx make_ctx(double lm_score, int state, const std::string& partial, const HW& hw,
+               int words) const {
+    double score = lm_score;
+    if (trie_.present) score += hw_bonus(hw);
+    if (!partial.empty() && lm_ && !lm_->is_prefix(partial) && !(trie_.present && hw.node != 0))
+      score += cfg_.unk_offset;
+    return {lm_score, state, partial, hw, words, score};
+  }
+
+  void word(double& lm_score, int& state, const std::string& w) const {
+    if (!lm_) return;
+    auto r = lm_->score(state, w);
+    state = r.second;
+    lm_score += cfg_.alpha * r.first + cfg_.beta;
+    if (!lm_->in_vocab(w) && !(trie_.present && trie_.words.count(w))) lm_score += cfg_.unk_offset;
+  }
+
+  Ctx extend(const Ctx& c, int tok) const {
+    double lm_score = c.lm_score;
+    int state = c.lm_state, words = c.words;
+    std::string partial = c.partial;
+    HW hw = c.hw;
+    if (starts_[tok] && !partial.empty()) {
+      word(lm_score, state, partial);
+      words += 1;
+      partial.clear();
+      if (trie_.present) hw = hw_word_end(hw);
+    }
+    for (const auto& ch : chars_[tok]) {
+      if (trie_.present) hw = hw_char(hw, ch, partial.empty());
+      partial += ch;
+    }
+    return make_ctx(lm_score, state, partial, hw, words);
+  }
+
+  void final_context(const Ctx& c, double& lm_score, HW& hw) const {
+    lm_score = c.lm_score;
+    int state = c.lm_state;
+    hw = c.hw;
+    if (!c.partial.empty()) {
+      word(lm_score, state, c.partial);
+      if (trie_.present) hw = hw_word_end(hw);
+    }
+    if (lm_) lm_score += cfg_.alpha * lm_->score(state, "</s>").first;
+    if (trie_.present) hw = hw_finish(hw);
+  }
+
+  // -- frames (BeamSearch._frame / _select) -----------------------------------
+  struct Entry {
+    int64_t key;  // >= 0: node id; < 0: -(parent * V + tok) - 1, not yet a node
+    double pb, pnb;
+  };
+
+  void acc(int64_t key, double pb, double pnb) {
+    auto it = index_.find(key);
+    if (it == index_.end()) {
+      index_.emplace(key, entries_.size());
+      entries_.push_back({key, pb, pnb});
+    } else {
+      Entry& e = entries_[it->second];
+      e.pb = logaddexp(e.pb, pb);
+      e.pnb = logaddexp(e.pnb, pnb);
+    }
+  }
+
+  void move_peak(int node, double lp) {
+    logp_[node] = lp;
+    frame_[node] = frames_;
+  }
+
+  void candidates(const std::vector<double>& row, std::vector<int>& out) const {
+    out.clear();
+    const int V = static_cast<int>(row.size());
+    for (int i = 0; i < V; ++i)
+      if (row[i] >= cfg_.token_min_logp && i != blank_) out.push_back(i);
+    if (static_cast<int>(out.size()) > cfg_.top_k) {
+      std::stable_sort(out.begin(), out.end(), [&](int a, int b) { return -row[a] < -row[b]; });
+      out.resize(cfg_.top_k);
+      std::sort(out.begin(), out.end());
+    }
+  }
+
+  void frame(const std::vector<double>& row) {
+    const double blank_lp = row[blank_];
+    if (cfg_.has_blank_skip && blank_lp >= cfg_.blank_skip_logp) {
+      for (auto& b : beams_) {
+        b.pb = logaddexp(b.pb, b.pnb) + blank_lp;
+        b.pnb = NEG;
+      }
+      return;
+    }
+    const int64_t V = static_cast<int64_t>(row.size());
+    candidates(row, cands_);
+    entries_.clear();
+    index_.clear();
+    for (const Beam& b : beams_) {
+      const double total = logaddexp(b.pb, b.pnb);
+      acc(b.node, total + blank_lp, NEG);
+      const int last = token_[b.node];
+      for (int tok : cands_) {
+        const double lp = row[tok];
+        auto child = children_.find(static_cast<int64_t>(b.node) * V + tok);
+        const int64_t key = child != children_.end()
+                                ? child->second
+                                : -(static_cast<int64_t>(b.node) * V + tok) - 1;
+        if (tok == last) {
+          acc(b.node, NEG, b.pnb + lp);
+          if (lp > logp_[b.node]) move_peak(b.node, lp);
+          if (b.pb > NEG) acc(key, NEG, b.pb + lp);
+        } else {
+          acc(key, NEG, total + lp);
+        }
+        if (key >= 0 && lp > logp_[key]) move_peak(static_cast<int>(key), lp);
+      }
+    }
+    select(row, V);
+  }
+
+  void select(const std::vector<double>& row, int64_t V) {
+    struct S { double score; size_t order; };
+    std::vector<S> scored;
+    scored.reserve(entries_.size());
+    pending_.clear();
+    for (size_t i = 0; i < entries_.size(); ++i) {
+      const Entry& e = entries_[i];
+      double ctx_score;
+      if (e.key >= 0) {
+        ctx_score = ctx_[e.key].score;
+      } else {
+        const int64_t code = -e.key - 1;
+        const int parent = static_cast<int>(code / V), tok = static_cast<int>(code % V);
+        auto ins = pending_.emplace(e.key, extend(ctx_[parent], tok));
+        ctx_score = ins.first->second.score;
+      }
+      scored.push_back({logaddexp(e.pb, e.pnb) + ctx_score, i});
+    }
+    std::stable_sort(scored.begin(), scored.end(), [](const S& a, const S& b) {
+      if (a.score != b.score) return a.score > b.score;
+      return a.order < b.order;
+    });
+    const double floor = scored[0].score + cfg_.beam_prune_logp;
+    std::vector<Beam> beams;
+    const size_t keep = std::min(scored.size(), static_cast<size_t>(cfg_.beam_width));
+    for (size_t i = 0; i < keep; ++i) {
+      if (scored[i].score < floor) break;
+      const Entry& e = entries_[scored[i].order];
+      int node;
+      if (e.key >= 0) {
+        node = static_cast<int>(e.key);
+      } else {
+        const int64_t code = -e.key - 1;
+        const int parent = static_cast<int>(code / V), tok = static_cast<int>(code % V);
+        node = static_cast<int>(parent_.size());
+        children_.emplace(code, node);
+        parent_.push_back(parent);
+        token_.push_back(tok);
+        frame_.push_back(frames_);
+        logp_.push_back(row[tok]);
+        ctx_.push_back(std::move(pending_.at(e.key)));
+      }
+      beams.push_back({node, e.pb, e.pnb});
+    }
+    beams_ = std::move(beams);
+  }
+
+  int blank_;
+  std::vector<bool> starts_;
+  std::vector<std::vector<std::string>> chars_;
+  std::shared_ptr<LMInfo> lm_;
+  Trie trie_;
+  Config cfg_{};
+  std::vector<int> parent_, token_, frame_;
+  std::vector<double> logp_;
+  std::vector<Ctx> ctx_;
+  std::unordered_map<int64_t, int> children_;  // parent * V + tok -> node
+  std::vector<Beam> beams_;
+  int frames_ = 0;
+  // Per-frame scratch.
+  std::vector<int> cands_;
+  std::vector<Entry> entries_;
+  std::unordered_map<int64_t, size_t> index_;
+  std::unordered_map<int64_t, Ctx> pending_;
+};
+
+}  // namespace
+
+PYBIND11_MODULE(_native, m) {
+  m.doc() = "Compiled core of dsstream's CTC prefix beam search";
+  py::class_<LMInfo, std::shared_ptr<LMInfo>>(m, "LMInfo")
+      .def(py::init<py::object, const std::vector<std::string>&, const std::vector<std::string>&,
+                    int>());
+  py::class_<Core>(m, "Core")
+      .def(py::init<int, std::vector<bool>, std::vector<std::vector<std::string>>, py::dict,
+                    std::shared_ptr<LMInfo>, py::object>(),
+           py::arg("blank"), py::arg("starts"), py::arg("chars"), py::arg("config"),
+           py::arg("lm").none(true), py::arg("trie").none(true))
+      .def("advance", &Core::advance)
+      .def("beams", &Core::beams)
+      .def("finish", &Core::finish)
+      .def("path_info", &Core::path_info)
+      .def("num_nodes", &Core::num_nodes)
+      .def_property_readonly("frames", &Core::frames);
+}
