@@ -374,3 +374,19 @@ def test_missing_native_core_falls_back_with_one_warning(monkeypatch):
         CTCDecoder(backend="native")
     x = emissions("fallback works", np.random.default_rng(0))
     assert CTCDecoder().decode(x).text == "fallback works"
+
+
+@pytest.mark.parametrize("backend", ["python", "auto"])
+def test_step_batch_over_many_streams_equals_stepping_each(lm, backend):
+    rng = np.random.default_rng(12)
+    mats = [emissions(t, rng, confusion=0.2) for t in SENTENCES[:8]]
+    decoder = CTCDecoder(beam_width=8, language_model=lm, backend=backend)
+    streams = [decoder.begin() for _ in mats]
+    solo = [decoder.begin() for _ in mats]
+    for part in range(3):
+        chunks = [np.array_split(m, 3)[part] for m in mats]
+        batched = decoder.step_batch(streams, chunks)
+        assert batched == [s.step(c) for s, c in zip(solo, chunks)]
+    assert [s.end() for s in streams] == [s.end() for s in solo]
+    with pytest.raises(ValueError, match="twice"):
+        decoder.step_batch([streams[0], streams[0]], [mats[0][:1], mats[0][:1]])

@@ -25,6 +25,7 @@ namespace py = pybind11;
 namespace {
 
 constexpr double NEG = -std::numeric_limits<double>::infinity();
+constexpr int OOV_SCALE_CHARS = 6;  // as in search.py
 
 inline double logaddexp(double a, double b) {
   if (a < b) std::swap(a, b);
@@ -41,15 +42,38 @@ struct PairHash {
 // Read-only LM facts plus a shared (state, word) -> (ln p, next state) cache.
 class LMInfo {
  public:
-  LMInfo(py::object lm, const std::vector<std::string>& vocab,
-         const std::vector<std::string>& prefixes, int begin_state)
-      : lm_(std::move(lm)),
-        vocab_(vocab.begin(), vocab.end()),
-        prefixes_(prefixes.begin(), prefixes.end()),
-        begin_state_(begin_state) {}
+  LMInfo(py::object lm, const std::vector<std::string>& vocab, int begin_state)
+      : lm_(std::move(lm)), begin_state_(begin_state) {
+    kids_.emplace_back();
+    terminal_.push_back(false);
+    for (const auto& word : vocab) {
+      int node = 0;
+      for (unsigned char c : word) {
+        int next = child(node, c);
+        if (next < 0) {
+          next = static_cast<int>(kids_.size());
+          kids_[node].push_back({c, next});
+          kids_.emplace_back();
+          terminal_.push_back(false);
+        }
+        node = next;
+      }
+      terminal_[node] = true;
+    }
+  }
 
-  bool in_vocab(const std::string& w) const { return vocab_.count(w) > 0; }
-  bool is_prefix(const std::string& w) const { return prefixes_.count(w) > 0; }
+  // Vocabulary trie over UTF-8 bytes: a partial word is a prefix of an LM word
+  // iff its walk stays inside (node >= 0), and a word is known iff it ends on a
+  // terminal node.  Same answers as the Python prefix and vocabulary sets,
+  // without hashing whole strings for every candidate extension.
+  int walk(int node, const std::string& bytes) const {
+    for (unsigned char c : bytes) {
+      if (node < 0) return -1;
+      node = child(node, c);
+    }
+    return node;
+  }
+  bool terminal(int node) const { return node >= 0 && terminal_[node]; }
   int begin_state() const { return begin_state_; }
 
   // Called without the GIL; takes it only on a cache miss.
@@ -72,9 +96,15 @@ class LMInfo {
   }
 
  private:
+  int child(int node, unsigned char c) const {
+    for (const auto& kv : kids_[node])
+      if (kv.first == c) return kv.second;
+    return -1;
+  }
+
   py::object lm_;
-  std::unordered_set<std::string> vocab_;
-  std::unordered_set<std::string> prefixes_;
+  std::vector<std::vector<std::pair<unsigned char, int>>> kids_;
+  std::vector<bool> terminal_;
   int begin_state_;
   std::mutex mutex_;
   std::unordered_map<std::pair<int, std::string>, std::pair<double, int>, PairHash> cache_;
@@ -97,7 +127,9 @@ struct HW {
 struct Ctx {
   double lm_score;
   int lm_state;
-  std::string partial;
+  std::string partial;  // UTF-8
+  int partial_len;      // in characters (code points), as Python's len()
+  int lm_node;          // the partial word's node in the LM vocabulary trie; -1 outside
   HW hw;
   int words;
   double score;
@@ -146,7 +178,7 @@ class Core {
     token_.push_back(-1);
     frame_.push_back(-1);
     logp_.push_back(0.0);
-    ctx_.push_back(make_ctx(0.0, lm_ ? lm_->begin_state() : 0, "", root_hw, 0));
+    ctx_.push_back(make_ctx(0.0, lm_ ? lm_->begin_state() : 0, "", 0, 0, root_hw, 0));
     beams_.push_back({0, 0.0, NEG});
   }
 
@@ -255,39 +287,48 @@ class Core {
   }
 
   // -- contexts (BeamSearch._context / _word / extend) ------------------------
-  Ctx make_ctx(double lm_score, int state, const std::string& partial, const HW& hw,
-               int words) const {
+  Ctx make_ctx(double lm_score, int state, std::string partial, int partial_len, int lm_node,
+               const HW& hw, int words) const {
     double score = lm_score;
     if (trie_.present) score += hw_bonus(hw);
-    if (!partial.empty() && lm_ && !lm_->is_prefix(partial) && !(trie_.present && hw.node != 0))
-      score += cfg_.unk_offset;
-    return {lm_score, state, partial, hw, words, score};
+    if (!partial.empty() && lm_ && lm_node < 0 && !(trie_.present && hw.node != 0)) {
+      const int n = partial_len;
+      score += cfg_.unk_offset *
+               (n > OOV_SCALE_CHARS ? static_cast<double>(n) / OOV_SCALE_CHARS : 1.0);
+    }
+    return {lm_score, state, std::move(partial), partial_len, lm_node, hw, words, score};
   }
 
-  void word(double& lm_score, int& state, const std::string& w) const {
+  void word(double& lm_score, int& state, const std::string& w, int lm_node) const {
     if (!lm_) return;
-    auto r = lm_->score(state, w);
+    static const std::string unk = "<unk>";
+    const bool known = lm_->terminal(lm_node);
+    auto r = lm_->score(state, known ? w : unk);  // as search.py: unknown words score as <unk>
     state = r.second;
     lm_score += cfg_.alpha * r.first + cfg_.beta;
-    if (!lm_->in_vocab(w) && !(trie_.present && trie_.words.count(w))) lm_score += cfg_.unk_offset;
+    if (!known && !(trie_.present && trie_.words.count(w))) lm_score += cfg_.unk_offset;
   }
 
   Ctx extend(const Ctx& c, int tok) const {
     double lm_score = c.lm_score;
-    int state = c.lm_state, words = c.words;
+    int state = c.lm_state, words = c.words, partial_len = c.partial_len, lm_node = c.lm_node;
     std::string partial = c.partial;
     HW hw = c.hw;
     if (starts_[tok] && !partial.empty()) {
-      word(lm_score, state, partial);
+      word(lm_score, state, partial, lm_node);
       words += 1;
       partial.clear();
+      partial_len = 0;
+      lm_node = 0;
       if (trie_.present) hw = hw_word_end(hw);
     }
     for (const auto& ch : chars_[tok]) {
       if (trie_.present) hw = hw_char(hw, ch, partial.empty());
       partial += ch;
+      ++partial_len;
+      if (lm_) lm_node = lm_->walk(lm_node, ch);
     }
-    return make_ctx(lm_score, state, partial, hw, words);
+    return make_ctx(lm_score, state, std::move(partial), partial_len, lm_node, hw, words);
   }
 
   void final_context(const Ctx& c, double& lm_score, HW& hw) const {
@@ -295,7 +336,7 @@ class Core {
     int state = c.lm_state;
     hw = c.hw;
     if (!c.partial.empty()) {
-      word(lm_score, state, c.partial);
+      word(lm_score, state, c.partial, c.lm_node);
       if (trie_.present) hw = hw_word_end(hw);
     }
     if (lm_) lm_score += cfg_.alpha * lm_->score(state, "</s>").first;
@@ -303,18 +344,35 @@ class Core {
   }
 
   // -- frames (BeamSearch._frame / _select) -----------------------------------
+  // Hypotheses of the next frame, in first-touch order (Python's dict order).
+  // An existing prefix is found through node_slot_, a new one (beam b + tok)
+  // through new_slot_: flat arrays instead of hashing every extension.
   struct Entry {
-    int64_t key;  // >= 0: node id; < 0: -(parent * V + tok) - 1, not yet a node
+    int node;    // existing node, or -1 for a new prefix
+    int parent;  // new prefix: the beam's node
+    int tok;     // new prefix: the token appended
     double pb, pnb;
   };
 
-  void acc(int64_t key, double pb, double pnb) {
-    auto it = index_.find(key);
-    if (it == index_.end()) {
-      index_.emplace(key, entries_.size());
-      entries_.push_back({key, pb, pnb});
+  void acc_node(int node, double pb, double pnb) {
+    int& slot = node_slot_[node];
+    if (slot < 0) {
+      slot = static_cast<int>(entries_.size());
+      entries_.push_back({node, -1, -1, pb, pnb});
     } else {
-      Entry& e = entries_[it->second];
+      Entry& e = entries_[slot];
+      e.pb = logaddexp(e.pb, pb);
+      e.pnb = logaddexp(e.pnb, pnb);
+    }
+  }
+
+  void acc_new(size_t beam, int64_t V, int parent, int tok, double pb, double pnb) {
+    int& slot = new_slot_[beam * V + tok];
+    if (slot < 0) {
+      slot = static_cast<int>(entries_.size());
+      entries_.push_back({-1, parent, tok, pb, pnb});
+    } else {
+      Entry& e = entries_[slot];
       e.pb = logaddexp(e.pb, pb);
       e.pnb = logaddexp(e.pnb, pnb);
     }
@@ -349,71 +407,78 @@ class Core {
     const int64_t V = static_cast<int64_t>(row.size());
     candidates(row, cands_);
     entries_.clear();
-    index_.clear();
-    for (const Beam& b : beams_) {
+    if (node_slot_.size() < parent_.size()) node_slot_.resize(parent_.size(), -1);
+    if (new_slot_.size() < beams_.size() * V) new_slot_.resize(beams_.size() * V, -1);
+    for (size_t bi = 0; bi < beams_.size(); ++bi) {
+      const Beam& b = beams_[bi];
       const double total = logaddexp(b.pb, b.pnb);
-      acc(b.node, total + blank_lp, NEG);
+      acc_node(b.node, total + blank_lp, NEG);
       const int last = token_[b.node];
       for (int tok : cands_) {
         const double lp = row[tok];
-        auto child = children_.find(static_cast<int64_t>(b.node) * V + tok);
-        const int64_t key = child != children_.end()
-                                ? child->second
-                                : -(static_cast<int64_t>(b.node) * V + tok) - 1;
+        auto found = children_.find(static_cast<int64_t>(b.node) * V + tok);
+        const int child = found != children_.end() ? found->second : -1;
         if (tok == last) {
-          acc(b.node, NEG, b.pnb + lp);
+          acc_node(b.node, NEG, b.pnb + lp);
           if (lp > logp_[b.node]) move_peak(b.node, lp);
-          if (b.pb > NEG) acc(key, NEG, b.pb + lp);
+          if (b.pb > NEG) {
+            if (child >= 0) acc_node(child, NEG, b.pb + lp);
+            else acc_new(bi, V, b.node, tok, NEG, b.pb + lp);
+          }
+        } else if (child >= 0) {
+          acc_node(child, NEG, total + lp);
         } else {
-          acc(key, NEG, total + lp);
+          acc_new(bi, V, b.node, tok, NEG, total + lp);
         }
-        if (key >= 0 && lp > logp_[key]) move_peak(static_cast<int>(key), lp);
+        if (child >= 0 && lp > logp_[child]) move_peak(child, lp);
       }
     }
-    select(row, V);
+    // Reset the slots this frame used.
+    for (const Entry& e : entries_) {
+      if (e.node >= 0) node_slot_[e.node] = -1;
+    }
+    for (size_t bi = 0; bi < beams_.size(); ++bi)
+      for (int tok : cands_) new_slot_[bi * V + tok] = -1;
+    select(row);
   }
 
-  void select(const std::vector<double>& row, int64_t V) {
-    struct S { double score; size_t order; };
-    std::vector<S> scored;
-    scored.reserve(entries_.size());
-    pending_.clear();
+  void select(const std::vector<double>& row) {
+    scored_.clear();
+    pending_.resize(entries_.size());
     for (size_t i = 0; i < entries_.size(); ++i) {
       const Entry& e = entries_[i];
       double ctx_score;
-      if (e.key >= 0) {
-        ctx_score = ctx_[e.key].score;
+      if (e.node >= 0) {
+        ctx_score = ctx_[e.node].score;
       } else {
-        const int64_t code = -e.key - 1;
-        const int parent = static_cast<int>(code / V), tok = static_cast<int>(code % V);
-        auto ins = pending_.emplace(e.key, extend(ctx_[parent], tok));
-        ctx_score = ins.first->second.score;
+        pending_[i] = extend(ctx_[e.parent], e.tok);
+        ctx_score = pending_[i].score;
       }
-      scored.push_back({logaddexp(e.pb, e.pnb) + ctx_score, i});
+      scored_.push_back({logaddexp(e.pb, e.pnb) + ctx_score, i});
     }
-    std::stable_sort(scored.begin(), scored.end(), [](const S& a, const S& b) {
-      if (a.score != b.score) return a.score > b.score;
-      return a.order < b.order;
-    });
-    const double floor = scored[0].score + cfg_.beam_prune_logp;
+    // (score desc, order asc) is a total order, so the partial sort's top
+    // `keep` equal a full stable sort's (the Python reference sorts fully).
+    const size_t keep = std::min(scored_.size(), static_cast<size_t>(cfg_.beam_width));
+    std::partial_sort(scored_.begin(), scored_.begin() + keep, scored_.end(),
+                      [](const Scored& a, const Scored& b) {
+                        if (a.score != b.score) return a.score > b.score;
+                        return a.order < b.order;
+                      });
+    const double floor = scored_[0].score + cfg_.beam_prune_logp;
     std::vector<Beam> beams;
-    const size_t keep = std::min(scored.size(), static_cast<size_t>(cfg_.beam_width));
+    const int64_t V = static_cast<int64_t>(row.size());
     for (size_t i = 0; i < keep; ++i) {
-      if (scored[i].score < floor) break;
-      const Entry& e = entries_[scored[i].order];
-      int node;
-      if (e.key >= 0) {
-        node = static_cast<int>(e.key);
-      } else {
-        const int64_t code = -e.key - 1;
-        const int parent = static_cast<int>(code / V), tok = static_cast<int>(code % V);
+      if (scored_[i].score < floor) break;
+      const Entry& e = entries_[scored_[i].order];
+      int node = e.node;
+      if (node < 0) {
         node = static_cast<int>(parent_.size());
-        children_.emplace(code, node);
-        parent_.push_back(parent);
-        token_.push_back(tok);
+        children_.emplace(static_cast<int64_t>(e.parent) * V + e.tok, node);
+        parent_.push_back(e.parent);
+        token_.push_back(e.tok);
         frame_.push_back(frames_);
-        logp_.push_back(row[tok]);
-        ctx_.push_back(std::move(pending_.at(e.key)));
+        logp_.push_back(row[e.tok]);
+        ctx_.push_back(std::move(pending_[scored_[i].order]));
       }
       beams.push_back({node, e.pb, e.pnb});
     }
@@ -433,10 +498,12 @@ class Core {
   std::vector<Beam> beams_;
   int frames_ = 0;
   // Per-frame scratch.
+  struct Scored { double score; size_t order; };
   std::vector<int> cands_;
   std::vector<Entry> entries_;
-  std::unordered_map<int64_t, size_t> index_;
-  std::unordered_map<int64_t, Ctx> pending_;
+  std::vector<int> node_slot_, new_slot_;
+  std::vector<Ctx> pending_;
+  std::vector<Scored> scored_;
 };
 
 }  // namespace
@@ -444,8 +511,7 @@ class Core {
 PYBIND11_MODULE(_native, m) {
   m.doc() = "Compiled core of dsstream's CTC prefix beam search";
   py::class_<LMInfo, std::shared_ptr<LMInfo>>(m, "LMInfo")
-      .def(py::init<py::object, const std::vector<std::string>&, const std::vector<std::string>&,
-                    int>());
+      .def(py::init<py::object, const std::vector<std::string>&, int>());
   py::class_<Core>(m, "Core")
       .def(py::init<int, std::vector<bool>, std::vector<std::vector<std::string>>, py::dict,
                     std::shared_ptr<LMInfo>, py::object>(),

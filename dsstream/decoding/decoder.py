@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+import threading
 import warnings
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, replace
@@ -193,6 +194,8 @@ class CTCDecoder:
         self.frame_shift_s = frame_shift_s
         self.hotword_boost = hotword_boost
         self.backend = _pick_backend(backend)
+        self._executor: ThreadPoolExecutor | None = None
+        self._pool_lock = threading.Lock()
 
     def begin(
         self, hotwords: HotwordsArg = None, time_offset: float = 0.0, **overrides: Any
@@ -229,6 +232,28 @@ class CTCDecoder:
         with ThreadPoolExecutor(max_workers) as pool:
             futures = [pool.submit(self.decode, x, hw, nbest) for x, hw in zip(batch, per_item)]
             return [f.result() for f in futures]
+
+    def step_batch(
+        self, streams: Sequence[DecoderStream], chunks: Sequence[Any], max_workers: int = 4
+    ) -> list[str]:
+        """Advance many streams by one chunk each, in parallel; their partial texts.
+
+        The compiled core releases the GIL while it searches, so the streams of
+        a server's sessions decode on several cores at once.  Each stream keeps
+        its own order: a stream may appear at most once per call.
+        """
+        if len(streams) != len(chunks):
+            raise ValueError("step_batch needs one chunk per stream")
+        if len({id(s) for s in streams}) != len(streams):
+            raise ValueError("a stream appears twice in one step_batch call")
+        pool = self._pool(max_workers)
+        return list(pool.map(lambda sc: sc[0].step(sc[1]), zip(streams, chunks)))
+
+    def _pool(self, max_workers: int) -> ThreadPoolExecutor:
+        with self._pool_lock:
+            if self._executor is None:
+                self._executor = ThreadPoolExecutor(max_workers, "dsstream-decoder")
+            return self._executor
 
 
 class DecoderStream:

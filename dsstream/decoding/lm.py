@@ -132,9 +132,7 @@ class KenLM:
             if self._native is None:
                 from dsstream.decoding import _native  # type: ignore[attr-defined]
 
-                self._native = _native.LMInfo(
-                    self, sorted(self.vocab), sorted(self.prefixes), self.begin_state
-                )
+                self._native = _native.LMInfo(self, sorted(self.vocab), self.begin_state)
             return self._native
 
     def is_prefix(self, partial: str) -> bool:

@@ -34,6 +34,7 @@ __all__ = [
 ]
 
 NEG = float("-inf")
+OOV_SCALE_CHARS = 6  # partial words longer than this pay a proportionally larger OOV penalty
 
 
 @dataclass(frozen=True)
@@ -135,16 +136,24 @@ class BeamSearch:
             and not self.lm.is_prefix(partial)
             and not (trie is not None and trie.in_match(hw))
         ):
-            score += self.cfg.unk_offset
+            # Scaled by length past a typical word, as pyctcdecode does: a flat
+            # penalty let beams glue words into one long OOV string (measured:
+            # "took impressions from" -> "dookosimpresseiunsrfrom...").
+            n = len(partial)
+            score += self.cfg.unk_offset * (n / OOV_SCALE_CHARS if n > OOV_SCALE_CHARS else 1.0)
         return Context(lm_score, state, partial, hw, words, score)
 
     def _word(self, lm_score: float, state: int, word: str) -> tuple[float, int]:
         lm = self.lm
         if lm is None:
             return lm_score, state
-        logp, state = lm.score(state, word)
+        known = word in lm.vocab
+        # KenLM scores every unknown word as <unk> (same score, same state), so
+        # asking for "<unk>" keeps one cache entry per context instead of one
+        # per misspelling: most completed words in a wide beam are junk.
+        logp, state = lm.score(state, word if known else "<unk>")
         lm_score += self.cfg.alpha * logp + self.cfg.beta
-        if word not in lm.vocab and not (self.trie is not None and word in self.trie.words):
+        if not known and not (self.trie is not None and word in self.trie.words):
             lm_score += self.cfg.unk_offset
         return lm_score, state
 
