@@ -390,3 +390,32 @@ def test_step_batch_over_many_streams_equals_stepping_each(lm, backend):
     assert [s.end() for s in streams] == [s.end() for s in solo]
     with pytest.raises(ValueError, match="twice"):
         decoder.step_batch([streams[0], streams[0]], [mats[0][:1], mats[0][:1]])
+
+
+FIXTURES = __import__("pathlib").Path(__file__).parent / "fixtures" / "lm"
+
+
+@pytest.mark.parametrize("kind", ["probing", "trie"])
+def test_kenlm_binary_models_decode_like_their_arpa(kind):
+    binary = FIXTURES / f"tiny.{kind}.bin"
+    arpa_lm, bin_lm = KenLM(FIXTURES / "tiny.arpa"), KenLM(binary)
+    assert bin_lm.vocab == arpa_lm.vocab  # from the .vocab sidecar
+    rng = np.random.default_rng(13)
+    for text in ["the cat sat on the mat", "a dog met the lazy fox"]:
+        x = emissions(text, rng, confusion=0.3)
+        kw = {"beam_width": 12, "alpha": 0.8}
+        a = CTCDecoder(language_model=arpa_lm, **kw).decode(x, nbest=3)
+        b = CTCDecoder(language_model=bin_lm, **kw).decode(x, nbest=3)
+        assert a.text == b.text
+        # ARPA keeps 7 digits, the binary stores float32: scores agree closely.
+        assert a.score == pytest.approx(b.score, abs=1e-3)
+
+
+def test_binary_lm_without_unigrams_is_a_clear_error(tmp_path):
+    import shutil
+
+    lone = tmp_path / "lone.bin"
+    shutil.copy(FIXTURES / "tiny.probing.bin", lone)
+    with pytest.raises(LMError, match="unigrams"):
+        KenLM(lone)
+    assert KenLM(lone, unigrams=["cat", "dog"]).vocab == {"cat", "dog"}
