@@ -1,0 +1,99 @@
+"""Execution backends: ONNX Runtime (the CPU default) and PyTorch (the GPU
+default and the numerical reference).  Both take and return numpy arrays in
+the manifest's input/output order."""
+
+from __future__ import annotations
+
+import io
+from typing import Protocol
+
+import numpy as np
+
+from engine.artifact import Manifest, read_member
+
+__all__ = ["Backend", "OnnxBackend", "TorchBackend", "load_backend", "BackendError"]
+
+
+class BackendError(RuntimeError):
+    """A backend that cannot run here (missing member, no CUDA, ...)."""
+
+
+class Backend(Protocol):
+    name: str
+
+    def run(self, inputs: list[np.ndarray]) -> list[np.ndarray]:
+        """Inputs in manifest order; outputs in manifest order."""
+
+
+class OnnxBackend:
+    name = "onnx"
+
+    def __init__(self, data: bytes, threads: int | None = None) -> None:
+        import onnxruntime as ort
+
+        options = ort.SessionOptions()
+        options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+        if threads:
+            options.intra_op_num_threads = threads
+        self.session = ort.InferenceSession(data, options, providers=["CPUExecutionProvider"])
+        self.input_names = [i.name for i in self.session.get_inputs()]
+
+    def run(self, inputs: list[np.ndarray]) -> list[np.ndarray]:
+        return self.session.run(None, dict(zip(self.input_names, inputs)))
+
+
+class TorchBackend:
+    name = "torch"
+
+    def __init__(self, data: bytes, device: str = "cpu") -> None:
+        import torch
+
+        self.torch = torch
+        self.device = torch.device(device)
+        program = torch.export.load(io.BytesIO(data))
+        self.module = program.module().to(self.device)
+
+    def run(self, inputs: list[np.ndarray]) -> list[np.ndarray]:
+        torch = self.torch
+        with torch.inference_mode():
+            args = [torch.from_numpy(np.ascontiguousarray(x)).to(self.device) for x in inputs]
+            out = self.module(*args)
+        outs = out if isinstance(out, (tuple, list)) else [out]
+        return [o.detach().cpu().numpy() for o in outs]
+
+
+def _check_device(device: str) -> None:
+    import torch
+
+    if device == "cpu":
+        return
+    if device.startswith("cuda"):
+        if not torch.cuda.is_available():
+            raise BackendError(f"device {device!r} requested but CUDA is not available here")
+        index = int(device.split(":")[1]) if ":" in device else 0
+        if index >= torch.cuda.device_count():
+            raise BackendError(
+                f"device {device!r} requested but only {torch.cuda.device_count()} GPU(s) exist"
+            )
+        return
+    raise BackendError(f"unknown device {device!r}; use 'cpu' or 'cuda[:N]'")
+
+
+def load_backend(
+    path: str, manifest: Manifest, checksums: dict[str, str], device: str, backend: str
+) -> Backend:
+    """The backend for ``device``; ``backend="auto"``: ONNX Runtime on CPU, PyTorch on CUDA."""
+    _check_device(device)
+    if backend == "auto":
+        backend = "onnx" if device == "cpu" and "onnx" in manifest.backends else "torch"
+    if backend not in ("onnx", "torch"):
+        raise BackendError(f"backend must be 'auto', 'onnx' or 'torch', got {backend!r}")
+    if backend not in manifest.backends:
+        raise BackendError(
+            f"{path} has no {backend} backend (it has: {', '.join(manifest.backends)})"
+        )
+    if backend == "onnx":
+        if device != "cpu":
+            raise BackendError("the ONNX Runtime backend runs on CPU here; use backend='torch'")
+        return OnnxBackend(read_member(path, "onnx/model.onnx", checksums))
+    return TorchBackend(read_member(path, "torch/program.pt2", checksums), device)

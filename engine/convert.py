@@ -1,0 +1,288 @@
+"""Conversion: capture a PyTorch model with ``torch.export``, run the graph
+passes, verify against eager PyTorch, and write a ``.ds`` artifact with an
+exported program (PyTorch backend) and an ONNX graph (ONNX Runtime backend).
+"""
+
+from __future__ import annotations
+
+import copy
+import hashlib
+import inspect
+import io
+import logging
+import os
+import tempfile
+from pathlib import Path
+from typing import Any, Sequence
+
+import numpy as np
+import torch
+from torch.export import Dim, ExportedProgram
+
+from engine.artifact import Manifest, TensorSpec, torch_save_bytes, write_artifact
+
+__all__ = ["convert", "ConversionError", "PRECISIONS", "Dim"]
+
+log = logging.getLogger("engine.convert")
+
+PRECISIONS = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
+
+
+class ConversionError(RuntimeError):
+    """The model could not be captured, exported or verified."""
+
+
+def _load_model(model: Any, example_inputs: tuple[Any, ...]) -> torch.nn.Module | ExportedProgram:
+    if isinstance(model, (torch.nn.Module, ExportedProgram)):
+        return model
+    path = Path(model)
+    if not path.is_file():
+        raise ConversionError(f"model file not found: {path}")
+    if path.suffix == ".pt2":
+        return torch.export.load(str(path))
+    try:
+        scripted = torch.jit.load(str(path), map_location="cpu")
+    except RuntimeError as exc:
+        raise ConversionError(
+            f"{path} is neither a TorchScript file nor a saved ExportedProgram (.pt2): {exc}"
+        ) from None
+    # Frozen, its weights are graph constants: export lifts them as constants
+    # instead of as parameters that are not nn.Parameter objects.
+    return _Scripted(torch.jit.freeze(scripted.eval()))
+
+
+class _Scripted(torch.nn.Module):
+    """A TorchScript module behind an ordinary forward: non-strict export traces
+    the ATen ops the TorchScript interpreter dispatches, giving a clean graph."""
+
+    def __init__(self, scripted: torch.nn.Module) -> None:
+        super().__init__()
+        self.scripted = scripted
+
+    def forward(self, *args: Any) -> Any:
+        return self.scripted(*args)
+
+
+def _names(model: Any, count: int, given: Sequence[str] | None, prefix: str) -> list[str]:
+    if given is not None:
+        if len(given) != count:
+            raise ConversionError(f"{len(given)} {prefix} names for {count} {prefix}s")
+        return list(given)
+    if prefix == "input" and isinstance(model, torch.nn.Module):
+        params = [
+            p.name
+            for p in inspect.signature(model.forward).parameters.values()
+            if p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD)
+        ]
+        if len(params) >= count:
+            return params[:count]
+    return [f"{prefix}_{i}" for i in range(count)]
+
+
+def _cast_inputs(inputs: tuple[Any, ...], dtype: torch.dtype) -> tuple[Any, ...]:
+    return tuple(
+        x.to(dtype) if isinstance(x, torch.Tensor) and x.is_floating_point() else x for x in inputs
+    )
+
+
+def _source_hash(model: Any) -> str:
+    h = hashlib.sha256()
+    state = model.state_dict if isinstance(model, ExportedProgram) else model.state_dict()
+    for name, tensor in sorted(state.items()):
+        h.update(name.encode())
+        h.update(tensor.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy().tobytes())
+    h.update(type(model).__name__.encode())
+    return h.hexdigest()
+
+
+def _specs(
+    ep: ExportedProgram, names: list[str], dynamic_shapes: Any, kind: str,
+    labels: dict[str, str],
+) -> tuple[TensorSpec, ...]:  # fmt: skip
+    """Tensor specs with dynamic dims named after the user's ``Dim``s.
+
+    ``labels`` maps export symbols (``s77``) to those names; input specs fill
+    it, so output dims that equal an input dim get the same name.
+    """
+    nodes = (
+        [n for n in ep.graph.nodes if n.op == "placeholder" and n.name in _user_inputs(ep)]
+        if kind == "input"
+        else list(next(n for n in ep.graph.nodes if n.op == "output").args[0])
+    )
+    ranges = {str(sym): (int(r.lower), int(r.upper)) for sym, r in ep.range_constraints.items()}
+    dim_names = _dim_names(dynamic_shapes, len(nodes)) if kind == "input" else {}
+    specs = []
+    for i, (node, name) in enumerate(zip(nodes, names)):
+        val = node.meta["val"]
+        shape: list[int | str] = []
+        dims: dict[str, tuple[int, int]] = {}
+        for d, size in enumerate(val.shape):
+            if isinstance(size, int):
+                shape.append(size)
+                continue
+            sym = str(size)
+            label = labels.setdefault(sym, dim_names.get((i, d), sym))
+            shape.append(label)
+            if sym in ranges:
+                lo, hi = ranges[sym]
+                dims[label] = (lo, min(hi, 2**31 - 1))
+        specs.append(TensorSpec(name, str(val.dtype).removeprefix("torch."), tuple(shape), dims))
+    return tuple(specs)
+
+
+def _user_inputs(ep: ExportedProgram) -> list[str]:
+    return list(ep.graph_signature.user_inputs)
+
+
+def _dim_names(dynamic_shapes: Any, count: int) -> dict[tuple[int, int], str]:
+    out: dict[tuple[int, int], str] = {}
+    if dynamic_shapes is None:
+        return out
+    specs = list(dynamic_shapes.values()) if isinstance(dynamic_shapes, dict) else dynamic_shapes
+    for i, spec in enumerate(list(specs)[:count]):
+        items = spec.items() if isinstance(spec, dict) else enumerate(spec or ())
+        for d, dim in items:
+            if dim is not None and hasattr(dim, "__name__"):
+                out[(i, d)] = dim.__name__
+    return out
+
+
+def _max_errors(ref: list[torch.Tensor], got: list[np.ndarray]) -> dict[str, float]:
+    max_abs = max_rel = 0.0
+    for r, g in zip(ref, got, strict=True):
+        r64 = r.detach().double().cpu().numpy()
+        diff = np.abs(r64 - np.asarray(g, dtype=np.float64))
+        max_abs = max(max_abs, float(diff.max(initial=0.0)))
+        scale = np.maximum(np.abs(r64), 1e-6)
+        max_rel = max(max_rel, float((diff / scale).max(initial=0.0)))
+    return {"max_abs": max_abs, "max_rel": max_rel}
+
+
+def _flat_outputs(out: Any) -> list[torch.Tensor]:
+    if isinstance(out, torch.Tensor):
+        return [out]
+    if isinstance(out, (tuple, list)):
+        return [t for o in out for t in _flat_outputs(o)]
+    if isinstance(out, dict):
+        return [t for o in out.values() for t in _flat_outputs(o)]
+    raise ConversionError(f"unsupported model output type {type(out).__name__}")
+
+
+def _onnx_bytes(ep: ExportedProgram, args: tuple[Any, ...], inputs: list[str],
+                outputs: list[str]) -> bytes:  # fmt: skip
+    with tempfile.TemporaryDirectory() as tmp:
+        path = os.path.join(tmp, "model.onnx")
+        program = torch.onnx.export(
+            ep, args, dynamo=True, input_names=inputs, output_names=outputs, verbose=False
+        )
+        if program is None:
+            raise ConversionError("torch.onnx.export produced no program")
+        program.save(path, external_data=False)
+        return Path(path).read_bytes()
+
+
+def _onnx_run(data: bytes, names: list[str], args: tuple[Any, ...]) -> list[np.ndarray]:
+    import onnxruntime as ort
+
+    session = ort.InferenceSession(data, providers=["CPUExecutionProvider"])
+    feeds = {n: a.detach().cpu().numpy() for n, a in zip(names, args)}
+    return session.run(None, feeds)
+
+
+def _versions() -> dict[str, str]:
+    import onnx
+    import onnxruntime
+
+    from dsstream import __version__
+
+    return {
+        "torch": torch.__version__,
+        "engine": __version__,
+        "onnx": onnx.__version__,
+        "onnxruntime": onnxruntime.__version__,
+    }
+
+
+def convert(
+    model: Any,
+    example_inputs: Sequence[Any],
+    dynamic_shapes: Any = None,
+    precision: str = "fp32",
+    output: str | Path = "model.ds",
+    input_names: Sequence[str] | None = None,
+    output_names: Sequence[str] | None = None,
+    backends: Sequence[str] = ("torch", "onnx"),
+    passes: Sequence[str] | None = None,
+    extra: dict[str, Any] | None = None,
+) -> Path:
+    """Convert ``model`` into a ``.ds`` artifact at ``output``.
+
+    ``model``: an ``nn.Module``, an ``ExportedProgram``, or a path to a
+    TorchScript file or a saved ExportedProgram (``.pt2``).
+    ``example_inputs``: positional tensors; ``dynamic_shapes``: as for
+    ``torch.export.export`` (``Dim("T", min=1, max=4000)`` per dynamic dim).
+    ``passes``: graph pass names (default: all, see ``engine.passes``).
+    Returns the artifact path.  Raises :class:`ConversionError`.
+    """
+    from engine.passes import DEFAULT_PASSES, run_passes
+
+    if precision not in PRECISIONS:
+        raise ConversionError(
+            f"precision must be one of {', '.join(PRECISIONS)}, got {precision!r}"
+        )
+    unknown = set(backends) - {"torch", "onnx"}
+    if unknown or not backends:
+        raise ConversionError(f"backends must be among 'torch', 'onnx', got {list(backends)}")
+    args = tuple(example_inputs)
+    source = _load_model(model, args)
+    if isinstance(source, torch.nn.Module):
+        source = source.eval()
+    with torch.no_grad():
+        reference = _flat_outputs(
+            source.module()(*args) if isinstance(source, ExportedProgram) else source(*args)
+        )
+    dtype = PRECISIONS[precision]
+    args_p = _cast_inputs(args, dtype)
+    try:
+        if isinstance(source, ExportedProgram):
+            # The passes rewrite in place; a serialization round trip copies the
+            # caller's program (deepcopy renames placeholders like "input").
+            ep = torch.export.load(io.BytesIO(torch_save_bytes(source)))
+        else:
+            # A copy: casting an nn.Module is in place, and the caller's model stays fp32.
+            module = copy.deepcopy(source).to(dtype) if precision != "fp32" else source
+            ep = torch.export.export(module, args_p, dynamic_shapes=dynamic_shapes, strict=False)
+    except Exception as exc:  # torch.export raises many types; say what failed
+        raise ConversionError(f"torch.export could not capture the model: {exc}") from exc
+    source_hash = _source_hash(source)
+    ep, applied = run_passes(ep, DEFAULT_PASSES if passes is None else passes)
+    names_in = _names(source, len(args), input_names, "input")
+    names_out = _names(source, len(reference), output_names, "output")
+    members: dict[str, bytes] = {}
+    errors: dict[str, dict[str, float]] = {}
+    with torch.no_grad():
+        got = _flat_outputs(ep.module()(*args_p))
+    errors["torch"] = _max_errors(reference, [g.float().numpy() for g in got])
+    if "torch" in backends:
+        members["torch/program.pt2"] = torch_save_bytes(ep)
+    if "onnx" in backends:
+        try:
+            onnx_data = _onnx_bytes(ep, args_p, names_in, names_out)
+        except Exception as exc:
+            raise ConversionError(f"ONNX export failed: {exc}") from exc
+        members["onnx/model.onnx"] = onnx_data
+        errors["onnx"] = _max_errors(reference, _onnx_run(onnx_data, names_in, args_p))
+    labels: dict[str, str] = {}
+    manifest = Manifest(
+        inputs=_specs(ep, names_in, dynamic_shapes, "input", labels),
+        outputs=_specs(ep, names_out, None, "output", labels),
+        precision=precision,
+        backends=tuple(b for b in ("torch", "onnx") if b in backends),
+        source_hash=source_hash,
+        versions=_versions(),
+        conversion_error=errors,
+        passes=tuple(applied),
+        extra=extra or {},
+    )
+    log.info("converted to %s (errors %s)", output, errors)
+    return write_artifact(output, manifest, members)
