@@ -3,8 +3,16 @@ ONNX Runtime and PyTorch backends."""
 
 from engine.artifact import ArtifactError, Manifest, TensorSpec, read_manifest
 from engine.backends import BackendError
+from engine.batching import BatchPlan, BatchPolicy, QueuedRequest, plan
 from engine.convert import PRECISIONS, ConversionError, Dim, convert
-from engine.engine import InferenceEngine, InputError
+from engine.engine import (
+    BatchInfo,
+    DeadlineExceeded,
+    EngineFuture,
+    InferenceEngine,
+    InputError,
+    QueueFull,
+)
 from engine.passes import DEFAULT_PASSES, run_passes
 
 __all__ = [
@@ -14,6 +22,14 @@ __all__ = [
     "ConversionError",
     "InferenceEngine",
     "InputError",
+    "QueueFull",
+    "DeadlineExceeded",
+    "EngineFuture",
+    "BatchInfo",
+    "BatchPolicy",
+    "BatchPlan",
+    "QueuedRequest",
+    "plan",
     "BackendError",
     "ArtifactError",
     "Manifest",

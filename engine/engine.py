@@ -1,20 +1,62 @@
-"""``InferenceEngine``: load a ``.ds`` artifact and run it with input checks."""
+"""``InferenceEngine``: load a ``.ds`` artifact and serve requests, merging
+concurrent ones into batches, with async calls, stats and atomic hot swap."""
 
 from __future__ import annotations
 
+import asyncio
+import itertools
+import threading
+import time
+from concurrent.futures import Future
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
-from typing import Any, Mapping, Sequence
+from typing import Any, Callable, Mapping, Sequence
 
 import numpy as np
 
 from engine.artifact import Manifest, TensorSpec, read_manifest
 from engine.backends import Backend, load_backend
+from engine.batching import BatchPolicy, QueuedRequest, length_bucket, plan
+from engine.stats import EngineStats
 
-__all__ = ["InferenceEngine", "InputError"]
+__all__ = [
+    "InferenceEngine",
+    "InputError",
+    "QueueFull",
+    "DeadlineExceeded",
+    "EngineFuture",
+    "BatchInfo",
+]
 
 
 class InputError(ValueError):
     """Inputs that do not match the artifact's declared names, dtypes or shapes."""
+
+
+class QueueFull(RuntimeError):
+    """The batching queue is at ``max_queue_size``; retry later."""
+
+
+class DeadlineExceeded(TimeoutError):
+    """A request could not start before its deadline."""
+
+
+class EngineFuture(Future):
+    """A ``concurrent.futures.Future``; ``get()`` is the seed API's name for ``result()``."""
+
+    def get(self, timeout: float | None = None) -> dict[str, np.ndarray]:
+        return self.result(timeout)
+
+
+@dataclass(frozen=True)
+class BatchInfo:
+    """What a shape callback sees: padded shapes and each row's true lengths."""
+
+    shapes: dict[str, tuple[int, ...]]  # input name -> padded batch shape
+    lengths: dict[str, list[int]]  # dynamic dim name -> true size per row
+
+
+ShapeCallback = Callable[[BatchInfo], Mapping[str, np.ndarray]]
 
 
 def _as_array(x: Any) -> np.ndarray:
@@ -44,12 +86,46 @@ def check_input(spec: TensorSpec, x: np.ndarray) -> None:
             )
 
 
+@dataclass
+class _Model:
+    """The swappable unit: a loaded backend and its manifest."""
+
+    manifest: Manifest
+    backend: Backend
+    path: str
+
+    @property
+    def batch_dim(self) -> str | None:
+        """The shared leading dynamic dim of every input and output, if any."""
+        firsts = {s.shape[0] if s.shape else None for s in self.manifest.inputs}
+        firsts |= {s.shape[0] if s.shape else None for s in self.manifest.outputs}
+        (only,) = firsts if len(firsts) == 1 else (None,)
+        return only if isinstance(only, str) else None
+
+
+@dataclass
+class _Pending:
+    meta: QueuedRequest
+    arrays: dict[str, np.ndarray]  # user inputs by name
+    future: EngineFuture
+    rows: int
+
+
+@dataclass
+class _Request:
+    arrays: dict[str, np.ndarray]
+    lengths: dict[str, int] = field(default_factory=dict)
+
+
 class InferenceEngine:
     """Run a converted model.
 
-    ``InferenceEngine("model.ds", device="cpu")``; ``backend="auto"`` picks ONNX
-    Runtime on CPU and PyTorch on CUDA.  ``infer`` takes a dict keyed by input
-    name, or positional arrays/tensors, and returns ``{output name: array}``.
+    ``InferenceEngine("model.ds", device="cpu", batch_size=16)``;
+    ``backend="auto"`` picks ONNX Runtime on CPU and PyTorch on CUDA.  With
+    ``batch_size > 1`` (or a ``policy``) and a model whose inputs and outputs
+    share a leading dynamic dim, concurrent requests are merged into one
+    forward pass.  ``infer`` takes a dict keyed by input name, or positional
+    arrays/tensors, and returns ``{output name: array}``.
     """
 
     def __init__(
@@ -58,13 +134,37 @@ class InferenceEngine:
         device: str = "cpu",
         batch_size: int = 1,
         backend: str = "auto",
+        policy: BatchPolicy | None = None,
     ) -> None:
-        self.path = str(model_path)
         self.device = device
-        self.batch_size = batch_size
-        self.manifest: Manifest
-        self.manifest, checksums = read_manifest(self.path)
-        self.backend: Backend = load_backend(self.path, self.manifest, checksums, device, backend)
+        self.backend_choice = backend
+        self.policy = policy or BatchPolicy(max_batch_size=max(1, batch_size))
+        self.batch_size = self.policy.max_batch_size
+        self._model = self._load(str(model_path))
+        self._callback: ShapeCallback | None = None
+        self._stats = EngineStats()
+        self._lock = threading.Lock()
+        self._cond = threading.Condition(self._lock)
+        self._queue: list[_Pending] = []
+        self._ids = itertools.count()
+        self._closed = False
+        self._worker: threading.Thread | None = None
+        self._overlap: dict[str, Any] = {"active": False}
+
+    # -- model --------------------------------------------------------------------
+
+    def _load(self, path: str) -> _Model:
+        manifest, checksums = read_manifest(path)
+        backend = load_backend(path, manifest, checksums, self.device, self.backend_choice)
+        return _Model(manifest, backend, path)
+
+    @property
+    def manifest(self) -> Manifest:
+        return self._model.manifest
+
+    @property
+    def backend(self) -> Backend:
+        return self._model.backend
 
     @property
     def input_names(self) -> list[str]:
@@ -74,28 +174,280 @@ class InferenceEngine:
     def output_names(self) -> list[str]:
         return [s.name for s in self.manifest.outputs]
 
-    def _arrange(self, inputs: Mapping[str, Any] | Sequence[Any] | Any) -> list[np.ndarray]:
-        specs = self.manifest.inputs
+    @property
+    def batching(self) -> bool:
+        return self.policy.max_batch_size > 1 and self._model.batch_dim is not None
+
+    def swap(self, new: InferenceEngine | str | Path) -> None:
+        """Atomically replace the model: running batches finish on the old one,
+        every batch formed afterwards (queued requests included) uses the new one."""
+        model = new._model if isinstance(new, InferenceEngine) else self._load(str(new))
+        old = {(s.name, s.dtype) for s in self._model.manifest.inputs}
+        if {(s.name, s.dtype) for s in model.manifest.inputs} != old:
+            raise ValueError("the new model's inputs differ in names or dtypes; refusing to swap")
+        with self._lock:
+            self._model = model
+        self._stats.swaps += 1
+
+    def register_shape_callback(self, fn: ShapeCallback) -> None:
+        """``fn(BatchInfo) -> {input name: array}`` derives inputs (e.g. masks) per batch."""
+        self._callback = fn
+
+    def enable_overlap(
+        self, compute_stream: Any = None, copy_stream: Any = None, buffer_size: int = 2
+    ) -> bool:
+        """Overlap host-to-device copies with compute on CUDA; on CPU it is accepted
+        and reported inactive in ``stats()``.  Returns whether it is active."""
+        active = self.device.startswith("cuda") and self.backend.name == "torch"
+        self._overlap = {"active": active, "buffer_size": buffer_size}
+        if not active:
+            self._overlap["reason"] = "no CUDA device: host and device memory are the same"
+        return active
+
+    # -- requests -------------------------------------------------------------------
+
+    def _prepare(self, inputs: Mapping[str, Any] | Sequence[Any] | Any) -> dict[str, np.ndarray]:
+        specs = {s.name: s for s in self.manifest.inputs}
         if isinstance(inputs, Mapping):
-            missing = [s.name for s in specs if s.name not in inputs]
-            extra = sorted(set(inputs) - {s.name for s in specs})
-            if missing or extra:
-                raise InputError(
-                    f"inputs must be {self.input_names}; missing {missing}, unexpected {extra}"
-                )
-            arrays = [_as_array(inputs[s.name]) for s in specs]
+            arrays = {k: _as_array(v) for k, v in inputs.items()}
         else:
             seq = list(inputs) if isinstance(inputs, (list, tuple)) else [inputs]
-            if len(seq) != len(specs):
+            if len(seq) > len(specs):
                 raise InputError(
-                    f"expected {len(specs)} input(s) {self.input_names}, got {len(seq)}"
+                    f"expected at most {len(specs)} input(s) {list(specs)}, got {len(seq)}"
                 )
-            arrays = [_as_array(x) for x in seq]
-        for spec, x in zip(specs, arrays):
-            check_input(spec, x)
+            arrays = {name: _as_array(x) for name, x in zip(specs, seq)}
+        extra = sorted(set(arrays) - set(specs))
+        missing = [n for n in specs if n not in arrays]
+        if extra or (missing and self._callback is None):
+            raise InputError(f"inputs must be {list(specs)}; missing {missing}, unexpected {extra}")
+        for name, x in arrays.items():
+            check_input(specs[name], x)
         return arrays
 
-    def infer(self, inputs: Mapping[str, Any] | Sequence[Any] | Any) -> dict[str, np.ndarray]:
-        """Run one request; raises :class:`InputError` for inputs outside the declared specs."""
-        outputs = self.backend.run(self._arrange(inputs))
-        return dict(zip(self.output_names, outputs))
+    def infer(
+        self, inputs: Mapping[str, Any] | Sequence[Any] | Any, deadline_ms: float | None = None
+    ) -> dict[str, np.ndarray]:
+        """Run one request and wait for it; raises :class:`InputError` for bad inputs."""
+        if self.batching:
+            return self.infer_async(inputs, deadline_ms).result()
+        arrays = self._prepare(inputs)
+        t0 = time.monotonic()
+        try:
+            out = self._run([_Request(arrays)], self._model)[0]
+        except Exception:
+            self._stats.record_error()
+            raise
+        t1 = time.monotonic()
+        self._stats.record(0.0, t1 - t0, 1)
+        return out
+
+    def infer_async(
+        self, inputs: Mapping[str, Any] | Sequence[Any] | Any, deadline_ms: float | None = None
+    ) -> EngineFuture:
+        """Submit a request; the future's ``result()`` (or ``get()``) is the output dict."""
+        future = EngineFuture()
+        try:
+            arrays = self._prepare(inputs)
+        except InputError as exc:
+            future.set_exception(exc)
+            return future
+        if not self.batching:
+            self._ensure_worker()
+        now = time.monotonic()
+        deadline = now + deadline_ms / 1000.0 if deadline_ms is not None else None
+        with self._cond:
+            if self._closed:
+                raise RuntimeError("engine is closed")
+            if len(self._queue) >= self.policy.max_queue_size:
+                self._stats.record_error()
+                raise QueueFull(
+                    f"engine queue is full ({self.policy.max_queue_size} requests); retry later"
+                )
+            meta = QueuedRequest(next(self._ids), now, self._key(arrays), deadline)
+            rows = next(iter(arrays.values())).shape[0] if arrays else 1
+            self._queue.append(_Pending(meta, arrays, future, rows))
+            self._cond.notify()
+        self._ensure_worker()
+        return future
+
+    async def ainfer(
+        self, inputs: Mapping[str, Any] | Sequence[Any] | Any, deadline_ms: float | None = None
+    ) -> dict[str, np.ndarray]:
+        """``await engine.ainfer(inputs)``: the async form of :meth:`infer`."""
+        return await asyncio.wrap_future(self.infer_async(inputs, deadline_ms))
+
+    def _key(self, arrays: dict[str, np.ndarray]) -> tuple[Any, ...]:
+        """Requests with equal keys can share a batch."""
+        if not self.batching:
+            return ("solo", next(self._ids))  # unbatched: every request alone
+        specs = {s.name: s for s in self.manifest.inputs}
+        key = []
+        for name in sorted(arrays):
+            spec, x = specs[name], arrays[name]
+            dims = []
+            for want, size in zip(spec.shape[1:], x.shape[1:]):
+                padded = isinstance(want, str) and self.policy.pad
+                dims.append(
+                    ("b", length_bucket(size, self.policy.bucket_ratio)) if padded else size
+                )
+            key.append((name, tuple(dims)))
+        return tuple(key)
+
+    # -- worker ---------------------------------------------------------------------
+
+    def _ensure_worker(self) -> None:
+        if self._worker is None or not self._worker.is_alive():
+            with self._lock:
+                if self._worker is None or not self._worker.is_alive():
+                    self._worker = threading.Thread(
+                        target=self._loop, name="engine-batcher", daemon=True
+                    )
+                    self._worker.start()
+
+    def _loop(self) -> None:
+        while True:
+            with self._cond:
+                # Unbatchable models still queue (for infer_async) but never wait for company.
+                policy = (
+                    self.policy
+                    if self.batching
+                    else replace(self.policy, max_batch_size=1, preferred_batch_sizes=())
+                )
+                while True:
+                    if self._closed and not self._queue:
+                        return
+                    decision = plan([p.meta for p in self._queue], time.monotonic(), policy)
+                    if decision.batches or decision.expired:
+                        break
+                    self._cond.wait(decision.wait_s)
+                by_id = {p.meta.id: p for p in self._queue}
+                taken = set(decision.expired) | {i for b in decision.batches for i in b}
+                self._queue = [p for p in self._queue if p.meta.id not in taken]
+                model = self._model  # the model every batch of this plan runs on
+                self._stats.queue_depth = len(self._queue)
+            for i in decision.expired:
+                by_id[i].future.set_exception(
+                    DeadlineExceeded("the request's deadline passed before it could run")
+                )
+                self._stats.record_error()
+            for batch in decision.batches:
+                self._execute([by_id[i] for i in batch], model)
+
+    def _execute(self, batch: list[_Pending], model: _Model) -> None:
+        started = time.monotonic()
+        live = [p for p in batch if p.future.set_running_or_notify_cancel()]
+        if not live:
+            return
+        try:
+            outs = self._run([_Request(p.arrays) for p in live], model)
+        except Exception as exc:
+            for p in live:
+                p.future.set_exception(exc)
+                self._stats.record_error()
+            return
+        done = time.monotonic()
+        for p, out in zip(live, outs):
+            self._stats.record(started - p.meta.arrival_s, done - started, len(live))
+            p.future.set_result(out)
+
+    # -- batch assembly ----------------------------------------------------------------
+
+    def _run(self, requests: list[_Request], model: _Model) -> list[dict[str, np.ndarray]]:
+        """Pad, stack, derive callback inputs, run once, unstack and unpad."""
+        manifest = model.manifest
+        specs = {s.name: s for s in manifest.inputs}
+        given = [n for n in specs if n in requests[0].arrays]
+        padded_dims: dict[str, int] = {}  # dim name -> batch max
+        for req in requests:
+            for name in given:
+                for want, size in zip(specs[name].shape[1:], req.arrays[name].shape[1:]):
+                    if isinstance(want, str):
+                        req.lengths[want] = size
+                        padded_dims[want] = max(padded_dims.get(want, 0), size)
+        feeds: dict[str, np.ndarray] = {}
+        for name in given:
+            parts = [_pad(r.arrays[name], specs[name], padded_dims) for r in requests]
+            feeds[name] = parts[0] if len(parts) == 1 else np.concatenate(parts, axis=0)
+        rows = [next(iter(r.arrays.values())).shape[0] for r in requests]
+        if self._callback is not None:
+            lengths = {d: [r.lengths[d] for r, n in zip(requests, rows) for _ in range(n)]
+                       for d in padded_dims}  # fmt: skip
+            shapes = {n: tuple(a.shape) for n, a in feeds.items()}
+            for name, value in self._callback(BatchInfo(shapes, lengths)).items():
+                if name not in specs:
+                    raise InputError(f"shape callback returned unknown input {name!r}")
+                arr = _as_array(value)
+                check_input(specs[name], arr)
+                feeds[name] = arr
+        missing = [n for n in specs if n not in feeds]
+        if missing:
+            raise InputError(f"inputs {missing} are missing (neither given nor derived)")
+        outputs = model.backend.run([feeds[s.name] for s in manifest.inputs])
+        return self._split(outputs, manifest.outputs, requests, rows, len(requests) > 1)
+
+    @staticmethod
+    def _split(
+        outputs: list[np.ndarray],
+        specs: Sequence[TensorSpec],
+        requests: list[_Request],
+        rows: list[int],
+        batched: bool,
+    ) -> list[dict[str, np.ndarray]]:
+        results: list[dict[str, np.ndarray]] = [{} for _ in requests]
+        offsets = np.cumsum([0, *rows])
+        for spec, out in zip(specs, outputs):
+            for i, req in enumerate(requests):
+                part = out[offsets[i] : offsets[i + 1]] if batched else out
+                index = tuple(
+                    slice(0, req.lengths[d])
+                    if isinstance(d, str) and d in req.lengths
+                    else slice(None)
+                    for d in spec.shape[1:]
+                )
+                results[i][spec.name] = np.ascontiguousarray(part[(slice(None), *index)])
+        return results
+
+    # -- observability and lifecycle ----------------------------------------------------
+
+    def stats(self) -> dict[str, Any]:
+        """Latency percentiles (queue, compute, total), throughput, batch sizes, errors."""
+        with self._lock:
+            depth = len(self._queue)
+        snapshot = self._stats.snapshot()
+        snapshot.update(
+            queue_depth=depth,
+            batching=self.batching,
+            policy=asdict(self.policy),
+            backend=self.backend.name,
+            device=self.device,
+            overlap=dict(self._overlap),
+        )
+        return snapshot
+
+    def prometheus(self) -> Any:
+        """A Prometheus collector of this engine's stats (for the server's /metrics)."""
+        return self._stats.collector(lambda: len(self._queue))
+
+    def close(self) -> None:
+        """Finish queued requests, then stop the worker."""
+        with self._cond:
+            self._closed = True
+            self._cond.notify_all()
+        if self._worker is not None:
+            self._worker.join()
+
+    def __enter__(self) -> InferenceEngine:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+
+def _pad(x: np.ndarray, spec: TensorSpec, targets: dict[str, int]) -> np.ndarray:
+    widths = [(0, 0)]
+    for want, size in zip(spec.shape[1:], x.shape[1:]):
+        widths.append((0, targets[want] - size) if isinstance(want, str) else (0, 0))
+    if all(w == (0, 0) for w in widths):
+        return x
+    return np.pad(x, widths)

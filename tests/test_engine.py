@@ -160,7 +160,7 @@ def test_auto_backend_is_onnx_on_cpu(artifact):
         ({"x": np.zeros((2, 10, 16), np.float64)}, "must be float32, got float64"),
         ({"x": np.zeros((10, 16), np.float32)}, "must have 3 dims"),
         ({"y": np.zeros((2, 10, 16), np.float32)}, r"missing \['x'\], unexpected \['y'\]"),
-        ([np.zeros((1, 4, 16), np.float32)] * 2, "expected 1 input"),
+        ([np.zeros((1, 4, 16), np.float32)] * 2, "expected at most 1 input"),
     ],
 )
 def test_inputs_outside_the_declared_specs_are_clear_errors(artifact, inputs, match):

@@ -1,0 +1,288 @@
+"""Dynamic batching: the pure scheduler with exact plans, then the engine
+under concurrent load (batched == unbatched), masks from shape callbacks,
+queue limits, deadlines, async forms, stats and hot swap."""
+
+import asyncio
+import threading
+import time
+
+import numpy as np
+import pytest
+import torch
+from torch.export import Dim
+
+from engine import (
+    BatchPolicy,
+    DeadlineExceeded,
+    InferenceEngine,
+    QueuedRequest,
+    QueueFull,
+    convert,
+    plan,
+)
+from engine.batching import length_bucket
+
+P = BatchPolicy(max_batch_size=4, max_queue_delay_ms=10.0)
+
+
+def q(i, t, key="a", deadline=None):
+    return QueuedRequest(i, t, key, deadline)
+
+
+def test_plan_sends_full_batches_at_once_oldest_first():
+    queue = [q(i, 0.0) for i in range(9)]
+    out = plan(queue, 0.001, P)
+    assert out.batches == ((0, 1, 2, 3), (4, 5, 6, 7))
+    assert out.expired == () and out.wait_s == pytest.approx(0.009)
+
+
+def test_plan_waits_for_company_then_sends_what_it_has():
+    queue = [q(0, 0.0), q(1, 0.004)]
+    assert plan(queue, 0.005, P).batches == ()
+    assert plan(queue, 0.005, P).wait_s == pytest.approx(0.005)
+    assert plan(queue, 0.0101, P).batches == ((0, 1),)
+
+
+def test_plan_groups_by_key_and_prefers_sizes():
+    policy = BatchPolicy(max_batch_size=8, max_queue_delay_ms=50.0, preferred_batch_sizes=(2, 4))
+    queue = [q(0, 0.0, "x"), q(1, 0.0, "y"), q(2, 0.001, "x"), q(3, 0.002, "x")]
+    out = plan(queue, 0.003, policy)
+    assert out.batches == ((0, 2),)  # "x" reached preferred size 2; its third waits
+    assert out.wait_s == pytest.approx(0.047)  # "y", waiting since 0.0, is due first
+
+
+def test_plan_expires_requests_past_their_deadline():
+    queue = [q(0, 0.0, deadline=0.002), q(1, 0.0, deadline=0.5), q(2, 0.001)]
+    out = plan(queue, 0.003, P)
+    assert out.expired == (0,) and out.batches == ()
+    assert out.wait_s == pytest.approx(0.007)
+    assert plan(queue, 0.011, P).batches == ((1, 2),)
+
+
+def test_plan_on_empty_queue_waits_for_arrivals():
+    assert plan([], 1.0, P).wait_s is None
+
+
+def test_length_buckets():
+    assert [length_bucket(n, 1.25) for n in (1, 2, 3, 4, 5)] == [1, 2, 3, 4, 5]
+    buckets = {}
+    for n in range(1, 2000):
+        buckets.setdefault(length_bucket(n, 1.25), []).append(n)
+    for bucket, lengths in buckets.items():
+        assert max(lengths) <= bucket and max(lengths) / min(lengths) <= 1.25 + 1e-9
+    assert len(buckets) < 40  # few buckets, so batches fill
+    assert length_bucket(37, 1.0) == 37
+
+
+@pytest.mark.parametrize("bad", [{"max_batch_size": 0}, {"preferred_batch_sizes": (17,)},
+                                 {"max_queue_delay_ms": -1}, {"bucket_ratio": 0.5}])  # fmt: skip
+def test_policy_validation(bad):
+    with pytest.raises(ValueError):
+        BatchPolicy(**bad)
+
+
+class PerFrame(torch.nn.Module):
+    """Frame-wise MLP: padding along T cannot change the valid frames."""
+
+    def __init__(self):
+        super().__init__()
+        self.net = torch.nn.Sequential(
+            torch.nn.Linear(12, 24), torch.nn.GELU(), torch.nn.Linear(24, 5)
+        )
+
+    def forward(self, x):  # [batch, T, 12] -> [batch, T, 5]
+        return self.net(x)
+
+
+class MaskedMean(torch.nn.Module):
+    """Mean over valid frames: needs the mask a shape callback derives."""
+
+    def __init__(self):
+        super().__init__()
+        self.proj = torch.nn.Linear(12, 3)
+
+    def forward(self, x, mask):  # x [batch, T, 12], mask [batch, T] float
+        y = self.proj(x) * mask[..., None]
+        return y.sum(1) / mask.sum(1, keepdim=True)
+
+
+DYN = {0: Dim("batch", min=1, max=64), 1: Dim("T", min=1, max=300)}
+
+
+@pytest.fixture(scope="module")
+def per_frame(tmp_path_factory):
+    torch.manual_seed(1)
+    model = PerFrame().eval()
+    path = tmp_path_factory.mktemp("b") / "pf.ds"
+    convert(model, (torch.randn(2, 10, 12),), dynamic_shapes=(DYN,), output=path)
+    return model, path
+
+
+def _requests(n, seed=0):
+    rng = np.random.default_rng(seed)
+    return [rng.standard_normal((1, int(rng.integers(1, 200)), 12)).astype(np.float32)
+            for _ in range(n)]  # fmt: skip
+
+
+def test_concurrent_requests_are_batched_and_equal_unbatched(per_frame):
+    model, path = per_frame
+    requests = _requests(64)
+    engine = InferenceEngine(path, policy=BatchPolicy(max_batch_size=16, max_queue_delay_ms=20))
+    assert engine.batching
+    results = [None] * len(requests)
+
+    def client(i):
+        results[i] = engine.infer({"x": requests[i]})["output_0"]
+
+    threads = [threading.Thread(target=client, args=(i,)) for i in range(len(requests))]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    stats = engine.stats()
+    engine.close()
+    assert stats["requests"] == 64 and stats["errors"] == 0
+    assert max(stats["batch_size_histogram"]) > 1  # really batched
+    model64 = PerFrame().double()
+    model64.load_state_dict(model.state_dict())
+    for x, y in zip(requests, results):
+        ref = model64(torch.from_numpy(x).double()).detach().numpy()
+        eager = model(torch.from_numpy(x)).detach().numpy()
+        assert y.shape == ref.shape  # unpadded back to the request's length
+        assert np.abs(y - ref).max() <= 4 * np.abs(eager - ref).max() + 1e-6
+
+
+def test_shape_callback_supplies_masks_for_padded_batches(tmp_path):
+    torch.manual_seed(2)
+    model = MaskedMean().eval()
+    path = tmp_path / "mm.ds"
+    example = (torch.randn(2, 10, 12), torch.ones(2, 10))
+    convert(model, example, dynamic_shapes=(DYN, {0: DYN[0], 1: DYN[1]}), output=path)
+    engine = InferenceEngine(path, policy=BatchPolicy(max_batch_size=8, max_queue_delay_ms=50))
+
+    def masks(info):
+        t = info.shapes["x"][1]
+        return {"mask": np.array([[1.0] * n + [0.0] * (t - n) for n in info.lengths["T"]],
+                                 dtype=np.float32)}  # fmt: skip
+
+    engine.register_shape_callback(masks)
+    requests = _requests(8, seed=3)
+    futures = [engine.infer_async({"x": x}) for x in requests]
+    outs = [f.get(timeout=30)["output_0"] for f in futures]
+    assert max(engine.stats()["batch_size_histogram"]) > 1
+    engine.close()
+    for x, y in zip(requests, outs):
+        ref = model(torch.from_numpy(x), torch.ones(1, x.shape[1])).detach().numpy()
+        assert np.allclose(y, ref, atol=1e-5)
+
+
+def test_full_queue_rejects_and_deadlines_expire(per_frame):
+    _, path = per_frame
+    engine = InferenceEngine(
+        path, policy=BatchPolicy(max_batch_size=8, max_queue_delay_ms=300, max_queue_size=3)
+    )
+    x = _requests(1)[0]
+    expiring = engine.infer_async({"x": x}, deadline_ms=20)
+    engine.infer_async({"x": x})
+    engine.infer_async({"x": x})
+    with pytest.raises(QueueFull, match="full"):
+        engine.infer_async({"x": x})
+    with pytest.raises(DeadlineExceeded):
+        expiring.result(timeout=5)
+    engine.close()
+    assert engine.stats()["errors"] == 2
+
+
+def test_async_forms(per_frame):
+    model, path = per_frame
+    engine = InferenceEngine(path, batch_size=4)
+    x = _requests(1)[0]
+    expected = model(torch.from_numpy(x)).detach().numpy()
+
+    async def main():
+        outs = await asyncio.gather(*(engine.ainfer([x]) for _ in range(6)))
+        return [o["output_0"] for o in outs]
+
+    for y in asyncio.run(main()):
+        assert np.allclose(y, expected, atol=1e-5)
+    assert np.allclose(engine.infer_async({"x": x}).get(timeout=10)["output_0"], expected,
+                       atol=1e-5)  # fmt: skip
+    bad = engine.infer_async({"x": x.astype(np.float64)})
+    with pytest.raises(ValueError, match="float32"):
+        bad.result(timeout=5)
+    engine.close()
+
+
+def _affine_artifact(tmp_path, offset):
+    model = torch.nn.Linear(4, 4)
+    with torch.no_grad():
+        model.weight.copy_(torch.eye(4))
+        model.bias.fill_(offset)
+    path = tmp_path / f"plus{offset}.ds"
+    convert(model.eval(), (torch.zeros(2, 4),), dynamic_shapes=({0: Dim("batch", max=64)},),
+            output=path)  # fmt: skip
+    return path
+
+
+def test_hot_swap_under_load_loses_nothing(tmp_path):
+    a, b = _affine_artifact(tmp_path, 1.0), _affine_artifact(tmp_path, 2.0)
+    engine = InferenceEngine(a, policy=BatchPolicy(max_batch_size=8, max_queue_delay_ms=1))
+    new = InferenceEngine(b)
+    stop = threading.Event()
+    seen, failures = [], []
+
+    def client():
+        x = np.zeros((1, 4), np.float32)
+        while not stop.is_set():
+            try:
+                seen.append(float(engine.infer([x])["output_0"][0, 0]))
+            except Exception as exc:  # pragma: no cover - the test fails on any
+                failures.append(exc)
+
+    threads = [threading.Thread(target=client) for _ in range(8)]
+    for t in threads:
+        t.start()
+
+    def wait_for(n):
+        give_up = time.monotonic() + 60
+        while len(seen) < n and not failures and time.monotonic() < give_up:
+            time.sleep(0.005)
+
+    wait_for(200)
+    engine.swap(new)
+    after = float(engine.infer([np.zeros((1, 4), np.float32)])["output_0"][0, 0])
+    wait_for(len(seen) + 200)
+    stop.set()
+    for t in threads:
+        t.join()
+    engine.close()
+    assert not failures
+    assert set(seen) == {1.0, 2.0} and after == 2.0
+    assert engine.stats()["swaps"] == 1
+    with pytest.raises(ValueError, match="differ"):
+        engine.swap(_mismatched(tmp_path))
+
+
+def _mismatched(tmp_path):
+    path = tmp_path / "other.ds"
+    convert(torch.nn.Linear(4, 4).eval(), (torch.zeros(1, 4),), input_names=["y"], output=path)
+    return path
+
+
+def test_stats_prometheus_and_overlap(per_frame):
+    from prometheus_client import CollectorRegistry, generate_latest
+
+    _, path = per_frame
+    engine = InferenceEngine(path, batch_size=4)
+    for x in _requests(5):
+        engine.infer({"x": x})
+    stats = engine.stats()
+    assert stats["requests"] == 5 and stats["latency"]["total"]["p50_ms"] > 0
+    assert set(stats["latency"]) == {"queue", "compute", "total"}
+    assert engine.enable_overlap(buffer_size=4) is False
+    assert engine.stats()["overlap"]["active"] is False
+    registry = CollectorRegistry()
+    registry.register(engine.prometheus())
+    text = generate_latest(registry).decode()
+    assert "engine_requests_total 5.0" in text and "engine_queue_depth 0.0" in text
+    engine.close()
