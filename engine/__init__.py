@@ -14,6 +14,8 @@ from engine.engine import (
     QueueFull,
 )
 from engine.passes import DEFAULT_PASSES, run_passes
+from engine.pipeline import Pipeline
+from engine.seed import EngineMonitor, ModelConverter
 
 __all__ = [
     "convert",
@@ -37,4 +39,7 @@ __all__ = [
     "read_manifest",
     "run_passes",
     "DEFAULT_PASSES",
+    "Pipeline",
+    "ModelConverter",
+    "EngineMonitor",
 ]

@@ -74,6 +74,9 @@ EXPECTED = {
         "BatchPlan",
         "QueuedRequest",
         "plan",
+        "Pipeline",
+        "ModelConverter",
+        "EngineMonitor",
     },
     "dsstream.lm": {
         "NGramModel",
@@ -122,6 +125,8 @@ def test_all_is_exact_and_resolves(module):
         "engine.engine",
         "engine.passes",
         "engine.stats",
+        "engine.seed",
+        "engine.pipeline",
     ],
 )
 def test_every_module_declares_a_resolvable_all(module):

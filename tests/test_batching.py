@@ -286,3 +286,87 @@ def test_stats_prometheus_and_overlap(per_frame):
     text = generate_latest(registry).decode()
     assert "engine_requests_total 5.0" in text and "engine_queue_depth 0.0" in text
     engine.close()
+
+
+# -- seed APIs and multi-stage pipelines -----------------------------------------------
+
+
+def test_model_converter_seed_api(tmp_path):
+    from engine import ModelConverter
+
+    model = torch.nn.Sequential(torch.nn.Linear(6, 3)).eval()
+    x = torch.randn(2, 6)
+    ts = tmp_path / "bert.pt"
+    torch.jit.trace(model, (x,)).save(str(ts))
+    converter = ModelConverter(input_model=str(ts), output_format="ds-engine", example_inputs=(x,),
+                               output=tmp_path / "bert.ds")  # fmt: skip
+    path = converter.convert(quantize=False, precision="fp32")
+    assert np.allclose(InferenceEngine(path).infer([x])["output_0"], model(x).detach(), atol=1e-5)
+    with pytest.raises(NotImplementedError, match="quantization"):
+        converter.convert(quantize=True, precision="fp16")
+    with pytest.raises(ValueError, match="ds-engine"):
+        ModelConverter(input_model=str(ts), output_format="tflite", example_inputs=(x,))
+
+
+def test_engine_monitor(per_frame):
+    from engine import EngineMonitor
+
+    _, path = per_frame
+    engine = InferenceEngine(path)
+    stop = threading.Event()
+
+    def load():
+        x = _requests(1)[0]
+        while not stop.is_set():
+            engine.infer({"x": x})
+
+    t = threading.Thread(target=load)
+    t.start()
+    sample = EngineMonitor(engine, metrics=["latency", "throughput", "gpu_util"]).collect(0.3)
+    stop.set()
+    t.join()
+    assert sample["throughput_rps"] > 0 and sample["latency"]["total"]["p50_ms"] > 0
+    assert sample["gpu_util"] == "unavailable" or isinstance(sample["gpu_util"], float)
+    with pytest.raises(ValueError, match="unknown metric"):
+        EngineMonitor(engine, metrics=["vibes"])
+
+
+def _stage(tmp_path, name, fn, dims):
+    class Stage(torch.nn.Module):
+        def forward(self, x):
+            return fn(x)
+
+    path = tmp_path / f"{name}.ds"
+    convert(Stage().eval(), (torch.randn(2, dims),), dynamic_shapes=({0: Dim("batch", max=64)},),
+            output=path)  # fmt: skip
+    return InferenceEngine(path)
+
+
+def test_pipeline_stages_run_concurrently_and_match_sequential(tmp_path):
+    from engine import Pipeline
+
+    enc = _stage(tmp_path, "enc", lambda x: torch.tanh(x) * 2, 5)
+    dec = _stage(tmp_path, "dec", lambda x: x.sum(-1, keepdim=True), 5)
+    stages: list[int] = []  # which stage ran, in order: the interleaving
+    for i, engine in enumerate((enc, dec)):
+        original = engine.infer
+
+        def traced(inputs, _i=i, _orig=original):
+            stages.append(_i)
+            return _orig(inputs)
+
+        engine.infer = traced
+    rng = np.random.default_rng(0)
+    batches = [{"x": rng.standard_normal((3, 5)).astype(np.float32)} for _ in range(12)]
+    pipe = Pipeline([enc, dec], device_map=["cpu", "cpu"], memory_efficient=True)
+    results = list(pipe.run(batches))
+    assert len(results) == 12
+    for b, r in zip(batches, results):
+        expected = (np.tanh(b["x"]) * 2).sum(-1, keepdims=True)
+        assert np.allclose(r["output_0"], expected, atol=1e-5) and list(r) == ["output_0"]
+    # Concurrency: stage 0 started a later batch before stage 1 finished all earlier ones.
+    assert stages != sorted(stages)
+    kept = Pipeline([enc, dec], memory_efficient=False).infer(batches[0])
+    assert set(kept) == {"stage0.output_0", "stage1.output_0", "output_0"}
+    with pytest.raises(ValueError, match="device_map"):
+        Pipeline([enc, dec], device_map=["cpu", "cuda:0"])
