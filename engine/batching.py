@@ -27,7 +27,9 @@ __all__ = ["BatchPolicy", "QueuedRequest", "BatchPlan", "plan", "length_bucket"]
 @dataclass(frozen=True)
 class BatchPolicy:
     max_batch_size: int = 16  # requests per forward pass
-    max_queue_delay_ms: float = 2.0  # longest a request waits for company
+    # Longest a request waits for company.  0 (as Triton's default): run as soon as
+    # the worker is free, so batches grow with load; measured best on this CPU.
+    max_queue_delay_ms: float = 0.0
     preferred_batch_sizes: tuple[int, ...] = ()  # sizes worth sending at once
     max_queue_size: int = 1024  # a full queue rejects new requests
     pad: bool = True  # pad dynamic non-batch dims within a length bucket
