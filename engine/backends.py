@@ -45,13 +45,16 @@ class OnnxBackend:
 class TorchBackend:
     name = "torch"
 
-    def __init__(self, data: bytes, device: str = "cpu") -> None:
+    def __init__(self, data: bytes, device: str = "cpu", compile: bool = False) -> None:
         import torch
 
         self.torch = torch
         self.device = torch.device(device)
         program = torch.export.load(io.BytesIO(data))
-        self.module = program.module().to(self.device)
+        module = program.module().to(self.device)
+        # torch.compile (Inductor) recompiles per new dynamic shape range at first
+        # use, so it pays for long-running services, not one-off calls.
+        self.module = torch.compile(module, dynamic=True) if compile else module
 
     def run(self, inputs: list[np.ndarray]) -> list[np.ndarray]:
         torch = self.torch
@@ -80,12 +83,21 @@ def _check_device(device: str) -> None:
 
 
 def load_backend(
-    path: str, manifest: Manifest, checksums: dict[str, str], device: str, backend: str
+    path: str,
+    manifest: Manifest,
+    checksums: dict[str, str],
+    device: str,
+    backend: str,
+    compile: bool = False,
 ) -> Backend:
-    """The backend for ``device``; ``backend="auto"``: ONNX Runtime on CPU, PyTorch on CUDA."""
+    """The backend for ``device``; ``backend="auto"``: ONNX Runtime on CPU, PyTorch on CUDA.
+
+    ``compile`` applies ``torch.compile`` to the PyTorch backend.
+    """
     _check_device(device)
     if backend == "auto":
-        backend = "onnx" if device == "cpu" and "onnx" in manifest.backends else "torch"
+        cpu_onnx = device == "cpu" and "onnx" in manifest.backends and not compile
+        backend = "onnx" if cpu_onnx else "torch"
     if backend not in ("onnx", "torch"):
         raise BackendError(f"backend must be 'auto', 'onnx' or 'torch', got {backend!r}")
     if backend not in manifest.backends:
@@ -96,4 +108,4 @@ def load_backend(
         if device != "cpu":
             raise BackendError("the ONNX Runtime backend runs on CPU here; use backend='torch'")
         return OnnxBackend(read_member(path, "onnx/model.onnx", checksums))
-    return TorchBackend(read_member(path, "torch/program.pt2", checksums), device)
+    return TorchBackend(read_member(path, "torch/program.pt2", checksums), device, compile)

@@ -135,9 +135,11 @@ class InferenceEngine:
         batch_size: int = 1,
         backend: str = "auto",
         policy: BatchPolicy | None = None,
+        compile: bool = False,
     ) -> None:
         self.device = device
         self.backend_choice = backend
+        self.compile = compile
         self.policy = policy or BatchPolicy(max_batch_size=max(1, batch_size))
         self.batch_size = self.policy.max_batch_size
         self._model = self._load(str(model_path))
@@ -155,7 +157,9 @@ class InferenceEngine:
 
     def _load(self, path: str) -> _Model:
         manifest, checksums = read_manifest(path)
-        backend = load_backend(path, manifest, checksums, self.device, self.backend_choice)
+        backend = load_backend(
+            path, manifest, checksums, self.device, self.backend_choice, self.compile
+        )
         return _Model(manifest, backend, path)
 
     @property

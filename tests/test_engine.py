@@ -245,3 +245,28 @@ def test_fp16_and_bad_conversion_arguments(tmp_path):
         convert(model, (x,), precision="int4", output=tmp_path / "q.ds")
     with pytest.raises(ConversionError, match="backends"):
         convert(model, (x,), backends=("tensorrt",), output=tmp_path / "q.ds")
+
+
+def test_torch_compile_option_matches_eager(tmp_path):
+    torch.manual_seed(3)
+    model = torch.nn.Sequential(torch.nn.Linear(8, 16), torch.nn.GELU(), torch.nn.Linear(16, 4))
+    model.eval()
+    path = convert(model, (torch.randn(2, 8),), dynamic_shapes=({0: Dim("batch", max=64)},),
+                   output=tmp_path / "c.ds")  # fmt: skip
+    engine = InferenceEngine(path, compile=True)
+    assert engine.backend.name == "torch"  # compile implies the PyTorch backend
+    for rows in (1, 5, 33):
+        x = torch.randn(rows, 8)
+        err, eager_err = _error_vs_float64(model, x, lambda t: engine.infer([t])["output_0"])
+        assert err <= 4 * eager_err + 1e-6
+
+
+def test_engine_metrics_reach_the_server_exposition(artifact):
+    from dsstream.metrics import ServerMetrics
+
+    engine = InferenceEngine(artifact[1])
+    engine.infer([np.zeros((1, 4, 16), np.float32)])
+    metrics = ServerMetrics()
+    metrics.include(engine.prometheus())
+    text = metrics.exposition().decode()
+    assert "engine_requests_total 1.0" in text and "dsstream_sessions_active" in text

@@ -102,7 +102,9 @@ def _compare(name: str, model: torch.nn.Module, tmp: Path) -> None:
     model.eval()
     x = torch.randn(1, FRAMES, 80)
     dyn = ({0: Dim("batch", min=1, max=64), 1: Dim("T", min=16, max=3000)},)
-    path = convert(model, (torch.randn(2, FRAMES, 80),), dynamic_shapes=dyn, output=tmp / f"{name}.ds")
+    path = convert(
+        model, (torch.randn(2, FRAMES, 80),), dynamic_shapes=dyn, output=tmp / f"{name}.ds"
+    )
     manifest, checksums = read_manifest(path)
     params = sum(p.numel() for p in model.parameters()) / 1e6
     raw = ort.InferenceSession(read_member(path, "onnx/model.onnx", checksums),
