@@ -200,13 +200,20 @@ class InferenceEngine:
     def enable_overlap(
         self, compute_stream: Any = None, copy_stream: Any = None, buffer_size: int = 2
     ) -> bool:
-        """Overlap host-to-device copies with compute on CUDA; on CPU it is accepted
-        and reported inactive in ``stats()``.  Returns whether it is active."""
-        active = self.device.startswith("cuda") and self.backend.name == "torch"
-        self._overlap = {"active": active, "buffer_size": buffer_size}
-        if not active:
+        """Overlap host-to-device copies with compute (pinned buffers, two CUDA
+        streams).  Accepted everywhere and reported in ``stats()``; returns
+        whether it is active.
+
+        NOTE: the CUDA copy/compute overlap itself is not built yet (it needs a
+        GPU to develop and test), so this reports inactive on every device and
+        says why, rather than claiming an overlap that does not happen.
+        """
+        self._overlap = {"active": False, "buffer_size": buffer_size}
+        if self.device.startswith("cuda"):
+            self._overlap["reason"] = "CUDA copy/compute overlap is not implemented yet"
+        else:
             self._overlap["reason"] = "no CUDA device: host and device memory are the same"
-        return active
+        return False
 
     # -- requests -------------------------------------------------------------------
 
