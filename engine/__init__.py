@@ -16,6 +16,14 @@ from engine.engine import (
 from engine.passes import DEFAULT_PASSES, run_passes
 from engine.pipeline import Pipeline
 from engine.seed import EngineMonitor, ModelConverter
+from engine.sessions import (
+    SessionClosed,
+    SessionError,
+    SessionEvicted,
+    SessionPoolFull,
+    StateSpec,
+    StreamSession,
+)
 
 __all__ = [
     "convert",
@@ -42,4 +50,10 @@ __all__ = [
     "Pipeline",
     "ModelConverter",
     "EngineMonitor",
+    "StateSpec",
+    "StreamSession",
+    "SessionError",
+    "SessionPoolFull",
+    "SessionClosed",
+    "SessionEvicted",
 ]

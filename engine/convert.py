@@ -214,6 +214,7 @@ def convert(
     backends: Sequence[str] = ("torch", "onnx"),
     passes: Sequence[str] | None = None,
     extra: dict[str, Any] | None = None,
+    state: Sequence[Any] = (),
 ) -> Path:
     """Convert ``model`` into a ``.ds`` artifact at ``output``.
 
@@ -222,6 +223,8 @@ def convert(
     ``example_inputs``: positional tensors; ``dynamic_shapes``: as for
     ``torch.export.export`` (``Dim("T", min=1, max=4000)`` per dynamic dim).
     ``passes``: graph pass names (default: all, see ``engine.passes``).
+    ``state``: :class:`engine.sessions.StateSpec` entries for a streaming model
+    whose state tensors are explicit inputs and outputs.
     Returns the artifact path.  Raises :class:`ConversionError`.
     """
     from engine.passes import DEFAULT_PASSES, run_passes
@@ -284,5 +287,12 @@ def convert(
         passes=tuple(applied),
         extra=extra or {},
     )
+    if state:
+        from dataclasses import asdict, replace
+
+        from engine.sessions import validate_state
+
+        validate_state(manifest, state)
+        manifest = replace(manifest, extra={**manifest.extra, "state": [asdict(s) for s in state]})
     log.info("converted to %s (errors %s)", output, errors)
     return write_artifact(output, manifest, members)

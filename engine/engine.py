@@ -17,6 +17,13 @@ import numpy as np
 from engine.artifact import Manifest, TensorSpec, read_manifest
 from engine.backends import Backend, load_backend
 from engine.batching import BatchPolicy, QueuedRequest, length_bucket, plan
+from engine.sessions import (
+    SessionError,
+    SessionEvicted,
+    SessionPool,
+    StreamSession,
+    state_specs,
+)
 from engine.stats import EngineStats
 
 __all__ = [
@@ -109,6 +116,7 @@ class _Pending:
     arrays: dict[str, np.ndarray]  # user inputs by name
     future: EngineFuture
     rows: int
+    model: _Model | None = None  # pinned (a session's model), or None: the current one
 
 
 @dataclass
@@ -136,6 +144,8 @@ class InferenceEngine:
         backend: str = "auto",
         policy: BatchPolicy | None = None,
         compile: bool = False,
+        session_pool_bytes: int = 256 << 20,
+        session_idle_timeout_s: float = 300.0,
     ) -> None:
         self.device = device
         self.backend_choice = backend
@@ -152,6 +162,9 @@ class InferenceEngine:
         self._closed = False
         self._worker: threading.Thread | None = None
         self._overlap: dict[str, Any] = {"active": False}
+        self.sessions = SessionPool(session_pool_bytes, session_idle_timeout_s)
+        self._open: dict[int, StreamSession] = {}
+        self._checkpoint = "kv_cache"
 
     # -- model --------------------------------------------------------------------
 
@@ -192,6 +205,54 @@ class InferenceEngine:
         with self._lock:
             self._model = model
         self._stats.swaps += 1
+
+    # -- streaming sessions ------------------------------------------------------------
+
+    def open_session(self) -> StreamSession:
+        """A new stream with zeroed state, pinned to the current model.
+
+        Raises :class:`SessionPoolFull` when the state pool is at its cap.
+        """
+        model = self._model
+        specs = state_specs(model.manifest)
+        if not specs:
+            raise SessionError("this model declares no streaming state (convert it with state=...)")
+        session = StreamSession(self, model, specs)
+        with self._lock:
+            for sid in self.sessions.admit(session.id, session.nbytes):
+                self._open.pop(sid).evicted = True
+            self._open[session.id] = session
+        return session
+
+    def step_sessions(
+        self, steps: Sequence[tuple[StreamSession, Mapping[str, Any]]]
+    ) -> list[dict[str, np.ndarray]]:
+        """Step several sessions at once: submitted together, they share batches."""
+        futures = [session.step_async(inputs) for session, inputs in steps]
+        return [f.result() for f in futures]
+
+    def _touch_session(self, session: StreamSession) -> None:
+        with self._lock:
+            for sid in self.sessions.evict_idle():
+                self._open.pop(sid).evicted = True
+            if session.evicted:
+                raise SessionEvicted(
+                    f"session {session.id} was evicted after "
+                    f"{self.sessions.idle_timeout_s:g} s idle"
+                )
+            self.sessions.touch(session.id)
+
+    def _release_session(self, session: StreamSession) -> None:
+        with self._lock:
+            if self._open.pop(session.id, None) is not None:
+                self.sessions.release(session.id)
+
+    def set_checkpoint_strategy(self, strategy: str) -> None:
+        """``"kv_cache"`` (seed API): streaming keeps only the declared state (attention
+        keys/values, convolution context), never full activations."""
+        if strategy != "kv_cache":
+            raise ValueError(f"unknown checkpoint strategy {strategy!r}; supported: 'kv_cache'")
+        self._checkpoint = strategy
 
     def register_shape_callback(self, fn: ShapeCallback) -> None:
         """``fn(BatchInfo) -> {input name: array}`` derives inputs (e.g. masks) per batch."""
@@ -254,7 +315,10 @@ class InferenceEngine:
         return out
 
     def infer_async(
-        self, inputs: Mapping[str, Any] | Sequence[Any] | Any, deadline_ms: float | None = None
+        self,
+        inputs: Mapping[str, Any] | Sequence[Any] | Any,
+        deadline_ms: float | None = None,
+        _model: _Model | None = None,
     ) -> EngineFuture:
         """Submit a request; the future's ``result()`` (or ``get()``) is the output dict."""
         future = EngineFuture()
@@ -275,9 +339,11 @@ class InferenceEngine:
                 raise QueueFull(
                     f"engine queue is full ({self.policy.max_queue_size} requests); retry later"
                 )
-            meta = QueuedRequest(next(self._ids), now, self._key(arrays), deadline)
+            # Requests pinned to another model never share its batches.
+            key = (id(_model) if _model is not None else 0, self._key(arrays))
+            meta = QueuedRequest(next(self._ids), now, key, deadline)
             rows = next(iter(arrays.values())).shape[0] if arrays else 1
-            self._queue.append(_Pending(meta, arrays, future, rows))
+            self._queue.append(_Pending(meta, arrays, future, rows, _model))
             self._cond.notify()
         self._ensure_worker()
         return future
@@ -343,7 +409,8 @@ class InferenceEngine:
                 )
                 self._stats.record_error()
             for batch in decision.batches:
-                self._execute([by_id[i] for i in batch], model)
+                pending = [by_id[i] for i in batch]
+                self._execute(pending, pending[0].model or model)
 
     def _execute(self, batch: list[_Pending], model: _Model) -> None:
         started = time.monotonic()
@@ -434,6 +501,8 @@ class InferenceEngine:
             device=self.device,
             overlap=dict(self._overlap),
         )
+        with self._lock:
+            snapshot["sessions"] = {**self.sessions.stats(), "checkpoint": self._checkpoint}
         return snapshot
 
     def prometheus(self) -> Any:

@@ -77,6 +77,12 @@ EXPECTED = {
         "Pipeline",
         "ModelConverter",
         "EngineMonitor",
+        "StateSpec",
+        "StreamSession",
+        "SessionError",
+        "SessionPoolFull",
+        "SessionClosed",
+        "SessionEvicted",
     },
     "dsstream.lm": {
         "NGramModel",
@@ -127,6 +133,7 @@ def test_all_is_exact_and_resolves(module):
         "engine.stats",
         "engine.seed",
         "engine.pipeline",
+        "engine.sessions",
     ],
 )
 def test_every_module_declares_a_resolvable_all(module):
