@@ -84,6 +84,7 @@ EXPECTED = {
         "SessionClosed",
         "SessionEvicted",
     },
+    "kernels": {"paged_attention", "paged_attention_ref"},
     "dsstream.lm": {
         "NGramModel",
         "build_lm",
@@ -134,6 +135,8 @@ def test_all_is_exact_and_resolves(module):
         "engine.seed",
         "engine.pipeline",
         "engine.sessions",
+        "engine.kv_cache",
+        "kernels.paged_attention",
     ],
 )
 def test_every_module_declares_a_resolvable_all(module):
