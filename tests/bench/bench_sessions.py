@@ -124,13 +124,17 @@ def test_bench_sessions():
             rounds = max(8, 256 // streams)
             a = _serve(single, streams, rounds, batched=False)
             b = _serve(batched, streams, rounds, batched=True)
-            print(f"{streams:7d}  {a:21.1f}  {b:18.1f}  {b / a:7.2f}x   "
-                  f"{'yes' if b >= streams else 'no'} ({b / streams:.1f}x real time each)")
+            print(
+                f"{streams:7d}  {a:21.1f}  {b:18.1f}  {b / a:7.2f}x   "
+                f"{'yes' if b >= streams else 'no'} ({b / streams:.1f}x real time each)"
+            )
         s = batched.open_session()
         state = s.nbytes
         acts = _activation_bytes(StreamingEncoder())
-        print(f"state per session (kv_cache strategy): {state} bytes; keeping every layer's "
-              f"activations for the same left context: {acts} bytes; saved {1 - state / acts:.0%}")
+        print(
+            f"state per session (kv_cache strategy): {state} bytes; keeping every layer's "
+            f"activations for the same left context: {acts} bytes; saved {1 - state / acts:.0%}"
+        )
         s.close()
         batched.close()
         single.close()

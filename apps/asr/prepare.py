@@ -1,0 +1,132 @@
+"""Recipe step 1: sentences and synthesized speech for the sample ASR model.
+
+    python -m apps.asr.prepare [--hours 10] [--workers 2] [--out cache/asr]
+
+Sentences come from ../shared/data/text (never from the evaluation speech),
+normalized to the model's vocabulary; each is spoken by a seeded choice among
+the installed voices (espeak-ng voices and variants, flite, festival) at a
+seeded rate and pitch.  Whole voices are held out for validation.  Audio is
+resampled to 16 kHz mono FLAC under ``<out>/audio``; ``<out>/train.jsonl``
+and ``<out>/valid.jsonl`` list id, path, text, voice and duration.  Reruns
+skip what exists, so an interrupted run resumes.  Augmentation happens at
+training time.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import random
+import tempfile
+from concurrent.futures import ProcessPoolExecutor
+from pathlib import Path
+
+from apps.asr.lm import SHARED, corpus_files, evaluation_sentences
+from apps.asr.voices import SynthesisError, Voice, catalogue, split_voices, synthesize
+
+ROOT = Path(__file__).resolve().parents[2]
+RATE = 16000
+WORDS_PER_SECOND = 2.6  # measured over the catalogue's voices at rate 1.0
+
+
+def select_sentences(shared: Path, count: int, seed: int, min_words: int = 3,
+                     max_words: int = 24) -> list[str]:  # fmt: skip
+    """``count`` distinct normalized sentences, none from the evaluation speech."""
+    from dsstream.lm import read_corpus
+
+    excluded = evaluation_sentences(shared)
+    pool: dict[str, None] = {}
+    for path, one_per_line in corpus_files(shared):
+        for sentence in read_corpus(path, one_per_line):
+            n = len(sentence.split())
+            if min_words <= n <= max_words and sentence not in excluded:
+                pool[sentence] = None
+    sentences = sorted(pool)
+    random.Random(seed).shuffle(sentences)
+    return sentences[:count]
+
+
+def plan(sentences: list[str], voices: list[Voice], seed: int) -> list[tuple[str, str, Voice]]:
+    """(utterance id, text, voice) for every sentence, deterministically.
+
+    The engine is drawn first, uniformly, then a voice of it: espeak-ng has
+    hundreds of voice variants, flite and festival a handful of more natural
+    voices, and real speech is closer to the latter.
+    """
+    rng = random.Random(seed + 1)
+    by_engine: dict[str, list[Voice]] = {}
+    for v in voices:
+        by_engine.setdefault(v.engine, []).append(v)
+    engines = sorted(by_engine)
+    return [
+        (f"u{i:07d}", text, rng.choice(by_engine[rng.choice(engines)]))
+        for i, text in enumerate(sentences)
+    ]
+
+
+def _render(job: tuple[str, str, Voice, str]) -> dict | None:
+    uid, text, voice, out_dir = job
+    import soundfile as sf
+    import torch
+    import torchaudio
+
+    out = Path(out_dir) / voice.speaker.replace("+", "_") / f"{uid}.flac"
+    if not out.is_file():
+        out.parent.mkdir(parents=True, exist_ok=True)
+        with tempfile.TemporaryDirectory() as tmp:
+            wav = Path(tmp) / "x.wav"
+            try:
+                synthesize(voice, text, wav)
+            except SynthesisError:
+                return None
+            data, rate = sf.read(str(wav), dtype="float32", always_2d=True)
+        audio = torch.from_numpy(data.mean(axis=1))
+        if rate != RATE:
+            audio = torchaudio.functional.resample(audio, rate, RATE)
+        peak = float(audio.abs().max())
+        if peak < 1e-4:
+            return None  # silence: the synthesizer skipped the text
+        sf.write(str(out), (audio / max(peak, 1.0)).numpy(), RATE, subtype="PCM_16")
+    info = __import__("soundfile").info(str(out))
+    return {"id": uid, "path": str(out), "text": text, "voice": voice.id,
+            "speaker": voice.speaker, "duration": round(info.duration, 3)}  # fmt: skip
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--hours", type=float, default=10.0, help="target hours of speech")
+    parser.add_argument("--workers", type=int, default=2)
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--out", type=Path, default=ROOT / "cache" / "asr")
+    parser.add_argument("--shared", type=Path, default=SHARED)
+    args = parser.parse_args(argv)
+    from tqdm import tqdm
+
+    voices = catalogue(args.seed)
+    if not voices:
+        raise SystemExit("no synthesizer found: apt-get install espeak-ng flite festival")
+    train_speakers, valid_speakers = split_voices(voices, seed=args.seed)
+    mean_words = 11.0
+    count = int(args.hours * 3600 * WORDS_PER_SECOND / mean_words)
+    sentences = select_sentences(args.shared, count, args.seed)
+    jobs = [(u, t, v, str(args.out / "audio")) for u, t, v in plan(sentences, voices, args.seed)]
+    print(f"{len(voices)} voice settings of {len(train_speakers) + len(valid_speakers)} voices "
+          f"({len(valid_speakers)} held out); {len(jobs)} utterances")  # fmt: skip
+    rows = []
+    with ProcessPoolExecutor(args.workers) as pool:
+        for row in tqdm(pool.map(_render, jobs, chunksize=16), total=len(jobs), unit=" utt"):
+            if row is not None:
+                rows.append(row)
+    args.out.mkdir(parents=True, exist_ok=True)
+    for split, speakers in (("train", train_speakers), ("valid", valid_speakers)):
+        chosen = [r for r in rows if r["speaker"] in speakers]
+        with open(args.out / f"{split}.jsonl", "w") as f:
+            for r in chosen:
+                f.write(json.dumps(r) + "\n")
+        hours = sum(r["duration"] for r in chosen) / 3600
+        print(f"{split}: {len(chosen)} utterances, {hours:.2f} h, "
+              f"{len({r['speaker'] for r in chosen})} voices")  # fmt: skip
+
+
+if __name__ == "__main__":
+    main()

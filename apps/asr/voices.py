@@ -1,0 +1,132 @@
+"""Text-to-speech voices from Debian's packages, as synthesis commands.
+
+Each :class:`Voice` turns a sentence into a WAV file with one engine and one
+setting of voice, variant, rate and pitch.  Whole voices are held out for
+validation (:func:`split_voices`), so validation measures unseen voices.
+"""
+
+from __future__ import annotations
+
+import random
+import shutil
+import subprocess
+from dataclasses import dataclass
+from pathlib import Path
+
+__all__ = ["Voice", "catalogue", "split_voices", "synthesize", "SynthesisError"]
+
+ESPEAK_BASES = ["en-us", "en-gb", "en-gb-scotland", "en-gb-x-rp", "en-gb-x-gbclan",
+                "en-gb-x-gbcwmd", "en-029"]  # fmt: skip
+# Human-sounding espeak-ng variants (the robotic and whisper ones are left out).
+ESPEAK_VARIANTS = ["m1", "m2", "m3", "m4", "m5", "m6", "m7", "f1", "f2", "f3", "f4", "f5",
+                   "klatt", "klatt2", "klatt3", "adam", "Alex", "Alicia", "Andrea", "Andy",
+                   "Annie", "aunty", "belinda", "benjamin", "caleb", "david", "ed", "edward",
+                   "Gene", "john", "linda", "max", "Michael", "Mike", "paul", "quincy", "rob",
+                   "robert", "steph", "travis", "victor", "norbert", "shelby", "grandpa"]  # fmt: skip
+FLITE_VOICES = ["kal", "kal16", "awb", "rms", "slt"]
+FESTIVAL_VOICES = ["kal_diphone"]
+
+
+class SynthesisError(RuntimeError):
+    """A synthesizer is missing or failed on a sentence."""
+
+
+@dataclass(frozen=True)
+class Voice:
+    engine: str  # "espeak-ng", "flite" or "festival"
+    name: str  # engine voice (espeak: base+variant)
+    rate: float = 1.0  # speaking rate factor
+    pitch: int = 50  # espeak pitch 0-99 (others: unused)
+
+    @property
+    def id(self) -> str:
+        return f"{self.engine}-{self.name.replace('+', '_')}-r{self.rate:.2f}-p{self.pitch}"
+
+    @property
+    def speaker(self) -> str:
+        """The voice identity held out as a whole (rate and pitch are not new voices)."""
+        return f"{self.engine}-{self.name}"
+
+    def command(self, text: str, out: Path) -> list[str]:
+        if self.engine == "espeak-ng":
+            wpm = str(int(round(165 * self.rate)))
+            return ["espeak-ng", "-v", self.name, "-s", wpm, "-p", str(self.pitch),
+                    "-w", str(out), text]  # fmt: skip
+        if self.engine == "flite":
+            stretch = f"{1.0 / self.rate:.3f}"
+            return ["flite", "-voice", self.name, "--setf", f"duration_stretch={stretch}",
+                    "-o", str(out), "-t", text]  # fmt: skip
+        if self.engine == "festival":
+            stretch = f"{1.0 / self.rate:.3f}"
+            scheme = f"(voice_{self.name}) (Parameter.set 'Duration_Stretch {stretch})"
+            return ["text2wave", "-o", str(out), "-eval", scheme]
+        raise SynthesisError(f"unknown engine {self.engine!r}")
+
+
+def available_engines() -> list[str]:
+    found = []
+    for engine, binary in (
+        ("espeak-ng", "espeak-ng"),
+        ("flite", "flite"),
+        ("festival", "text2wave"),
+    ):
+        if shutil.which(binary):
+            found.append(engine)
+    return found
+
+
+def catalogue(seed: int = 0, settings_per_voice: int = 3) -> list[Voice]:
+    """Every voice of the installed engines, each at a few seeded rate/pitch settings."""
+    rng = random.Random(seed)
+    engines = available_engines()
+    names: list[tuple[str, str]] = []
+    if "espeak-ng" in engines:
+        names += [("espeak-ng", f"{b}+{v}") for b in ESPEAK_BASES for v in ESPEAK_VARIANTS]
+    if "flite" in engines:
+        names += [("flite", v) for v in FLITE_VOICES]
+    if "festival" in engines:
+        names += [("festival", v) for v in FESTIVAL_VOICES]
+    voices = []
+    for engine, name in names:
+        for _ in range(settings_per_voice if engine == "espeak-ng" else settings_per_voice * 4):
+            voices.append(Voice(engine, name, round(rng.uniform(0.8, 1.25), 2),
+                                rng.randint(25, 75)))  # fmt: skip
+    return voices
+
+
+def split_voices(
+    voices: list[Voice], held_out: float = 0.1, seed: int = 0
+) -> tuple[set[str], set[str]]:
+    """(training speakers, validation speakers): whole speakers held out, per engine."""
+    rng = random.Random(seed)
+    train, valid = set(), set()
+    by_engine: dict[str, list[str]] = {}
+    for v in voices:
+        by_engine.setdefault(v.engine, [])
+        if v.speaker not in by_engine[v.engine]:
+            by_engine[v.engine].append(v.speaker)
+    for speakers in by_engine.values():
+        speakers = sorted(speakers)
+        rng.shuffle(speakers)
+        k = max(1, round(len(speakers) * held_out)) if len(speakers) > 1 else 0
+        valid.update(speakers[:k])
+        train.update(speakers[k:])
+    return train, valid
+
+
+def synthesize(voice: Voice, text: str, out: Path, timeout_s: float = 60) -> None:
+    """Write ``text`` spoken by ``voice`` to ``out`` (WAV at the engine's rate)."""
+    cmd = voice.command(text, out)
+    try:
+        result = subprocess.run(
+            cmd, input=text if voice.engine == "festival" else None, capture_output=True,
+            text=True, timeout=timeout_s,
+        )  # fmt: skip
+    except FileNotFoundError:
+        raise SynthesisError(
+            f"{cmd[0]} is not installed (apt-get install {voice.engine})"
+        ) from None
+    except subprocess.TimeoutExpired:
+        raise SynthesisError(f"{voice.id} timed out on {text[:40]!r}") from None
+    if result.returncode != 0 or not out.is_file() or out.stat().st_size < 100:
+        raise SynthesisError(f"{voice.id} failed on {text[:40]!r}: {result.stderr.strip()[:200]}")

@@ -1,0 +1,77 @@
+"""The ASR data recipe: sentence selection, voice hold-out, deterministic plans,
+and a tiny real synthesis run when the synthesizers are installed."""
+
+import json
+import shutil
+from pathlib import Path
+
+import pytest
+import soundfile as sf
+
+from apps.asr.lm import SHARED, evaluation_sentences
+from apps.asr.prepare import main, plan, select_sentences
+from apps.asr.voices import Voice, catalogue, split_voices
+
+needs_shared = pytest.mark.skipif(not (SHARED / "text").is_dir(), reason="needs ../shared/data")
+
+
+@needs_shared
+def test_sentences_exclude_evaluation_speech_and_fit_the_vocabulary():
+    sentences = select_sentences(SHARED, 2000, seed=0)
+    assert len(sentences) == len(set(sentences)) == 2000
+    assert not set(sentences) & evaluation_sentences(SHARED)
+    assert all(set(s) <= set("abcdefghijklmnopqrstuvwxyz' ") for s in sentences)
+    assert all(3 <= len(s.split()) <= 24 for s in sentences)
+    assert select_sentences(SHARED, 50, seed=0) == sentences[:50]  # seeded
+
+
+def test_whole_voices_are_held_out():
+    voices = [Voice("espeak-ng", f"en-us+m{i}", r, 50) for i in range(20) for r in (0.9, 1.1)]
+    voices += [Voice("flite", n, 1.0, 50) for n in ("kal", "awb", "rms", "slt")]
+    train, valid = split_voices(voices, held_out=0.25, seed=1)
+    assert train.isdisjoint(valid) and train | valid == {v.speaker for v in voices}
+    assert {s.split("-")[0] for s in valid} == {"espeak", "flite"}  # some of each engine
+    assert split_voices(voices, held_out=0.25, seed=1) == (train, valid)
+
+
+def test_plan_is_deterministic_and_draws_engines_evenly():
+    voices = [Voice("espeak-ng", f"en-us+m{i}") for i in range(50)] + [Voice("flite", "slt")]
+    jobs = plan([f"s {i}" for i in range(400)], voices, seed=3)
+    assert jobs == plan([f"s {i}" for i in range(400)], voices, seed=3)
+    flite = sum(v.engine == "flite" for _, _, v in jobs)
+    assert 150 < flite < 250  # about half, although flite has 1 voice of 51
+
+
+def test_voice_commands():
+    v = Voice("espeak-ng", "en-gb+f3", 1.2, 40)
+    assert v.command("hi there", Path("o.wav")) == [
+        "espeak-ng",
+        "-v",
+        "en-gb+f3",
+        "-s",
+        "198",
+        "-p",
+        "40",
+        "-w",
+        "o.wav",
+        "hi there",
+    ]
+    assert "duration_stretch=0.833" in Voice("flite", "slt", 1.2).command("x", Path("o"))
+
+
+@needs_shared
+@pytest.mark.skipif(not shutil.which("espeak-ng"), reason="espeak-ng is not installed")
+def test_tiny_synthesis_run(tmp_path):
+    main(["--hours", "0.01", "--workers", "1", "--out", str(tmp_path)])
+    rows = [json.loads(line) for f in ("train.jsonl", "valid.jsonl")
+            for line in (tmp_path / f).read_text().splitlines()]  # fmt: skip
+    assert rows
+    for row in rows:
+        info = sf.info(row["path"])
+        assert info.samplerate == 16000 and info.channels == 1
+        assert abs(info.duration - row["duration"]) < 1e-3 and info.duration > 0.3
+    # A rerun reuses the files (resume after interruption).
+    stamp = Path(rows[0]["path"]).stat().st_mtime_ns
+    main(["--hours", "0.01", "--workers", "1", "--out", str(tmp_path)])
+    assert Path(rows[0]["path"]).stat().st_mtime_ns == stamp
+    assert catalogue()  # the installed engines give voices
