@@ -22,7 +22,8 @@ ESPEAK_VARIANTS = ["m1", "m2", "m3", "m4", "m5", "m6", "m7", "f1", "f2", "f3", "
                    "klatt", "klatt2", "klatt3", "adam", "Alex", "Alicia", "Andrea", "Andy",
                    "Annie", "aunty", "belinda", "benjamin", "caleb", "david", "ed", "edward",
                    "Gene", "john", "linda", "max", "Michael", "Mike", "paul", "quincy", "rob",
-                   "robert", "steph", "travis", "victor", "norbert", "shelby", "grandpa"]  # fmt: skip
+                   "robert", "steph", "travis", "victor", "norbert", "shelby",
+                   "grandpa"]  # fmt: skip
 FLITE_VOICES = ["kal", "kal16", "awb", "rms", "slt"]
 FESTIVAL_VOICES = ["kal_diphone"]
 
