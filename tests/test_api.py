@@ -137,6 +137,8 @@ def test_all_is_exact_and_resolves(module):
         "engine.sessions",
         "engine.kv_cache",
         "kernels.paged_attention",
+        "dsstream.frontend",
+        "apps.asr.model",
     ],
 )
 def test_every_module_declares_a_resolvable_all(module):

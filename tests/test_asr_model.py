@@ -1,0 +1,95 @@
+"""The sample ASR model: streaming chunk by chunk equals offline with the same
+chunk mask (eager and through the engine), and the frontend streams exactly."""
+
+import numpy as np
+import pytest
+import torch
+from torch.export import Dim
+
+from apps.asr.model import AsrModel, ModelConfig, StreamingStep, chunk_mask
+from dsstream.frontend import Fbank, FbankConfig, StreamingFbank
+
+SMALL = ModelConfig(d_model=32, layers=2, heads=2, conv_kernel=5, sub_channels=8, chunk=4,
+                    left=6, dropout=0.0)  # fmt: skip
+
+
+def _stream(step: StreamingStep, feats: torch.Tensor) -> torch.Tensor:
+    state = step.initial_state(feats.shape[0])
+    state = tuple(s.to(feats.dtype) for s in state)
+    size = 4 * step.model.cfg.chunk
+    outs = []
+    for start in range(0, feats.shape[1], size):
+        logp, *state = step(feats[:, start : start + size], *state)
+        outs.append(logp)
+    return torch.cat(outs, dim=1)
+
+
+@pytest.mark.parametrize("chunks", [1, 3, 7])
+def test_streaming_equals_offline_with_the_chunk_mask(chunks):
+    torch.manual_seed(chunks)
+    model = AsrModel(SMALL).double().eval()
+    feats = torch.randn(2, 4 * SMALL.chunk * chunks, 80, dtype=torch.float64)
+    with torch.no_grad():
+        offline = model(feats)
+        streamed = _stream(StreamingStep(model), feats)
+    assert offline.shape == (2, SMALL.chunk * chunks, SMALL.vocab)
+    torch.testing.assert_close(streamed, offline, rtol=1e-10, atol=1e-10)
+
+
+def test_padding_does_not_change_valid_frames():
+    torch.manual_seed(0)
+    model = AsrModel(SMALL).double().eval()
+    feats = torch.randn(1, 48, 80, dtype=torch.float64)
+    padded = torch.cat([feats, torch.randn(1, 16, 80, dtype=torch.float64)], 1)
+    with torch.no_grad():
+        alone = model(feats)
+        batch = model(padded, lengths=torch.tensor([48]))[:, :12]
+    torch.testing.assert_close(batch, alone, rtol=1e-10, atol=1e-10)
+
+
+def test_chunk_mask_shape_and_content():
+    blocked = chunk_mask(8, chunk=2, left=2)[0]
+    # frame 5 is in chunk [4, 6): it sees frames 2..5
+    assert blocked[5].tolist() == [True, True, False, False, False, False, True, True]
+
+
+def test_streaming_model_runs_in_an_engine_session(tmp_path):
+    from engine import InferenceEngine, StateSpec, convert
+
+    torch.manual_seed(1)
+    model = AsrModel(SMALL).eval()
+    step = StreamingStep(model)
+    example = (torch.randn(2, 4 * SMALL.chunk, 80), *step.initial_state(2))
+    names = list(StreamingStep.STATE)
+    path = convert(
+        step, example, dynamic_shapes=tuple({0: Dim("batch", max=64)} for _ in example),
+        input_names=["feats", *names], output_names=["logp", *[f"new_{n}" for n in names]],
+        output=tmp_path / "asr.ds", state=[StateSpec(n, n, f"new_{n}") for n in names],
+    )  # fmt: skip
+    engine = InferenceEngine(path)
+    session = engine.open_session()
+    feats = torch.randn(1, 4 * SMALL.chunk * 5, 80)
+    size = 4 * SMALL.chunk
+    streamed = np.concatenate([
+        session.step({"feats": feats[:, i : i + size].numpy()})["logp"]
+        for i in range(0, feats.shape[1], size)
+    ], axis=1)  # fmt: skip
+    with torch.no_grad():
+        offline = model.double()(feats.double()).numpy()
+        eager = model.float()(feats).numpy()
+    assert np.abs(streamed - offline).max() <= 4 * np.abs(eager - offline).max() + 1e-5
+
+
+def test_frontend_streams_exactly():
+    rng = np.random.default_rng(0)
+    wave = (rng.standard_normal(16000) * 0.1).astype(np.float32)
+    fbank = Fbank(FbankConfig())
+    offline = fbank(torch.from_numpy(wave)[None])[0].numpy()
+    assert offline.shape == (98, 80)  # (16000 - 400) // 160 + 1
+    stream = StreamingFbank(fbank)
+    cuts = np.sort(rng.choice(np.arange(1, 16000), 20, replace=False))
+    frames = np.concatenate([stream.process(c) for c in np.split(wave, cuts)])
+    np.testing.assert_allclose(frames, offline, rtol=1e-5, atol=1e-5)
+    norm = Fbank(FbankConfig(mean=tuple([1.0] * 80), std=tuple([2.0] * 80)))
+    np.testing.assert_allclose(norm(torch.from_numpy(wave)[None])[0].numpy(),
+                               (offline - 1.0) / 2.0, rtol=1e-5, atol=1e-5)  # fmt: skip
