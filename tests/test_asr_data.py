@@ -75,3 +75,30 @@ def test_tiny_synthesis_run(tmp_path):
     main(["--hours", "0.01", "--workers", "1", "--out", str(tmp_path)])
     assert Path(rows[0]["path"]).stat().st_mtime_ns == stamp
     assert catalogue()  # the installed engines give voices
+
+
+@needs_shared
+@pytest.mark.skipif(not shutil.which("espeak-ng"), reason="espeak-ng is not installed")
+def test_training_runs_is_seeded_and_resumes(tmp_path):
+    import math
+
+    from apps.asr.train import decode_greedy, encode
+    from apps.asr.train import main as train_main
+
+    main(["--hours", "0.01", "--workers", "1", "--out", str(tmp_path)])
+    common = ["--data", str(tmp_path), "--size", "tiny", "--warmup", "5", "--workers", "0",
+              "--batch-frames", "3000"]  # fmt: skip
+    first = train_main([*common, "--epochs", "1", "--restart"])
+    again = train_main([*common, "--epochs", "1", "--restart"])
+    assert first["history"] == again["history"]  # same seed, same run
+    assert math.isfinite(first["history"][0]["loss"])
+    resumed = train_main([*common, "--epochs", "2"])  # continues from the checkpoint
+    assert [h["epoch"] for h in resumed["history"]] == [0, 1]
+    assert resumed["history"][0] == first["history"][0]
+    assert encode("it's a") == [11, 22, 2, 21, 1, 3]
+    import torch
+
+    logp = torch.full((6, 29), -9.0)
+    for t, tok in enumerate([3, 3, 0, 1, 4, 4]):
+        logp[t, tok] = 0.0
+    assert decode_greedy(logp) == "a b"

@@ -174,6 +174,10 @@ def chunk_mask(frames: int, chunk: int, left: int, lengths: torch.Tensor | None 
     blocked = blocked[None]
     if lengths is not None:
         blocked = blocked | (j[None] >= lengths[:, None, None])
+        # A padded frame whose whole window is padding would attend to nothing
+        # (NaN, which then leaks through zero attention weights into valid
+        # frames): let every frame see itself.  Valid frames already do.
+        blocked = blocked & ~torch.eye(frames, dtype=torch.bool)[None]
     return blocked
 
 

@@ -1,0 +1,111 @@
+"""Training-time augmentation for synthetic speech, seeded per example.
+
+Waveform: speed perturbation, gain, additive noise (coloured noise, or babble
+made from other utterances), simple reverberation (an exponentially decaying
+noise impulse response), and a telephone-band path (8 kHz, mu-law, back to
+16 kHz) so 8 kHz callers are recognized.  Features: SpecAugment (time and
+frequency masks).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+import torchaudio
+
+__all__ = ["AugmentConfig", "augment_wave", "spec_augment"]
+
+RATE = 16000
+
+
+@dataclass(frozen=True)
+class AugmentConfig:
+    speed: tuple[float, ...] = (0.9, 1.0, 1.1)  # speed factors (pitch moves with speed)
+    gain_db: tuple[float, float] = (-12.0, 6.0)
+    noise_prob: float = 0.5
+    snr_db: tuple[float, float] = (5.0, 30.0)
+    babble_prob: float = 0.3  # of noisy examples, babble instead of coloured noise
+    reverb_prob: float = 0.3
+    rt60_s: tuple[float, float] = (0.15, 0.6)
+    telephone_prob: float = 0.15
+    freq_masks: int = 2
+    freq_width: int = 12  # mel bins
+    time_masks: int = 2
+    time_width: float = 0.05  # fraction of the utterance per mask
+
+
+def _coloured_noise(n: int, rng: np.random.Generator) -> np.ndarray:
+    """White, pink or brown noise: spectrum 1/f^alpha with alpha in {0, 1, 2}."""
+    alpha = rng.choice([0.0, 1.0, 2.0])
+    spec = np.fft.rfft(rng.standard_normal(n))
+    f = np.arange(len(spec), dtype=np.float64)
+    f[0] = 1.0
+    noise = np.fft.irfft(spec / f ** (alpha / 2), n)
+    return (noise / (np.std(noise) + 1e-9)).astype(np.float32)
+
+
+def _add(wave: np.ndarray, noise: np.ndarray, snr_db: float) -> np.ndarray:
+    p_signal = np.mean(wave**2) + 1e-9
+    p_noise = np.mean(noise**2) + 1e-9
+    return wave + noise * np.sqrt(p_signal / (p_noise * 10 ** (snr_db / 10)))
+
+
+def _reverb(wave: np.ndarray, rt60: float, rng: np.random.Generator) -> np.ndarray:
+    n = int(rt60 * RATE)
+    t = np.arange(n) / RATE
+    ir = rng.standard_normal(n) * np.exp(-6.9 * t / rt60)  # -60 dB at rt60
+    ir[0] = 1.0
+    wet = np.convolve(wave, ir / np.sqrt(np.sum(ir**2)))[: len(wave)]
+    return wet.astype(np.float32)
+
+
+def _telephone(wave: np.ndarray) -> np.ndarray:
+    x = torchaudio.functional.resample(torch.from_numpy(wave), RATE, 8000)
+    x = torchaudio.functional.mu_law_decoding(torchaudio.functional.mu_law_encoding(x, 256), 256)
+    return torchaudio.functional.resample(x, 8000, RATE).numpy()
+
+
+def augment_wave(
+    wave: np.ndarray, rng: np.random.Generator, cfg: AugmentConfig, babble: list[np.ndarray]
+) -> np.ndarray:
+    """One randomly augmented copy of ``wave`` (float32, 16 kHz); ``babble``: other utterances."""
+    speed = float(rng.choice(cfg.speed))
+    if speed != 1.0:  # resampling plays it faster or slower
+        wave = torchaudio.functional.resample(
+            torch.from_numpy(wave), int(RATE * speed), RATE
+        ).numpy()
+    if rng.random() < cfg.reverb_prob:
+        wave = _reverb(wave, rng.uniform(*cfg.rt60_s), rng)
+    if rng.random() < cfg.noise_prob:
+        if babble and rng.random() < cfg.babble_prob:
+            noise = np.zeros_like(wave)
+            for _ in range(int(rng.integers(2, 5))):
+                other = babble[int(rng.integers(len(babble)))]
+                start = int(rng.integers(0, max(1, len(other) - len(wave) + 1)))
+                piece = other[start : start + len(wave)]
+                noise[: len(piece)] += piece
+        else:
+            noise = _coloured_noise(len(wave), rng)
+        wave = _add(wave, noise, rng.uniform(*cfg.snr_db))
+    if rng.random() < cfg.telephone_prob:
+        wave = _telephone(wave)
+    wave = wave * 10 ** (rng.uniform(*cfg.gain_db) / 20)
+    peak = np.max(np.abs(wave)) + 1e-9
+    return (wave / peak if peak > 1.0 else wave).astype(np.float32)
+
+
+def spec_augment(feats: torch.Tensor, rng: np.random.Generator, cfg: AugmentConfig) -> torch.Tensor:
+    """Mask ``freq_masks`` mel bands and ``time_masks`` time spans of ``[T, mels]`` features."""
+    feats = feats.clone()
+    t, m = feats.shape
+    for _ in range(cfg.freq_masks):
+        w = int(rng.integers(0, cfg.freq_width + 1))
+        f0 = int(rng.integers(0, max(1, m - w)))
+        feats[:, f0 : f0 + w] = 0.0
+    for _ in range(cfg.time_masks):
+        w = int(rng.integers(0, max(1, int(cfg.time_width * t)) + 1))
+        t0 = int(rng.integers(0, max(1, t - w)))
+        feats[t0 : t0 + w] = 0.0
+    return feats

@@ -1,0 +1,253 @@
+"""Recipe step 2: train the streaming CTC model on the prepared speech.
+
+    python -m apps.asr.train [--data cache/asr] [--epochs 30] [--max-minutes 0]
+
+Progress bar with loss and validation CER (greedy); a checkpoint every
+``--checkpoint-minutes`` and at the end of each epoch (atomic replace), and a
+run resumes from it after an interruption; seeds make runs repeatable.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import random
+import time
+from dataclasses import asdict, replace
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import soundfile as sf
+import torch
+
+from apps.asr.augment import AugmentConfig, augment_wave, spec_augment
+from apps.asr.model import AsrModel, ModelConfig
+from dsstream.decoding import ENGLISH_CHARS
+from dsstream.frontend import Fbank, FbankConfig
+
+ROOT = Path(__file__).resolve().parents[2]
+INDEX = {t: i for i, t in enumerate(ENGLISH_CHARS.tokens)}
+PRESETS = {
+    "tiny": ModelConfig(d_model=32, layers=2, heads=2, conv_kernel=5, sub_channels=8),
+    "small": ModelConfig(d_model=144, layers=6),
+    "medium": ModelConfig(d_model=192, layers=10, sub_channels=96),
+}
+
+
+def encode(text: str) -> list[int]:
+    """Characters to token ids; spaces are the word delimiter."""
+    return [INDEX["|" if ch == " " else ch] for ch in text if ch == " " or ch in INDEX]
+
+
+def decode_greedy(logp: torch.Tensor) -> str:
+    best = logp.argmax(-1).tolist()
+    out, prev = [], -1
+    for tok in best:
+        if tok != prev and tok != 0:
+            out.append(" " if ENGLISH_CHARS.tokens[tok] == "|" else ENGLISH_CHARS.tokens[tok])
+        prev = tok
+    return " ".join("".join(out).split())
+
+
+def read_manifest(path: Path) -> list[dict[str, Any]]:
+    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+
+
+def load_wave(path: str) -> np.ndarray:
+    data, rate = sf.read(path, dtype="float32", always_2d=True)
+    assert rate == 16000, f"{path}: expected 16 kHz, got {rate}"
+    return data.mean(axis=1)
+
+
+def feature_stats(rows: list[dict[str, Any]], fbank: Fbank, count: int = 300) -> FbankConfig:
+    """Global per-mel mean and std over a sample of training utterances."""
+    feats = []
+    for row in rows[:count]:
+        with torch.no_grad():
+            feats.append(fbank(torch.from_numpy(load_wave(row["path"]))[None])[0])
+    allf = torch.cat(feats)
+    return replace(fbank.config, mean=tuple(allf.mean(0).tolist()),
+                   std=tuple(allf.std(0).clamp_min(1e-3).tolist()))  # fmt: skip
+
+
+class SpeechSet(torch.utils.data.Dataset):
+    def __init__(self, rows, fbank_cfg: FbankConfig, augment: AugmentConfig | None, seed: int):
+        self.rows, self.fbank_cfg, self.augment, self.seed = rows, fbank_cfg, augment, seed
+        self.epoch = 0
+        self._fbank: Fbank | None = None
+        self._babble: list[np.ndarray] = []
+
+    def __len__(self) -> int:
+        return len(self.rows)
+
+    def __getitem__(self, i: int):
+        if self._fbank is None:  # built in the worker process
+            self._fbank = Fbank(self.fbank_cfg)
+        row = self.rows[i]
+        wave = load_wave(row["path"])
+        rng = np.random.default_rng([self.seed, self.epoch, i])
+        if self.augment is not None:
+            if len(self._babble) < 8:
+                self._babble.append(wave)
+            wave = augment_wave(wave, rng, self.augment, self._babble)
+        with torch.no_grad():
+            feats = self._fbank(torch.from_numpy(wave)[None])[0]
+        if self.augment is not None:
+            feats = spec_augment(feats, rng, self.augment)
+        return feats, torch.tensor(encode(row["text"]), dtype=torch.long), row["text"]
+
+
+def collate(items):
+    feats, labels, texts = zip(*items)
+    lengths = torch.tensor([f.shape[0] for f in feats])
+    t = int(math.ceil(lengths.max().item() / 4) * 4)
+    batch = torch.zeros(len(feats), t, feats[0].shape[1])
+    for i, f in enumerate(feats):
+        batch[i, : f.shape[0]] = f
+    return batch, lengths, torch.cat(labels), torch.tensor([len(x) for x in labels]), list(texts)
+
+
+def length_batches(rows, max_frames: int, seed: int, epoch: int) -> list[list[int]]:
+    """Batches of similar duration under a frame budget, in a seeded order."""
+    order = sorted(range(len(rows)), key=lambda i: rows[i]["duration"])
+    batches, current, longest = [], [], 0.0
+    for i in order:
+        d = rows[i]["duration"] * 100
+        if current and max(longest, d) * (len(current) + 1) > max_frames:
+            batches.append(current)
+            current, longest = [], 0.0
+        current.append(i)
+        longest = max(longest, d)
+    if current:
+        batches.append(current)
+    random.Random(seed * 1000 + epoch).shuffle(batches)
+    return batches
+
+
+def evaluate(model: AsrModel, rows, fbank_cfg: FbankConfig, limit: int = 200) -> float:
+    from dsstream.evaluation import cer
+
+    model.eval()
+    data = SpeechSet(rows[:limit], fbank_cfg, None, 0)
+    refs, hyps = [], []
+    with torch.no_grad():
+        for i in range(len(data)):
+            feats, _, text = data[i]
+            t = int(math.ceil(feats.shape[0] / 4) * 4)
+            feats = torch.nn.functional.pad(feats, (0, 0, 0, t - feats.shape[0]))
+            hyps.append(decode_greedy(model(feats[None])[0]))
+            refs.append(text)
+    model.train()
+    return cer(refs, hyps)
+
+
+def save(path: Path, state: dict[str, Any]) -> None:
+    tmp = path.with_suffix(".tmp")
+    torch.save(state, tmp)
+    tmp.replace(path)  # an interruption never leaves half a checkpoint
+
+
+def train(args: argparse.Namespace) -> dict[str, Any]:
+    torch.manual_seed(args.seed)
+    torch.set_num_threads(args.threads)
+    train_rows = read_manifest(args.data / "train.jsonl")
+    valid_rows = read_manifest(args.data / "valid.jsonl")
+    ckpt_dir = args.data / "ckpt"
+    ckpt_dir.mkdir(parents=True, exist_ok=True)
+    last = ckpt_dir / "last.pt"
+    cfg = PRESETS[args.size]
+    model = AsrModel(cfg)
+    opt = torch.optim.AdamW(model.parameters(), lr=args.lr, weight_decay=1e-2)
+    state: dict[str, Any] = {"epoch": 0, "step": 0, "history": []}
+    if last.is_file() and not args.restart:
+        saved = torch.load(last, weights_only=False)
+        model.load_state_dict(saved["model"])
+        opt.load_state_dict(saved["optimizer"])
+        fbank_cfg = FbankConfig(**saved["fbank"])
+        state = saved["state"]
+        print(f"resumed at epoch {state['epoch']}, step {state['step']}")
+    else:
+        fbank_cfg = feature_stats(train_rows, Fbank(FbankConfig()))
+    warmup = args.warmup
+
+    def lr_at(step: int) -> float:
+        return args.lr * min((step + 1) / warmup, math.sqrt(warmup / (step + 1)))
+
+    ctc = torch.nn.CTCLoss(blank=0, zero_infinity=True)
+    data = SpeechSet(train_rows, fbank_cfg, None if args.no_augment else AugmentConfig(), args.seed)
+    started = time.monotonic()
+    last_save = started
+    from tqdm import tqdm
+
+    def checkpoint() -> None:
+        save(last, {
+            "model": model.state_dict(), "optimizer": opt.state_dict(),
+            "fbank": asdict(fbank_cfg), "config": cfg.to_dict(), "state": state,
+        })  # fmt: skip
+
+    while state["epoch"] < args.epochs:
+        data.epoch = state["epoch"]
+        batches = length_batches(train_rows, args.batch_frames, args.seed, state["epoch"])
+        done_in_epoch = state.get("batch_in_epoch", 0)
+        loader = torch.utils.data.DataLoader(
+            data, batch_sampler=batches[done_in_epoch:], collate_fn=collate,
+            num_workers=args.workers, persistent_workers=False,
+        )  # fmt: skip
+        bar = tqdm(loader, total=len(batches) - done_in_epoch, desc=f"epoch {state['epoch']}")
+        for feats, lengths, labels, label_lengths, _ in bar:
+            for group in opt.param_groups:
+                group["lr"] = lr_at(state["step"])
+            logp = model(feats, lengths)
+            loss = ctc(logp.transpose(0, 1), labels, lengths // 4, label_lengths)
+            opt.zero_grad()
+            loss.backward()
+            torch.nn.utils.clip_grad_norm_(model.parameters(), 5.0)
+            opt.step()
+            state["step"] += 1
+            state["batch_in_epoch"] = state.get("batch_in_epoch", 0) + 1
+            bar.set_postfix(loss=f"{loss.item():.3f}", cer=state.get("cer", "-"))
+            now = time.monotonic()
+            if now - last_save > args.checkpoint_minutes * 60:
+                checkpoint()
+                last_save = now
+            if args.max_minutes and now - started > args.max_minutes * 60:
+                checkpoint()
+                print(
+                    f"stopped after {args.max_minutes} min at step {state['step']}; rerun to resume"
+                )
+                return state
+        state["cer"] = round(evaluate(model, valid_rows, fbank_cfg), 4)
+        state["history"].append({
+            "epoch": state["epoch"], "step": state["step"],
+            "valid_cer": state["cer"], "loss": round(loss.item(), 4),
+        })  # fmt: skip
+        print(f"epoch {state['epoch']}: validation CER {state['cer']:.2%}")
+        state["epoch"] += 1
+        state["batch_in_epoch"] = 0
+        checkpoint()
+        last_save = time.monotonic()
+    return state
+
+
+def main(argv: list[str] | None = None) -> dict[str, Any]:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--data", type=Path, default=ROOT / "cache" / "asr")
+    parser.add_argument("--size", choices=sorted(PRESETS), default="small")
+    parser.add_argument("--epochs", type=int, default=30)
+    parser.add_argument("--lr", type=float, default=1e-3)
+    parser.add_argument("--warmup", type=int, default=1000, help="steps")
+    parser.add_argument("--batch-frames", type=int, default=12000, help="10 ms frames per batch")
+    parser.add_argument("--workers", type=int, default=1, help="data loading processes")
+    parser.add_argument("--threads", type=int, default=2, help="torch compute threads")
+    parser.add_argument("--checkpoint-minutes", type=float, default=10.0)
+    parser.add_argument("--max-minutes", type=float, default=0.0, help="stop (and save) after")
+    parser.add_argument("--no-augment", action="store_true")
+    parser.add_argument("--restart", action="store_true", help="ignore an existing checkpoint")
+    parser.add_argument("--seed", type=int, default=0)
+    return train(parser.parse_args(argv))
+
+
+if __name__ == "__main__":
+    main()
