@@ -95,6 +95,17 @@ def test_training_runs_is_seeded_and_resumes(tmp_path):
     resumed = train_main([*common, "--epochs", "2"])  # continues from the checkpoint
     assert [h["epoch"] for h in resumed["history"]] == [0, 1]
     assert resumed["history"][0] == first["history"][0]
+    from apps.asr.evaluate import main as evaluate_main
+    from apps.asr.export import main as export_main
+
+    report = evaluate_main(["--data", str(tmp_path), "--lj-limit", "2", "--beam", "4"])
+    for part in ("held_out_voices", "lj001"):
+        assert {"cer_greedy", "wer_greedy", "cer_lm", "wer_lm"} <= set(report[part])
+    valid = [json.loads(x) for x in (tmp_path / "valid.jsonl").read_text().splitlines()]
+    assert set(report["per_voice"]) == {r["speaker"] for r in valid}
+    assert (tmp_path / "eval.json").is_file()
+    artifact = export_main(["--data", str(tmp_path), "--out", str(tmp_path / "model.ds")])
+    assert artifact.is_file()
     assert encode("it's a") == [11, 22, 2, 21, 1, 3]
     import torch
 

@@ -93,3 +93,21 @@ def test_frontend_streams_exactly():
     norm = Fbank(FbankConfig(mean=tuple([1.0] * 80), std=tuple([2.0] * 80)))
     np.testing.assert_allclose(norm(torch.from_numpy(wave)[None])[0].numpy(),
                                (offline - 1.0) / 2.0, rtol=1e-5, atol=1e-5)  # fmt: skip
+
+
+def test_export_writes_a_self_describing_streaming_artifact(tmp_path):
+    from apps.asr.export import export_streaming
+    from engine import InferenceEngine, read_manifest
+
+    torch.manual_seed(2)
+    model = AsrModel(SMALL)
+    fb = FbankConfig(mean=tuple([0.5] * 80), std=tuple([2.0] * 80))
+    path = export_streaming(model, fb, tmp_path / "asr.ds")
+    manifest, _ = read_manifest(path)
+    extra = manifest.extra
+    assert extra["vocabulary"][:3] == ["<blank>", "|", "'"] and extra["blank_id"] == 0
+    assert extra["frontend"]["mean"][0] == 0.5 and extra["chunk_feature_frames"] == 16
+    assert {s["name"] for s in extra["state"]} == set(StreamingStep.STATE)
+    session = InferenceEngine(path).open_session()
+    out = session.step({"feats": np.zeros((1, 16, 80), np.float32)})
+    assert out["logp"].shape == (1, SMALL.chunk, SMALL.vocab)

@@ -1,0 +1,105 @@
+"""Recipe step 3: score the trained model.
+
+    python -m apps.asr.evaluate [--data cache/asr] [--lm samples/asr/lm.arpa]
+
+CER and WER, greedy and with the LM (beam search + KenLM), per held-out voice,
+and on the real speech of ../shared/data/speech/lj001.  Writes
+``<data>/eval.json``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+from collections import defaultdict
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from apps.asr.lm import SHARED
+from apps.asr.model import AsrModel, ModelConfig
+from apps.asr.train import decode_greedy, load_wave, read_manifest
+from dsstream.evaluation import cer, wer
+from dsstream.frontend import Fbank, FbankConfig
+from dsstream.lm import normalize_sentence
+
+ROOT = Path(__file__).resolve().parents[2]
+
+__all__ = ["main", "score"]
+
+
+def _logp(model: AsrModel, fbank: Fbank, wave: np.ndarray) -> np.ndarray:
+    with torch.no_grad():
+        feats = fbank(torch.from_numpy(wave)[None])[0]
+        t = int(math.ceil(max(feats.shape[0], 4) / 4) * 4)
+        feats = torch.nn.functional.pad(feats, (0, 0, 0, t - feats.shape[0]))
+        return model(feats[None])[0].numpy()
+
+
+def score(refs: list[str], mats: list[np.ndarray], decoder: Any) -> dict[str, float]:
+    greedy = [decode_greedy(torch.from_numpy(m)) for m in mats]
+    out = {"cer_greedy": cer(refs, greedy), "wer_greedy": wer(refs, greedy), "n": len(refs)}
+    if decoder is not None:
+        beams = [r.text for r in decoder.decode_batch(mats)]
+        out |= {"cer_lm": cer(refs, beams), "wer_lm": wer(refs, beams)}
+    return {k: round(v, 4) for k, v in out.items()}
+
+
+def lj_set(limit: int) -> list[tuple[str, str]]:
+    folder = SHARED / "speech" / "lj001"
+    lines = (folder / "transcripts.tsv").read_text(encoding="utf-8").splitlines()[:limit]
+    return [(str(folder / f"{line.split(chr(9))[0]}.flac"), normalize_sentence(line.split("\t")[1]))
+            for line in lines]  # fmt: skip
+
+
+def main(argv: list[str] | None = None) -> dict[str, Any]:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--data", type=Path, default=ROOT / "cache" / "asr")
+    parser.add_argument("--lm", type=Path, default=ROOT / "samples" / "asr" / "lm.arpa")
+    parser.add_argument("--beam", type=int, default=32)
+    parser.add_argument("--alpha", type=float, default=0.5)
+    parser.add_argument("--beta", type=float, default=1.0)
+    parser.add_argument("--limit", type=int, default=2000, help="validation utterances")
+    parser.add_argument("--lj-limit", type=int, default=186, help="LJ001 clips")
+    args = parser.parse_args(argv)
+    ckpt = torch.load(args.data / "ckpt" / "last.pt", weights_only=False)
+    model = AsrModel(ModelConfig(**{**ckpt["config"], "dropout": 0.0}))
+    model.load_state_dict(ckpt["model"])
+    model.eval()
+    fbank = Fbank(FbankConfig(**{k: tuple(v) if isinstance(v, list) else v
+                                 for k, v in ckpt["fbank"].items()}))  # fmt: skip
+    decoder = None
+    if args.lm.is_file():
+        from dsstream.decoding import CTCDecoder
+
+        decoder = CTCDecoder(beam_width=args.beam, language_model=args.lm, alpha=args.alpha,
+                             beta=args.beta)  # fmt: skip
+    rows = read_manifest(args.data / "valid.jsonl")[: args.limit]
+    by_voice: dict[str, list[int]] = defaultdict(list)
+    for i, row in enumerate(rows):
+        by_voice[row["speaker"]].append(i)
+    mats = [_logp(model, fbank, load_wave(r["path"])) for r in rows]
+    refs = [r["text"] for r in rows]
+    report: dict[str, Any] = {"held_out_voices": score(refs, mats, decoder), "per_voice": {}}
+    for voice, idx in sorted(by_voice.items()):
+        report["per_voice"][voice] = score([refs[i] for i in idx], [mats[i] for i in idx], decoder)
+    if (SHARED / "speech" / "lj001").is_dir() and args.lj_limit:
+        pairs = lj_set(args.lj_limit)
+        lj_mats = [_logp(model, fbank, load_wave(p)) for p, _ in pairs]
+        report["lj001"] = score([t for _, t in pairs], lj_mats, decoder)
+    (args.data / "eval.json").write_text(json.dumps(report, indent=2))
+    held = report["held_out_voices"]
+    print(f"held-out voices: CER {held['cer_greedy']:.2%} greedy"
+          + (f", WER {held['wer_lm']:.2%} with LM" if "wer_lm" in held else ""))  # fmt: skip
+    if "lj001" in report:
+        lj = report["lj001"]
+        print(f"LJ001 real speech: WER {lj['wer_greedy']:.2%} greedy"
+              + (f", {lj['wer_lm']:.2%} with LM" if "wer_lm" in lj else ""))  # fmt: skip
+    return report
+
+
+if __name__ == "__main__":
+    main()
