@@ -20,10 +20,10 @@ import numpy as np
 import torch
 
 from apps.asr.lm import SHARED
-from apps.asr.model import AsrModel, ModelConfig
-from apps.asr.train import decode_greedy, load_wave, read_manifest
+from apps.asr.model import AsrModel
+from apps.asr.train import decode_greedy, load_checkpoint, load_wave, read_manifest
 from dsstream.evaluation import cer, wer
-from dsstream.frontend import Fbank, FbankConfig
+from dsstream.frontend import Fbank
 from dsstream.lm import normalize_sentence
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -65,12 +65,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     parser.add_argument("--limit", type=int, default=2000, help="validation utterances")
     parser.add_argument("--lj-limit", type=int, default=186, help="LJ001 clips")
     args = parser.parse_args(argv)
-    ckpt = torch.load(args.data / "ckpt" / "last.pt", weights_only=False)
-    model = AsrModel(ModelConfig(**{**ckpt["config"], "dropout": 0.0}))
-    model.load_state_dict(ckpt["model"])
-    model.eval()
-    fbank = Fbank(FbankConfig(**{k: tuple(v) if isinstance(v, list) else v
-                                 for k, v in ckpt["fbank"].items()}))  # fmt: skip
+    model, fbank_cfg, _ = load_checkpoint(args.data / "ckpt" / "last.pt")
+    fbank = Fbank(fbank_cfg)
     decoder = None
     if args.lm.is_file():
         from dsstream.decoding import CTCDecoder

@@ -17,7 +17,7 @@ from typing import Any
 import torch
 from torch.export import Dim
 
-from apps.asr.model import AsrModel, ModelConfig, StreamingStep
+from apps.asr.model import AsrModel, StreamingStep
 from dsstream.decoding import ENGLISH_CHARS
 from dsstream.frontend import FbankConfig
 
@@ -65,11 +65,9 @@ def main(argv: list[str] | None = None) -> Path:
     parser.add_argument("--checkpoint", type=Path, help="default: <data>/ckpt/last.pt")
     parser.add_argument("--out", type=Path, default=ROOT / "samples" / "asr" / "model.ds")
     args = parser.parse_args(argv)
-    ckpt = torch.load(args.checkpoint or args.data / "ckpt" / "last.pt", weights_only=False)
-    model = AsrModel(ModelConfig(**{**ckpt["config"], "dropout": 0.0}))
-    model.load_state_dict(ckpt["model"])
-    fbank = FbankConfig(**{k: tuple(v) if isinstance(v, list) else v
-                           for k, v in ckpt["fbank"].items()})  # fmt: skip
+    from apps.asr.train import load_checkpoint
+
+    model, fbank, ckpt = load_checkpoint(args.checkpoint or args.data / "ckpt" / "last.pt")
     args.out.parent.mkdir(parents=True, exist_ok=True)
     path = export_streaming(model, fbank, args.out, {"training": ckpt["state"].get("history", [])})
     print(f"wrote {path} ({path.stat().st_size / 1e6:.1f} MB)")

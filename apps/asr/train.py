@@ -143,6 +143,15 @@ def evaluate(model: AsrModel, rows, fbank_cfg: FbankConfig, limit: int = 200) ->
     return cer(refs, hyps)
 
 
+def load_checkpoint(path: Path) -> tuple[AsrModel, FbankConfig, dict[str, Any]]:
+    """The trained model (eval mode, no dropout), its frontend config and the raw checkpoint."""
+    ckpt = torch.load(path, weights_only=False)
+    model = AsrModel(ModelConfig(**{**ckpt["config"], "dropout": 0.0}))
+    model.load_state_dict(ckpt["model"])
+    fbank = {k: tuple(v) if isinstance(v, list) else v for k, v in ckpt["fbank"].items()}
+    return model.eval(), FbankConfig(**fbank), ckpt
+
+
 def save(path: Path, state: dict[str, Any]) -> None:
     tmp = path.with_suffix(".tmp")
     torch.save(state, tmp)
