@@ -281,15 +281,6 @@ def encode_event(event: ServerEvent) -> str:
     return json.dumps(_event_dict(event), separators=(",", ":"))
 
 
-def _need(obj: dict[str, Any], key: str, kind: type | tuple[type, ...]) -> Any:
-    if key not in obj:
-        raise ValueError(f"missing field {key!r}")
-    value = obj[key]
-    if not isinstance(value, kind) or isinstance(value, bool) and kind in (int, float):
-        raise ValueError(f"field {key!r} has the wrong type {type(value).__name__}")
-    return value
-
-
 def _parse_final(obj: dict[str, Any]) -> Final:
     words = tuple(Word(**w) for w in obj.get("words", ()))
     nbest = tuple(Hypothesis(**h) for h in obj.get("nbest", ()))
