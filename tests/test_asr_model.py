@@ -111,3 +111,33 @@ def test_export_writes_a_self_describing_streaming_artifact(tmp_path):
     session = InferenceEngine(path).open_session()
     out = session.step({"feats": np.zeros((1, 16, 80), np.float32)})
     assert out["logp"].shape == (1, SMALL.chunk, SMALL.vocab)
+
+
+def test_bring_your_own_model_wav2vec2(tmp_path):
+    """torchaudio's wav2vec2 architecture (random weights: nothing is downloaded)."""
+    import torchaudio
+
+    from apps.asr.export import export_ctc
+    from dsstream.decoding import ENGLISH_CHARS
+    from engine import InferenceEngine, read_manifest
+
+    torch.manual_seed(4)
+    model = torchaudio.models.wav2vec2_model(
+        extractor_mode="group_norm", extractor_conv_layer_config=None, extractor_conv_bias=False,
+        encoder_embed_dim=32, encoder_projection_dropout=0.0, encoder_pos_conv_kernel=16,
+        encoder_pos_conv_groups=4, encoder_num_layers=1, encoder_num_heads=2,
+        encoder_attention_dropout=0.0, encoder_ff_interm_features=64, encoder_ff_interm_dropout=0.0,
+        encoder_dropout=0.0, encoder_layer_norm_first=False, encoder_layer_drop=0.0,
+        aux_num_out=len(ENGLISH_CHARS),
+    )  # fmt: skip
+    path = export_ctc(model, list(ENGLISH_CHARS.tokens), tmp_path / "w2v.ds", max_seconds=5)
+    manifest, _ = read_manifest(path)
+    assert manifest.extra["input"] == "waveform" and manifest.extra["streaming"] is False
+    wave = torch.randn(1, 24000)
+    logp = InferenceEngine(path).infer({"waveform": wave.numpy()})["logp"]
+    with torch.no_grad():
+        ref = model.eval()(wave)[0].log_softmax(-1).numpy()
+    assert logp.shape == ref.shape == (1, 74, len(ENGLISH_CHARS))
+    assert np.abs(logp - ref).max() < 1e-3
+    with pytest.raises(ValueError, match="frontend"):
+        export_ctc(model, list(ENGLISH_CHARS.tokens), tmp_path / "x.ds", input_kind="features")

@@ -23,7 +23,7 @@ from dsstream.frontend import FbankConfig
 
 ROOT = Path(__file__).resolve().parents[2]
 
-__all__ = ["export_streaming", "main"]
+__all__ = ["export_streaming", "export_ctc", "main"]
 
 
 def export_streaming(
@@ -57,6 +57,60 @@ def export_streaming(
         state=[StateSpec(n, n, f"new_{n}") for n in names],
         extra=metadata,
     )
+
+
+class _LogProbs(torch.nn.Module):
+    """Whatever the model returns (a tensor, or a tuple led by one) as CTC log-probs."""
+
+    def __init__(self, model: torch.nn.Module) -> None:
+        super().__init__()
+        self.model = model
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        out = self.model(x)
+        out = out[0] if isinstance(out, (tuple, list)) else out
+        return out.log_softmax(-1)
+
+
+def export_ctc(
+    model: torch.nn.Module,
+    vocabulary: list[str],
+    out: Path,
+    input_kind: str = "waveform",
+    frontend: FbankConfig | None = None,
+    frame_shift_s: float = 0.02,
+    blank_id: int = 0,
+    max_seconds: float = 30.0,
+) -> Path:
+    """Bring your own CTC model: any ``nn.Module`` mapping a waveform ``[B, samples]``
+    (16 kHz) or features ``[B, frames, mels]`` (from ``frontend``) to ``[B, T, V]``
+    logits or log-probs, exported as a whole-utterance ``.ds`` with the same
+    metadata keys as the streaming artifact."""
+    from engine import convert
+
+    if input_kind not in ("waveform", "features"):
+        raise ValueError("input_kind must be 'waveform' or 'features'")
+    if input_kind == "features" and frontend is None:
+        raise ValueError("a features model needs its frontend config")
+    if input_kind == "waveform":
+        example = torch.randn(2, 16000)
+        dims = {0: Dim("batch", max=64), 1: Dim("samples", min=4000, max=int(16000 * max_seconds))}
+    else:
+        assert frontend is not None
+        example = torch.randn(2, 100, frontend.n_mels)
+        dims = {0: Dim("batch", max=64), 1: Dim("frames", min=16, max=int(100 * max_seconds))}
+    metadata = {
+        "task": "asr",
+        "streaming": False,
+        "input": input_kind,
+        "vocabulary": list(vocabulary),
+        "blank_id": blank_id,
+        "frontend": frontend.to_dict() if frontend is not None else None,
+        "frame_shift_s": frame_shift_s,
+    }
+    return convert(_LogProbs(model.eval()), (example,), dynamic_shapes=(dims,),
+                   input_names=[input_kind], output_names=["logp"], output=out,
+                   extra=metadata)  # fmt: skip
 
 
 def main(argv: list[str] | None = None) -> Path:
