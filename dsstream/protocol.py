@@ -211,6 +211,7 @@ class Started:
 class Partial:
     text: str
     segment: int  # index of the utterance within the stream, from 0
+    time: float | None = None  # seconds of the stream's audio the partial covers
     type: str = field(default="partial", init=False)
 
 

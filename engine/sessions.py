@@ -201,6 +201,19 @@ class StreamSession:
     def step(self, inputs: Mapping[str, Any]) -> dict[str, np.ndarray]:
         return self.step_async(inputs).result()
 
+    def peek(self, inputs: Mapping[str, Any]) -> dict[str, np.ndarray]:
+        """Run a step without keeping its new state (a look at what the stream
+        would give if its input ended here, e.g. to finalize a partial chunk)."""
+        self._check()
+        self.engine._touch_session(self)
+        feeds = dict(inputs)
+        for st in self.specs:
+            feeds[st.input] = self.state[st.name]
+        out = dict(self.engine.infer_async(feeds, _model=self.model).result())
+        for st in self.specs:
+            out.pop(st.output)
+        return out
+
     async def astep(self, inputs: Mapping[str, Any]) -> dict[str, np.ndarray]:
         import asyncio
 

@@ -75,8 +75,8 @@ class PipelineFactory(Protocol):
 class ArtifactPipelineFactory:
     """A factory for a pipeline backed by model files on disk.
 
-    ``entry`` is ``"module:callable"``; the callable receives ``files`` as
-    keyword arguments once (lazily, on the first session) and returns a
+    ``entry`` is ``"module:callable"``; the callable receives ``files`` and
+    ``name`` as keyword arguments once (lazily, on the first session) and returns a
     zero-argument callable that makes one pipeline per session, so weights are
     loaded once per process.
     """
@@ -110,7 +110,7 @@ class ArtifactPipelineFactory:
                     raise ModelUnavailable(reason)
                 module, _, attr = self.entry.partition(":")
                 loader = getattr(importlib.import_module(module), attr)
-                self._make = loader(**{k: Path(v) for k, v in self.files.items()})
+                self._make = loader(name=self.name, **{k: Path(v) for k, v in self.files.items()})
         return self._make()
 
 

@@ -1,0 +1,377 @@
+"""The streaming ASR pipeline: audio in, partial and final transcripts out.
+
+Per session: resample to the model's rate, the streaming log-mel frontend,
+one engine session of the streaming acoustic model (steps of all live
+sessions are batched by the engine), the CTC prefix beam search with the
+n-gram LM, and a voice activity detector driving the endpoint rules.
+
+Timeline.  The model consumes chunks of ``chunk_frames`` feature frames (10
+ms each) and emits one output frame per ``subsampling`` feature frames.
+Endpoints are decided at chunk boundaries, from VAD windows that end by that
+time, so the segmentation depends only on the audio, never on how a client
+chunked it.  At an endpoint the decoder is finalized and restarted; the
+acoustic model's state carries on, so no audio is dropped between segments.
+
+``flush`` and ``end`` finalize the audio of an incomplete chunk by running it
+zero-padded on a copy of the model state (:meth:`StreamSession.peek`); the
+output frames decoded that way are skipped when the real chunk completes, so
+every output frame is decoded exactly once.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, replace
+from pathlib import Path
+from typing import Any, Callable
+
+import numpy as np
+
+from dsstream.audio import ResampleError, StreamingResampler
+from dsstream.decoding import CTCDecoder, Vocabulary
+from dsstream.endpoint import Endpointer
+from dsstream.frontend import Fbank, FbankConfig, StreamingFbank
+from dsstream.options import AsrOptions, OptionsError, parse_task_options
+from dsstream.pipelines.base import PipelineError
+from dsstream.protocol import (
+    AudioChunk,
+    Endpoint,
+    ErrorCode,
+    Final,
+    Flush,
+    Hypothesis,
+    Partial,
+    ServerEvent,
+    Word,
+)
+from dsstream.vad import SileroVad, VadConfig
+
+__all__ = ["AsrModelSpec", "AsrConfig", "AsrRuntime", "AsrPipeline", "load"]
+
+
+@dataclass(frozen=True)
+class AsrModelSpec:
+    """What a streaming ASR artifact's manifest says about it."""
+
+    sample_rate: int  # Hz the frontend expects
+    fbank: FbankConfig
+    vocabulary: Vocabulary
+    chunk_frames: int  # feature frames per model step
+    subsampling: int  # feature frames per output frame
+    frame_shift_s: float  # seconds per output frame
+    alpha: float | None  # the decoder's LM weight tuned for this model, if recorded
+    beta: float | None
+
+    @classmethod
+    def from_manifest(cls, extra: dict[str, Any], inputs: list[str]) -> AsrModelSpec:
+        if extra.get("task") != "asr":
+            raise ValueError("the artifact is not an ASR model (its manifest has no task 'asr')")
+        if extra.get("streaming") is False or "state" not in extra:
+            raise ValueError(
+                "the artifact is a whole-utterance model; the streaming pipeline needs a "
+                "streaming artifact (apps.asr.export.export_streaming)"
+            )
+        missing = [k for k in ("vocabulary", "frontend", "chunk_feature_frames",
+                               "frame_shift_s") if k not in extra]  # fmt: skip
+        if missing or "feats" not in inputs:
+            raise ValueError(f"the ASR artifact's manifest lacks {missing or ['a feats input']}")
+        fb = dict(extra["frontend"])
+        fbank = FbankConfig(**{**fb, "mean": tuple(fb["mean"]), "std": tuple(fb["std"])})
+        shift = float(extra["frame_shift_s"])
+        sub = round(shift / (fbank.hop_length / fbank.sample_rate))
+        decoder = extra.get("decoder", {})
+        return cls(
+            sample_rate=fbank.sample_rate,
+            fbank=fbank,
+            vocabulary=Vocabulary(tuple(extra["vocabulary"]), int(extra.get("blank_id", 0))),
+            chunk_frames=int(extra["chunk_feature_frames"]),
+            subsampling=sub,
+            frame_shift_s=shift,
+            alpha=decoder.get("alpha"),
+            beta=decoder.get("beta"),
+        )
+
+    @property
+    def chunk_s(self) -> float:
+        return self.chunk_frames * self.fbank.hop_length / self.sample_rate
+
+
+@dataclass(frozen=True)
+class AsrConfig:
+    """Process-wide settings of the ASR runtime (per-session ones are in AsrOptions)."""
+
+    device: str = "cpu"
+    max_batch: int = 64  # streams per acoustic-model forward pass
+    beam_width: int = 8
+    alpha: float | None = None  # LM weight; None: the artifact's tuned value, else 0.5
+    beta: float | None = None  # word insertion bonus; None: artifact's, else 1.0
+    vad_threshold: float = 0.5
+    session_pool_bytes: int = 512 << 20  # model state of all open streams
+
+
+class AsrRuntime:
+    """What all sessions share: the engine, the decoder with its LM, the frontend, the VAD.
+
+    ``AsrRuntime("model.ds", "lm.arpa")``; ``runtime.stream(**options)`` opens
+    a streaming recognizer (options as in a ``start`` message).
+    """
+
+    def __init__(
+        self,
+        model: str | Path,
+        lm: str | Path | None = None,
+        config: AsrConfig = AsrConfig(),
+        name: str = "asr",
+    ) -> None:
+        from engine import BatchPolicy, InferenceEngine
+
+        self.config = config
+        self.name = name
+        self.engine = InferenceEngine(
+            model,
+            device=config.device,
+            policy=BatchPolicy(max_batch_size=config.max_batch),
+            session_pool_bytes=config.session_pool_bytes,
+            session_idle_timeout_s=float("inf"),  # the server's idle timeout governs
+        )
+        manifest = self.engine.manifest
+        try:
+            self.spec = AsrModelSpec.from_manifest(manifest.extra, self.engine.input_names)
+        except ValueError as exc:
+            raise ValueError(f"{model}: {exc}") from None
+        self.fbank = Fbank(self.spec.fbank).eval()
+        spec = self.spec
+        self.decoder = CTCDecoder(
+            vocabulary=spec.vocabulary,
+            beam_width=config.beam_width,
+            language_model=lm,
+            alpha=_first(config.alpha, spec.alpha, 0.5),
+            beta=_first(config.beta, spec.beta, 1.0),
+            frame_shift_s=spec.frame_shift_s,
+        )
+        self.vad = SileroVad(config=VadConfig(threshold=config.vad_threshold))
+
+    def pipeline(self) -> AsrPipeline:
+        """A new session pipeline (call ``begin`` with options before use)."""
+        return AsrPipeline(self)
+
+    def stream(self, **options: Any) -> AsrPipeline:
+        """A begun pipeline for in-process streaming; ``options`` as in ``start``."""
+        try:
+            opts = parse_task_options("asr", options)
+        except OptionsError as exc:
+            raise ValueError(str(exc)) from None
+        pipe = AsrPipeline(self)
+        pipe.begin(opts)
+        return pipe
+
+    def close(self) -> None:
+        self.engine.close()
+
+
+def _first(*values: float | None) -> float:
+    return float(next(v for v in values if v is not None))
+
+
+class AsrPipeline:
+    """One stream's recognition: the :class:`~dsstream.pipelines.base.Pipeline` calls,
+    plus ``accept``/``flush`` for in-process use."""
+
+    def __init__(self, runtime: AsrRuntime) -> None:
+        self.runtime = runtime
+        self.spec = runtime.spec
+        self.options: AsrOptions | None = None
+        self._ended = False
+
+    # -- Pipeline protocol -----------------------------------------------------------
+
+    def begin(self, options: Any) -> dict[str, Any]:
+        if not isinstance(options, AsrOptions):
+            raise PipelineError(ErrorCode.BAD_MESSAGE, "the ASR pipeline needs asr options", True)
+        rt, spec = self.runtime, self.spec
+        try:
+            self.resampler = StreamingResampler(options.sample_rate, spec.sample_rate)
+        except ResampleError as exc:
+            raise PipelineError(ErrorCode.UNSUPPORTED, str(exc), True) from None
+        from engine.sessions import SessionPoolFull
+
+        try:
+            self.session = rt.engine.open_session()
+        except SessionPoolFull as exc:
+            raise PipelineError(ErrorCode.BUSY, str(exc), True) from None
+        self.options = options
+        self.frontend = StreamingFbank(rt.fbank)
+        self.vad = rt.vad.stream()
+        self.endpointer = Endpointer(options.endpointing)
+        self.hotwords = [(h.phrase, h.boost) for h in options.hotwords]
+        self.overrides = {} if options.lm_weight is None else {"alpha": options.lm_weight}
+        self.pending = np.zeros((0, spec.fbank.n_mels), np.float32)  # features not yet run
+        self.peeked = 0  # output frames of the pending chunk already decoded (flush)
+        self.frames = 0  # output frames decoded in the stream
+        self.samples = 0  # samples received, at the model rate
+        self.segment = 0
+        self.segment_frame = 0  # first output frame of the current segment
+        self.segment_start = 0.0  # seconds: where the previous segment ended
+        self._new_decoder()
+        return {
+            "model": rt.name,
+            "model_sample_rate": spec.sample_rate,
+            "chunk_ms": round(spec.chunk_s * 1000),
+            "language_model": rt.decoder.lm is not None,
+        }
+
+    def step(self, frame: Any) -> list[ServerEvent]:
+        self._check()
+        if isinstance(frame, AudioChunk):
+            return self.accept(frame.samples, frame.sample_rate)
+        if isinstance(frame, Flush):
+            return self.flush()
+        raise PipelineError(
+            ErrorCode.BAD_MESSAGE, f"an asr session does not take {type(frame).__name__} frames"
+        )
+
+    def end(self) -> list[ServerEvent]:
+        """Finalize everything received and release the stream's model state."""
+        if self._ended or self.options is None:
+            self._ended = True
+            return []
+        try:
+            events = self._feed(self.resampler.finish())
+            self._pad_frontend()
+            return events + self._finalize("end")
+        finally:
+            self._ended = True
+            self.session.close()
+
+    # -- in-process calls ---------------------------------------------------------------
+
+    def accept(self, samples: np.ndarray, sample_rate: int | None = None) -> list[ServerEvent]:
+        """Feed float32 mono samples ``[n]`` at the session's rate; the events they produced."""
+        self._check()
+        assert self.options is not None
+        if sample_rate is not None and sample_rate != self.options.sample_rate:
+            raise PipelineError(
+                ErrorCode.BAD_AUDIO,
+                f"audio at {sample_rate} Hz in a session started at {self.options.sample_rate} Hz",
+            )
+        x = np.asarray(samples, dtype=np.float32).reshape(-1)
+        if not np.all(np.isfinite(x)):
+            raise PipelineError(ErrorCode.BAD_AUDIO, "audio contains NaN or infinity")
+        return self._feed(self.resampler.process(x))
+
+    def flush(self) -> list[ServerEvent]:
+        """Finalize what was received so far as a segment; the stream goes on."""
+        self._check()
+        return self._finalize("flush")
+
+    # -- internals ---------------------------------------------------------------------------
+
+    def _check(self) -> None:
+        if self.options is None:
+            raise PipelineError(ErrorCode.BAD_MESSAGE, "the ASR pipeline was not begun")
+        if self._ended:
+            raise PipelineError(ErrorCode.BAD_MESSAGE, "the stream has ended")
+
+    def _new_decoder(self) -> None:
+        offset = self.segment_frame * self.spec.frame_shift_s
+        self.decoder = self.runtime.decoder.begin(self.hotwords, offset, **self.overrides)
+        self.partial_text = ""
+        self.partial_time = -math.inf
+
+    @property
+    def audio_s(self) -> float:
+        return self.samples / self.spec.sample_rate
+
+    def _now(self) -> float:
+        """The decoded position in seconds (to the ms), never past the audio received."""
+        cap = math.floor(self.audio_s * 1000.0 + 1e-6) / 1000.0
+        return min(round(self.frames * self.spec.frame_shift_s, 3), cap)
+
+    def _feed(self, x: np.ndarray) -> list[ServerEvent]:
+        if not len(x):
+            return []
+        self.samples += len(x)
+        self.endpointer.add(self.vad.process(x))
+        feats = self.frontend.process(x)
+        if len(feats):
+            self.pending = np.concatenate([self.pending, feats])
+        events: list[ServerEvent] = []
+        size = self.spec.chunk_frames
+        while len(self.pending) >= size:
+            chunk, self.pending = self.pending[:size], self.pending[size:]
+            logp = self.session.step({"feats": chunk[None]})["logp"][0]
+            self._decode(logp[self.peeked :])
+            self.peeked = 0
+            reason = self.endpointer.check(self.frames * self.spec.frame_shift_s)
+            if reason:
+                events += self._close_segment(reason)
+        return events + self._partial()
+
+    def _decode(self, logp: np.ndarray) -> None:
+        if len(logp):
+            self.decoder.step(logp)
+            self.frames += len(logp)
+
+    def _partial(self) -> list[ServerEvent]:
+        assert self.options is not None
+        now = self._now()
+        if not self.options.partials:
+            return []
+        if (now - self.partial_time) * 1000.0 < self.options.partial_interval_ms:
+            return []
+        text = self.decoder.partial()
+        if not text or text == self.partial_text:
+            return []
+        self.partial_text, self.partial_time = text, now
+        return [Partial(text, self.segment, round(now, 3))]
+
+    def _pad_frontend(self) -> None:
+        """At the end, complete the last frontend window with zeros (the audio's tail)."""
+        cfg = self.spec.fbank
+        held = len(self.frontend.buffer)
+        if held > cfg.win_length - cfg.hop_length:  # samples no frame has covered yet
+            feats = self.frontend.process(np.zeros(cfg.win_length - held, np.float32))
+            self.pending = np.concatenate([self.pending, feats])
+
+    def _finalize(self, reason: str) -> list[ServerEvent]:
+        """Decode the incomplete chunk (zero-padded, state untouched), then close the segment."""
+        spec = self.spec
+        k = len(self.pending)
+        ready = min(math.ceil(k / spec.subsampling), spec.chunk_frames // spec.subsampling)
+        if ready > self.peeked:
+            padded = np.zeros((spec.chunk_frames, spec.fbank.n_mels), np.float32)
+            padded[:k] = self.pending
+            logp = self.session.peek({"feats": padded[None]})["logp"][0]
+            self._decode(logp[self.peeked : ready])
+            self.peeked = ready
+        return self._close_segment(reason)
+
+    def _close_segment(self, reason: str) -> list[ServerEvent]:
+        assert self.options is not None
+        opts, shift = self.options, self.spec.frame_shift_s
+        result = self.decoder.end(opts.nbest)
+        end = self._now()
+        start = min(self.segment_start, end)
+        words: tuple[Word, ...] = ()
+        if opts.word_timestamps:
+            words = tuple(
+                Word(w.word, min(w.start, end), min(w.end, end), w.confidence) for w in result.words
+            )
+        nbest = tuple(Hypothesis(t, round(s, 4)) for t, s in result.nbest) if opts.nbest > 1 else ()
+        events: list[ServerEvent] = [
+            Final(result.text, self.segment, round(start, 3), round(end, 3), words, nbest),
+            Endpoint(self.segment, round(end, 3), reason),
+        ]
+        self.segment += 1
+        self.segment_frame, self.segment_start = self.frames, end
+        self.endpointer.reset(self.frames * shift)
+        self._new_decoder()
+        return events
+
+
+def load(
+    model: Path, lm: Path | None = None, name: str = "asr", **config: Any
+) -> Callable[[], AsrPipeline]:
+    """The registry's entry point: load once, return the per-session factory."""
+    runtime = AsrRuntime(model, lm, replace(AsrConfig(), **config), name=name)
+    return runtime.pipeline

@@ -1,0 +1,116 @@
+"""Voice activity detection for endpointing: Silero VAD through ONNX Runtime.
+
+The ``silero-vad`` package ships its trained model (MIT licence); we load its
+ONNX file with onnxruntime, which the engine already uses, and keep our own
+per-stream state so one model serves every session.  The model takes 512
+samples (32 ms) at 16 kHz per call, preceded by the last 64 samples of the
+previous window, and carries a recurrent state ``[2, 1, 128]``.
+
+Speech is decided with hysteresis as Silero's own ``get_speech_timestamps``
+does: a window starts speech at probability >= ``threshold`` and speech goes
+on until a window falls below ``threshold - 0.15``.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import threading
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+__all__ = ["VadConfig", "SileroVad", "VadStream", "default_model_path"]
+
+SAMPLE_RATE = 16000
+WINDOW = 512  # samples per model call at 16 kHz (32 ms)
+CONTEXT = 64  # samples of the previous window prepended to each call
+
+
+@dataclass(frozen=True)
+class VadConfig:
+    threshold: float = 0.5  # speech probability that starts speech
+    neg_threshold: float | None = None  # below it speech ends; None: threshold - 0.15
+
+    def __post_init__(self) -> None:
+        if not 0.0 < self.threshold < 1.0:
+            raise ValueError(f"VAD threshold must be in (0, 1), got {self.threshold}")
+
+    @property
+    def off(self) -> float:
+        return self.neg_threshold if self.neg_threshold is not None else self.threshold - 0.15
+
+
+def default_model_path() -> Path:
+    """The ONNX model inside the installed ``silero-vad`` package."""
+    spec = importlib.util.find_spec("silero_vad")
+    if spec is None or not spec.submodule_search_locations:
+        raise RuntimeError("the silero-vad package is not installed (pip install silero-vad)")
+    path = Path(next(iter(spec.submodule_search_locations))) / "data" / "silero_vad.onnx"
+    if not path.exists():
+        raise RuntimeError(f"silero-vad is installed but its model is missing: {path}")
+    return path
+
+
+class SileroVad:
+    """The shared model: one ONNX Runtime session, thread-safe, for any number of streams."""
+
+    def __init__(self, path: str | Path | None = None, config: VadConfig = VadConfig()) -> None:
+        import onnxruntime as ort
+
+        options = ort.SessionOptions()
+        # A window is tiny: more threads only add synchronization.
+        options.intra_op_num_threads = 1
+        options.inter_op_num_threads = 1
+        self.session = ort.InferenceSession(
+            str(path or default_model_path()), options, providers=["CPUExecutionProvider"]
+        )
+        self.config = config
+        self._sr = np.array(SAMPLE_RATE, dtype=np.int64)
+        self.calls = 0
+        self._lock = threading.Lock()
+
+    def run(self, windows: np.ndarray, state: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """``windows [B, 64 + 512]``, ``state [2, B, 128]`` -> (probs ``[B]``, new state)."""
+        prob, new_state = self.session.run(None, {"input": windows, "state": state, "sr": self._sr})
+        with self._lock:
+            self.calls += 1
+        return prob[:, 0], new_state
+
+    def stream(self) -> VadStream:
+        return VadStream(self)
+
+
+class VadStream:
+    """One audio stream's VAD: feed 16 kHz samples, get a speech flag per 32 ms window.
+
+    Window ``i`` covers samples ``[512 i, 512 (i + 1))`` of the stream, so the
+    flags do not depend on how the audio was chunked.
+    """
+
+    def __init__(self, model: SileroVad) -> None:
+        self.model = model
+        self.state = np.zeros((2, 1, 128), dtype=np.float32)
+        self.buffer = np.zeros(CONTEXT, dtype=np.float32)  # context + not yet processed
+        self.speaking = False
+        self.windows = 0  # windows processed
+
+    @property
+    def time_s(self) -> float:
+        """End of the last processed window, in seconds from the stream start."""
+        return self.windows * WINDOW / SAMPLE_RATE
+
+    def process(self, samples: np.ndarray) -> list[bool]:
+        """Feed ``[n]`` float32 samples at 16 kHz; the speech flags of the windows completed."""
+        self.buffer = np.concatenate([self.buffer, np.asarray(samples, np.float32).reshape(-1)])
+        out: list[bool] = []
+        on, off = self.model.config.threshold, self.model.config.off
+        while len(self.buffer) >= CONTEXT + WINDOW:
+            window = self.buffer[None, : CONTEXT + WINDOW]
+            prob, self.state = self.model.run(window, self.state)
+            p = float(prob[0])
+            self.speaking = p >= on if not self.speaking else p >= off
+            self.buffer = self.buffer[WINDOW:]
+            self.windows += 1
+            out.append(self.speaking)
+        return out

@@ -1,0 +1,329 @@
+"""The streaming ASR pipeline with a tiny exported model (random, sharpened weights).
+
+The model's text is junk, but deterministic and peaky, so exact comparisons
+hold: streaming against offline, any chunking against any other.  Accuracy is
+tested with the shipped sample model in test_asr_e2e.py.
+"""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+
+import numpy as np
+import pytest
+import soundfile as sf
+import torch
+
+from dsstream.decoding import CTCDecoder
+from dsstream.endpoint import Endpointer
+from dsstream.frontend import Fbank
+from dsstream.options import EndpointOptions
+from dsstream.pipelines.asr import AsrConfig, AsrRuntime
+from dsstream.pipelines.base import PipelineError
+from dsstream.protocol import AudioChunk, Endpoint, Final, ImageData, Partial
+from dsstream.vad import SileroVad
+
+ROOT = Path(__file__).resolve().parents[1]
+CLIPS = ROOT / "samples" / "asr" / "clips"
+
+
+def clip(name: str) -> np.ndarray:
+    audio, rate = sf.read(CLIPS / name, dtype="float32")
+    assert rate == 16000
+    return audio
+
+
+def two_utterances() -> np.ndarray:
+    """Speech, 1.5 s of silence, speech, 1 s of silence."""
+    a, b = clip("heldout-espeak-david.flac"), clip("LJ001-0011.flac")
+    gap = np.zeros(24000, np.float32)
+    return np.concatenate([a, gap, b, gap[:16000]])
+
+
+# -- endpoint rules (pure) ---------------------------------------------------------
+
+
+def test_trailing_silence_after_speech_ends_the_segment():
+    ep = Endpointer(EndpointOptions(trailing_silence_ms=800))
+    ep.add([True] * 20 + [False] * 40)  # 0.64 s of speech then silence
+    assert ep.check(0.64) is None
+    assert ep.check(0.64 + 0.79) is None
+    assert ep.check(0.64 + 0.81) == "trailing_silence"
+
+
+def test_only_windows_ending_by_the_decision_time_count():
+    ep = Endpointer(EndpointOptions(trailing_silence_ms=800))
+    ep.add([False] * 5 + [True] * 20)  # speech from 0.16 s to 0.8 s, all already known
+    assert ep.check(0.32) is None and ep.speech_s == pytest.approx(0.16)
+    ep.add([False] * 40)
+    assert ep.check(1.5) is None  # 0.7 s after the speech ended
+    assert ep.check(1.61) == "trailing_silence"
+
+
+def test_short_blips_are_not_speech_and_silence_ends_without_speech():
+    ep = Endpointer(EndpointOptions(silence_without_speech_ms=2000))
+    ep.add([False] * 10 + [True] * 3 + [False] * 100)  # a 96 ms blip
+    assert ep.check(1.9) is None
+    assert ep.check(2.0) == "no_speech"
+
+
+def test_maximum_length_and_reset():
+    ep = Endpointer(EndpointOptions(max_utterance_ms=3000, trailing_silence_ms=800))
+    ep.add([True] * 200)
+    assert ep.check(2.9) is None
+    assert ep.check(3.0) == "max_length"
+    ep.reset(3.0)
+    assert ep.segment_start == 3.0 and ep.speech_s == 0.0
+    assert ep.check(5.9) is None  # speech goes on in the new segment
+    assert ep.check(6.0) == "max_length"
+
+
+def test_disabled_endpointing_never_fires():
+    ep = Endpointer(EndpointOptions(enabled=False))
+    ep.add([False] * 1000)
+    assert ep.check(30.0) is None
+
+
+# -- VAD ------------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def vad():
+    return SileroVad()
+
+
+def test_vad_finds_speech_not_silence_or_steady_noise(vad):
+    speech = vad.stream().process(clip("LJ001-0011.flac"))
+    assert np.mean(speech) > 0.6
+    assert not any(vad.stream().process(np.zeros(32000, np.float32)))
+    rng = np.random.default_rng(0)
+    noise = (0.1 * rng.standard_normal(48000)).astype(np.float32)  # loud: rms -20 dBFS
+    assert np.mean(vad.stream().process(noise)) < 0.1  # an energy gate would call it speech
+
+
+def test_vad_flags_do_not_depend_on_chunking(vad):
+    audio = clip("heldout-espeak-david.flac")
+    whole = vad.stream().process(audio)
+    s, rng, pieces = vad.stream(), np.random.default_rng(1), []
+    i = 0
+    while i < len(audio):
+        n = int(rng.integers(1, 3000))
+        pieces += s.process(audio[i : i + n])
+        i += n
+    assert pieces == whole and len(whole) == len(audio) // 512
+
+
+# -- the pipeline -----------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory):
+    """A tiny streaming model exported to .ds, and the torch module it came from."""
+    from apps.asr.export import export_streaming
+    from apps.asr.model import AsrModel, ModelConfig
+    from dsstream.frontend import FbankConfig
+
+    torch.manual_seed(0)
+    cfg = ModelConfig(d_model=32, layers=2, heads=2, conv_kernel=5, sub_channels=8, chunk=4,
+                      left=8)  # fmt: skip
+    model = AsrModel(cfg).eval()
+    with torch.no_grad():  # peaky outputs: decisions far from float noise
+        model.head.weight.mul_(40.0)
+        model.head.bias[0] += 4.0  # and mostly blank, like a trained CTC model
+    fbank = FbankConfig(mean=(-6.0,) * 80, std=(4.0,) * 80)
+    path = export_streaming(model, fbank, tmp_path_factory.mktemp("asr") / "tiny.ds")
+    return path, model, fbank
+
+
+@pytest.fixture(scope="module")
+def runtime(tiny):
+    rt = AsrRuntime(tiny[0], config=AsrConfig(beam_width=4))
+    yield rt
+    rt.close()
+
+
+def run(pipe, audio: np.ndarray, sizes) -> list:
+    events, i = [], 0
+    for n in sizes:
+        if i >= len(audio):
+            break
+        events += pipe.accept(audio[i : i + n])
+        i += n
+    if i < len(audio):
+        events += pipe.accept(audio[i:])
+    return events + pipe.end()
+
+
+def finals(events) -> list[Final]:
+    return [e for e in events if isinstance(e, Final)]
+
+
+def test_any_chunking_gives_the_same_segments_and_finals(runtime):
+    audio = two_utterances()
+    whole = run(runtime.stream(), audio, [len(audio)])
+    rng = np.random.default_rng(2)
+    chunked = run(runtime.stream(), audio, rng.integers(1, 4000, size=10_000).tolist())
+    strip = [e for e in whole if not isinstance(e, Partial)]
+    assert strip == [e for e in chunked if not isinstance(e, Partial)]
+    endpoints = [e for e in whole if isinstance(e, Endpoint)]
+    # The VAD closes the first utterance in the gap, and the end closes the second.
+    assert [e.reason for e in endpoints] == ["trailing_silence", "end"] or [
+        e.reason for e in endpoints
+    ] == ["trailing_silence", "trailing_silence", "end"]
+    assert 3.9 < endpoints[0].time < 3.9 + 1.5
+
+
+def test_streaming_finals_equal_offline_decoding_of_the_same_segments(tiny, runtime):
+    path, model, fbank_cfg = tiny
+    audio = two_utterances()
+    pipe = runtime.stream()
+    events = run(pipe, audio, [1600] * 1000)
+    # Offline: the whole file through the model with the chunk mask, once.
+    wave = np.concatenate([audio, np.zeros(400, np.float32)])  # the tail the pipeline pads
+    with torch.no_grad():
+        feats = Fbank(fbank_cfg)(torch.from_numpy(wave)[None])
+        n = feats.shape[1]
+        chunk = 4 * model.cfg.chunk
+        feats = torch.nn.functional.pad(feats, (0, 0, 0, -n % chunk))
+        logp = model(feats)[0].numpy()
+    total = math.ceil(Fbank(fbank_cfg).frames(len(audio) + 400) / 4)
+    assert pipe.frames == total
+    decoder = CTCDecoder(beam_width=4)
+    bounds = [round(e.time / 0.04) for e in events if isinstance(e, Endpoint)][:-1] + [total]
+    start, expected = 0, []
+    for stop in bounds:
+        expected.append(decoder.decode(logp[start:stop]).text)
+        start = stop
+    got = [f.text for f in finals(events)]
+    assert got == expected
+    assert any(got)  # the model says something
+
+
+def test_words_are_timed_inside_the_audio_and_ordered(runtime):
+    audio = two_utterances()
+    events = run(runtime.stream(), audio, [3200] * 100)
+    duration = len(audio) / 16000
+    last = 0.0
+    for final in finals(events):
+        assert final.start <= final.end <= duration
+        for w in final.words:
+            assert final.start - 1e-6 <= w.start < w.end <= final.end + 1e-6
+            assert w.start >= last - 1e-6 and 0.0 <= w.confidence <= 1.0
+            last = w.start
+        assert " ".join(w.word for w in final.words) == final.text
+
+
+def test_partials_come_before_their_final_and_respect_the_interval(runtime):
+    audio = two_utterances()
+    pipe = runtime.stream(partial_interval_ms=500)
+    events = run(pipe, audio, [1600] * 1000)
+    seen_final: set[int] = set()
+    times: dict[int, list[float]] = {}
+    for e in events:
+        if isinstance(e, Partial):
+            assert e.segment not in seen_final
+            times.setdefault(e.segment, []).append(e.time)
+        elif isinstance(e, Final):
+            seen_final.add(e.segment)
+    assert times, "no partials"
+    for ts in times.values():
+        assert all(b - a >= 0.5 - 1e-9 for a, b in zip(ts, ts[1:]))
+    quiet = run(runtime.stream(partials=False), audio, [1600] * 1000)
+    assert not any(isinstance(e, Partial) for e in quiet)
+    assert finals(quiet) == finals(events)
+
+
+def test_flush_finalizes_and_every_frame_is_decoded_once(runtime):
+    audio = clip("LJ001-0011.flac")
+    pipe = runtime.stream(endpointing=False)
+    events = pipe.accept(audio[:30000])
+    flushed = pipe.flush()
+    assert [type(e) for e in flushed] == [Final, Endpoint] and flushed[1].reason == "flush"
+    assert flushed[1].time == pytest.approx(30000 / 16000, abs=0.05)
+    assert pipe.flush()[0].text == ""  # nothing new since
+    events += pipe.accept(audio[30000:]) + pipe.end()
+    total = math.ceil(Fbank().frames(len(audio) + 400) / 4)
+    assert pipe.frames == total
+    last = finals(events)[-1]
+    assert last.start == pytest.approx(flushed[1].time, abs=1e-6)
+    assert last.end == pytest.approx(len(audio) / 16000, abs=1e-3)
+
+
+def test_resampled_input_is_segmented_like_the_original(runtime):
+    import torchaudio.functional as AF
+
+    def resample(x, a, b):
+        return AF.resample(torch.from_numpy(x), a, b).numpy()
+
+    audio = two_utterances()
+    base = [e for e in run(runtime.stream(), audio, [1600] * 1000) if isinstance(e, Endpoint)]
+    for rate in (8000, 44100):
+        x = resample(audio, 16000, rate)
+        got = run(runtime.stream(sample_rate=rate), x, [rate // 10] * 1000)
+        eps = [e for e in got if isinstance(e, Endpoint)]
+        assert [e.reason for e in eps] == [e.reason for e in base]
+        assert all(abs(a.time - b.time) <= 0.33 for a, b in zip(eps, base))
+
+
+def test_bad_input_is_refused_and_the_stream_goes_on(runtime):
+    pipe = runtime.stream()
+    with pytest.raises(PipelineError) as err:
+        pipe.accept(np.array([0.0, np.nan], np.float32))
+    assert err.value.code.value == "bad_audio" and not err.value.fatal
+    with pytest.raises(PipelineError):
+        pipe.step(ImageData(b"\x89PNG"))
+    with pytest.raises(PipelineError):
+        pipe.step(AudioChunk(np.zeros(10, np.float32), 8000))  # not the session's rate
+    events = run(pipe, clip("heldout-espeak-david.flac"), [1600] * 100)
+    assert finals(events)
+    with pytest.raises(PipelineError):
+        pipe.accept(np.zeros(100, np.float32))  # ended
+
+
+def test_options_are_validated_and_reported(runtime):
+    with pytest.raises(ValueError, match="lm_weight"):
+        runtime.stream(lm_weight=-1)
+    pipe = runtime.pipeline()
+    from dsstream.options import AsrOptions
+
+    eff = pipe.begin(AsrOptions(sample_rate=8000))
+    assert eff["model_sample_rate"] == 16000 and eff["chunk_ms"] == 160
+    assert eff["language_model"] is False
+    pipe.end()
+
+
+def test_model_state_is_released_at_the_end(runtime):
+    before = runtime.engine.sessions.stats()["sessions"]
+    pipes = [runtime.stream() for _ in range(3)]
+    assert runtime.engine.sessions.stats()["sessions"] == before + 3
+    for p in pipes:
+        p.end()
+    assert runtime.engine.sessions.stats()["sessions"] == before
+
+
+def test_state_pool_full_is_busy(tiny):
+    rt = AsrRuntime(tiny[0], config=AsrConfig(session_pool_bytes=1))
+    from dsstream.options import AsrOptions
+
+    with pytest.raises(PipelineError) as err:
+        rt.pipeline().begin(AsrOptions())
+    assert err.value.code.value == "busy" and err.value.fatal
+    rt.close()
+
+
+def test_a_whole_utterance_artifact_is_refused_clearly(tmp_path):
+    from apps.asr.export import export_ctc
+
+    class Tiny(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.conv = torch.nn.Conv1d(1, 29, 320, stride=320)
+
+        def forward(self, wave):
+            return self.conv(wave[:, None]).transpose(1, 2)
+
+    path = export_ctc(Tiny(), ["<blank>", "|", "'", *"abcdefghijklmnopqrstuvwxyz"],
+                      tmp_path / "w.ds")  # fmt: skip
+    with pytest.raises(ValueError, match="whole-utterance"):
+        AsrRuntime(path)
