@@ -7,7 +7,7 @@ Three ways in: a WebSocket service (``dsstream serve``), an embeddable SDK
 __version__ = "0.1.0"
 
 from dsstream.client import BlockingClient, Client, ServerError  # noqa: E402
-from dsstream.local import LocalSession  # noqa: E402
+from dsstream.local import LocalSession, Transcript, transcribe  # noqa: E402
 from dsstream.options import AsrOptions, EndpointOptions, Hotword, VqaOptions  # noqa: E402
 from dsstream.protocol import (  # noqa: E402
     Answer,
@@ -27,6 +27,10 @@ __all__ = [
     "BlockingClient",
     "ServerError",
     "LocalSession",
+    "Transcript",
+    "transcribe",
+    "AsrRuntime",
+    "AsrPipeline",
     "AsrOptions",
     "VqaOptions",
     "EndpointOptions",
@@ -41,3 +45,11 @@ __all__ = [
     "ErrorCode",
     "Word",
 ]
+
+
+def __getattr__(name: str):  # the ASR runtime imports torch: load it on first use only
+    if name in ("AsrRuntime", "AsrPipeline"):
+        from dsstream.pipelines import asr
+
+        return getattr(asr, name)
+    raise AttributeError(f"module 'dsstream' has no attribute {name!r}")

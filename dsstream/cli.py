@@ -129,9 +129,6 @@ def _serve(args: argparse.Namespace) -> int:
         worker_threads=args.threads,
     )
     registry = default_registry(args.samples)
-    for task, models in registry.describe().items():
-        for name, state in models.items():
-            print(f"{task}: {name}: {state}", flush=True)
     asyncio.run(run_server(registry, config))
     return 0
 

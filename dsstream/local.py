@@ -6,6 +6,8 @@
 
 from __future__ import annotations
 
+import threading
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -17,13 +19,15 @@ from dsstream.protocol import (
     Answer,
     AudioChunk,
     ErrorCode,
+    Final,
     Flush,
     ImageData,
     Question,
     ServerEvent,
+    Word,
 )
 
-__all__ = ["LocalSession"]
+__all__ = ["LocalSession", "Transcript", "transcribe"]
 
 
 class LocalSession:
@@ -37,9 +41,7 @@ class LocalSession:
 
     def __init__(self, task: str, registry: PipelineRegistry | None = None, **options: Any):
         if registry is None:
-            from dsstream.pipelines.defaults import default_registry
-
-            registry = default_registry()
+            registry = _shared_registry()
         try:
             self.options = parse_task_options(task, options)
         except OptionsError as exc:
@@ -91,3 +93,69 @@ class LocalSession:
 
     def __exit__(self, *exc: object) -> None:
         self.end()
+
+
+_registry: PipelineRegistry | None = None
+_registry_lock = threading.Lock()
+
+
+def _shared_registry() -> PipelineRegistry:
+    """The sample models, loaded once per process however many sessions use them."""
+    global _registry
+    with _registry_lock:
+        if _registry is None:
+            from dsstream.pipelines.defaults import default_registry
+
+            _registry = default_registry()
+        return _registry
+
+
+@dataclass(frozen=True)
+class Transcript:
+    """A whole recording's recognition: one ``Final`` per segment (endpoints split them)."""
+
+    text: str  # the segments' texts joined by spaces
+    segments: tuple[Final, ...]
+
+    @property
+    def words(self) -> tuple[Word, ...]:
+        return tuple(w for seg in self.segments for w in seg.words)
+
+
+def transcribe(
+    audio: str | Path | np.ndarray,
+    sample_rate: int | None = None,
+    registry: PipelineRegistry | None = None,
+    **options: Any,
+) -> Transcript:
+    """Transcribe a file or an array in this process, with the sample model by default.
+
+    ``audio`` is a path (any format soundfile reads; multichannel is averaged)
+    or float samples ``[n]`` or ``[n, channels]`` at ``sample_rate`` Hz
+    (default 16000).  ``options`` are those of a ``start`` message (hotwords,
+    nbest, lm_weight, endpointing...).  The audio is streamed through the same
+    pipeline as the server's, so the result equals a live session's finals.
+    """
+    from dsstream.audio import load_audio
+
+    if isinstance(audio, (str, Path)):
+        if sample_rate is not None:
+            raise ValueError("sample_rate is read from the file; pass it only with an array")
+        samples, rate = load_audio(audio)
+    else:
+        samples = np.asarray(audio, dtype=np.float32)
+        if samples.ndim == 2:
+            samples = samples.mean(axis=1)
+        if samples.ndim != 1:
+            raise ValueError(f"audio must be [n] or [n, channels], got shape {samples.shape}")
+        rate = 16000 if sample_rate is None else int(sample_rate)
+    finals: list[Final] = []
+    session = LocalSession("asr", registry, sample_rate=rate, **options)
+    try:
+        step = rate * 10  # 10 s pieces: memory stays flat on long files
+        for i in range(0, len(samples), step):
+            finals += [e for e in session.send_audio(samples[i : i + step]) if isinstance(e, Final)]
+    finally:
+        finals += [e for e in session.end() if isinstance(e, Final)]
+    text = " ".join(f.text for f in finals if f.text)
+    return Transcript(text, tuple(finals))

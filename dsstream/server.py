@@ -255,6 +255,15 @@ async def run_server(registry: PipelineRegistry, config: ServerConfig) -> None:
     """Start a server and serve until SIGINT/SIGTERM, then shut down gracefully."""
     server = StreamServer(registry, config)
     await server.start()
+    # Load the installed models now, so the first client does not wait for them.
+    loop = asyncio.get_running_loop()
+    for task, models in registry.describe().items():
+        for name, status in models.items():
+            if status == "ok":
+                await loop.run_in_executor(server.executor, registry.resolve(task, name).create)
+                print(f"{task}: {name}: loaded", flush=True)
+            else:
+                print(f"{task}: {name}: {status}", flush=True)
     print(f"dsstream {__version__} serving {server.url}", flush=True)
     print(f"demo page: {server.http_url}", flush=True)
     await server.serve_forever()

@@ -1,0 +1,185 @@
+"""End to end with the shipped sample model and LM: over loopback, in process, and the CLI.
+
+The word error bounds are the clip scores in samples/asr/MODEL.md (with a
+margin of one word for the resampled and telephone paths).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import subprocess
+import sys
+import threading
+from pathlib import Path
+
+import numpy as np
+import pytest
+import soundfile as sf
+import torch
+import torchaudio.functional as AF
+from conftest import async_test, running_server
+
+from dsstream.client import Client
+from dsstream.evaluation import wer
+from dsstream.local import transcribe
+from dsstream.pipelines.defaults import SAMPLES_DIR, default_registry
+from dsstream.protocol import Ended, Final, Partial
+
+CLIPS = SAMPLES_DIR / "asr" / "clips"
+REFS = dict(
+    line.split("\t") for line in (CLIPS / "transcripts.tsv").read_text().strip().splitlines()
+)
+# Word error rate of each shipped clip with the shipped model and LM (MODEL.md).
+CARD_WER = {"heldout-espeak-david.flac": 0.50, "LJ001-0011.flac": 0.80}
+
+pytestmark = pytest.mark.skipif(
+    not (SAMPLES_DIR / "asr" / "model.ds").exists(),
+    reason="the sample ASR model is not in samples/asr (python -m apps.asr.export)",
+)
+
+
+@pytest.fixture(scope="module")
+def registry():
+    return default_registry()
+
+
+def clip(name: str) -> tuple[np.ndarray, int]:
+    audio, rate = sf.read(CLIPS / name, dtype="float32")
+    return audio, rate
+
+
+def resample(x: np.ndarray, a: int, b: int) -> np.ndarray:
+    return AF.resample(torch.from_numpy(x), a, b).numpy()
+
+
+def text_of(events) -> str:
+    return " ".join(e.text for e in events if isinstance(e, Final) and e.text)
+
+
+async def stream(server, audio, rate, **options) -> list:
+    async with Client(server.url) as client:
+        return [e async for e in client.transcribe((audio, rate), chunk_ms=100, **options)]
+
+
+@pytest.mark.parametrize("name", sorted(CARD_WER))
+@async_test
+async def test_clips_over_loopback_score_as_the_model_card_says(registry, name):
+    audio, rate = clip(name)
+    async with running_server(registry) as server:
+        events = await stream(server, audio, rate)
+    assert isinstance(events[-1], Ended) and events[-1].reason == "client"
+    assert wer([REFS[name]], [text_of(events)]) <= CARD_WER[name] + 1e-9
+    kinds = [e.type for e in events]
+    assert "partial" in kinds and kinds.index("partial") < kinds.index("final")
+    duration = len(audio) / rate
+    words = [w for e in events if isinstance(e, Final) for w in e.words]
+    assert words and all(0 <= w.start < w.end <= duration + 1e-6 for w in words)
+    assert all(a.start <= b.start for a, b in zip(words, words[1:]))
+
+
+@async_test
+async def test_rates_encodings_and_stereo(registry):
+    name = "heldout-espeak-david.flac"
+    audio, rate = clip(name)
+    one_word = 1 / len(REFS[name].split())
+    async with running_server(registry) as server:
+        base = text_of(await stream(server, audio, rate))
+        hi = text_of(await stream(server, resample(audio, rate, 44100), 44100, encoding="f32le"))
+        tel = text_of(await stream(server, resample(audio, rate, 8000), 8000))
+        stereo = np.stack([audio, audio], axis=1).reshape(-1)  # interleaved
+        async with Client(server.url) as client:
+            await client.start("asr", sample_rate=rate, channels=2)
+            for i in range(0, len(stereo), 3200):
+                await client.send_audio(stereo[i : i + 3200])
+            await client.end()
+            two = text_of([e async for e in client.events()])
+    assert two == base  # both channels equal: the downmix is the mono signal
+    assert wer([REFS[name]], [hi]) <= CARD_WER[name] + one_word
+    assert wer([REFS[name]], [tel]) <= CARD_WER[name] + 2 * one_word
+
+
+def test_hotwords_change_what_they_should(registry):
+    name = "heldout-espeak-david.flac"
+    audio, rate = clip(name)
+    plain = transcribe(audio, rate, registry=registry).text
+    missed = [w for w in REFS[name].split() if w not in plain.split()]
+    if not missed:
+        pytest.skip("the model already gets every word of the clip")
+    boosted = transcribe(audio, rate, registry=registry, hotwords=[
+        {"phrase": w, "boost": 8.0} for w in missed]).text  # fmt: skip
+    recovered = [w for w in missed if w in boosted.split()]
+    assert recovered, (plain, boosted)
+    assert wer([REFS[name]], [boosted]) < wer([REFS[name]], [plain])
+
+
+def test_in_process_transcribe_equals_the_server(registry):
+    name = "LJ001-0011.flac"
+    audio, rate = clip(name)
+
+    async def remote():
+        async with running_server(registry) as server:
+            return text_of(await stream(server, audio, rate))
+
+    local = transcribe(CLIPS / name, registry=registry)
+    assert local.text == asyncio.run(remote())
+    assert local.words and local.segments[-1].end <= len(audio) / rate + 1e-6
+
+
+def _cli(*args: str) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "dsstream.cli", *args], capture_output=True,
+                          text=True, timeout=180)  # fmt: skip
+
+
+def test_cli_transcribes_with_and_without_a_server(registry):
+    name = "heldout-espeak-david.flac"
+    path = str(CLIPS / name)
+    local = _cli("transcribe", path)
+    assert local.returncode == 0, local.stderr
+    ready, holder = threading.Event(), {}
+
+    async def serve():
+        async with running_server(registry) as server:
+            holder["url"], holder["stop"] = server.url, asyncio.Event()
+            ready.set()
+            await holder["stop"].wait()
+
+    loop = asyncio.new_event_loop()
+    thread = threading.Thread(target=loop.run_until_complete, args=(serve(),))
+    thread.start()
+    try:
+        assert ready.wait(60)
+        remote = _cli("transcribe", path, "--server", holder["url"], "--json")
+    finally:
+        loop.call_soon_threadsafe(holder["stop"].set)
+        thread.join(30)
+    assert remote.returncode == 0, remote.stderr
+    finals = [json.loads(x) for x in remote.stdout.splitlines()]
+    remote_text = " ".join(e["text"] for e in finals if e["type"] == "final" and e["text"])
+    assert " ".join(local.stdout.split()) == remote_text
+    assert wer([REFS[name]], [remote_text]) <= CARD_WER[name] + 1e-9
+
+
+def test_partials_arrive_while_audio_is_still_being_sent(registry):
+    """Real-time pace: the first partial comes long before the audio is all sent."""
+    name = "LJ001-0011.flac"
+    audio, rate = clip(name)
+
+    async def run():
+        loop = asyncio.get_running_loop()
+        async with running_server(registry) as server, Client(server.url) as client:
+            t0 = loop.time()
+            first = None
+            async for e in client.transcribe((audio, rate), chunk_ms=100, realtime=True):
+                if isinstance(e, Partial) and first is None:
+                    first = loop.time() - t0
+            return first
+
+    first = asyncio.run(run())
+    assert first is not None and first < len(audio) / rate - 1.0
+
+
+def test_model_card_exists_and_names_its_scores():
+    card = (Path(SAMPLES_DIR) / "asr" / "MODEL.md").read_text()
+    for key in ("CER", "WER", "LJ001", "held-out"):
+        assert key in card

@@ -1,0 +1,64 @@
+"""The demo page in a real browser: headless Chromium with a fake microphone
+fed from a shipped clip transcribes it live through the sample model.
+
+Needs Debian's ``chromium`` (.ci/run installs it) and the shipped model; the
+screenshot is kept in artifacts/test/ for a person to look at.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+import soundfile as sf
+from browser import Browser, chromium_path
+from conftest import async_test, running_server
+
+from dsstream.evaluation import wer
+from dsstream.pipelines.defaults import SAMPLES_DIR, default_registry
+
+ROOT = Path(__file__).resolve().parents[1]
+CLIP = SAMPLES_DIR / "asr" / "clips" / "heldout-espeak-david.flac"
+REFERENCE = "sherlock holmes had sprung out and seized the intruder by the collar"
+
+pytestmark = [
+    pytest.mark.skipif(chromium_path() is None, reason="chromium is not installed"),
+    pytest.mark.skipif(
+        not (SAMPLES_DIR / "asr" / "model.ds").exists(), reason="no sample ASR model"
+    ),
+]
+
+
+@async_test
+async def test_demo_page_transcribes_a_fake_microphone(tmp_path):
+    audio, rate = sf.read(CLIP, dtype="float32")
+    # Chromium loops the file: silence after the speech lets the VAD close the segment.
+    wav = tmp_path / "mic.wav"
+    sf.write(wav, np.concatenate([np.zeros(rate // 2), audio, np.zeros(2 * rate)]), rate,
+             subtype="PCM_16")  # fmt: skip
+    flags = [
+        "--use-fake-ui-for-media-stream",
+        "--use-fake-device-for-media-stream",
+        f"--use-file-for-fake-audio-capture={wav}",
+        "--autoplay-policy=no-user-gesture-required",
+    ]
+    async with running_server(default_registry()) as server:
+        async with Browser(flags) as browser:
+            await browser.open(server.http_url)
+            await browser.wait_for(
+                "document.getElementById('health').textContent.includes('ready')"
+            )
+            await browser.eval("document.getElementById('mic-start').click()")
+            await browser.wait_for(
+                "document.getElementById('asr-status').textContent.startsWith('listening')"
+            )
+            first = await browser.wait_for(
+                "document.querySelector('#finals .final-segment')?.textContent", timeout=60
+            )
+            shot = await browser.screenshot(ROOT / "artifacts" / "test" / "browser-demo.png")
+            status = await browser.eval("document.getElementById('asr-status').textContent")
+    assert shot.stat().st_size > 10_000
+    assert "Hz" in status  # the page reports the rate it captured at
+    # The page's first final is the clip as the model heard it through the browser.
+    assert wer([REFERENCE], [first]) <= 0.75, first
