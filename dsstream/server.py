@@ -18,6 +18,7 @@ import signal
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass, field
 from importlib import resources
+from typing import Any
 from urllib.parse import parse_qs, urlsplit
 
 from websockets.asyncio.server import Server, ServerConnection, serve
@@ -80,6 +81,7 @@ class StreamServer:
         self.registry = registry
         self.config = config or ServerConfig()
         self.metrics = metrics or ServerMetrics()
+        self._adopted: set[int] = set()  # ids of collectors already on /metrics
         self.executor = ThreadPoolExecutor(self.config.worker_threads, "dsstream-pipeline")
         self.active_sessions = 0
         self.runners: set[SessionRunner] = set()
@@ -88,6 +90,13 @@ class StreamServer:
         self._closed: asyncio.Event | None = None
 
     # -- lifecycle -------------------------------------------------------------
+
+    def adopt_metrics(self, factory: Any) -> None:
+        """Expose a loaded model's collectors (engine, pipeline stages) on /metrics, once."""
+        for collector in getattr(factory, "collectors", lambda: [])():
+            if id(collector) not in self._adopted:
+                self._adopted.add(id(collector))
+                self.metrics.include(collector)
 
     async def start(self) -> None:
         limits = self.config.limits
@@ -260,7 +269,9 @@ async def run_server(registry: PipelineRegistry, config: ServerConfig) -> None:
     for task, models in registry.describe().items():
         for name, status in models.items():
             if status == "ok":
-                await loop.run_in_executor(server.executor, registry.resolve(task, name).create)
+                factory = registry.resolve(task, name)
+                await loop.run_in_executor(server.executor, factory.create)
+                server.adopt_metrics(factory)
                 print(f"{task}: {name}: loaded", flush=True)
             else:
                 print(f"{task}: {name}: {status}", flush=True)

@@ -222,6 +222,7 @@ class SessionRunner:
         self.metrics.sessions_active.labels(request.task).inc()
         try:
             self.pipeline = await self._call(factory.create)
+            server.adopt_metrics(factory)
             effective = await self._call(self.pipeline.begin, request.options)
         except PipelineError as exc:
             self._release()

@@ -327,3 +327,51 @@ def test_a_whole_utterance_artifact_is_refused_clearly(tmp_path):
                       tmp_path / "w.ds")  # fmt: skip
     with pytest.raises(ValueError, match="whole-utterance"):
         AsrRuntime(path)
+
+
+def test_stage_times_are_counted_and_exposed(runtime):
+    from prometheus_client import CollectorRegistry, generate_latest
+
+    before = runtime.times.snapshot()
+    run(runtime.stream(), clip("heldout-espeak-david.flac"), [1600] * 100)
+    after = runtime.times.snapshot()
+    assert after["audio_s"] - before["audio_s"] == pytest.approx(
+        len(clip("heldout-espeak-david.flac")) / 16000, abs=0.03
+    )
+    for stage in ("vad", "frontend", "encoder", "decoder"):
+        assert after["seconds"][stage] > before["seconds"][stage]
+    registry = CollectorRegistry()
+    for c in runtime.collectors():
+        registry.register(c)
+    text = generate_latest(registry).decode()
+    assert 'dsstream_asr_stage_seconds_total{stage="encoder"}' in text
+    assert "engine_requests_total" in text
+
+
+def test_the_server_runs_the_asr_pipeline_and_exposes_its_metrics(tiny):
+    import asyncio
+    import urllib.request
+
+    from conftest import running_server
+
+    from dsstream.client import Client
+    from dsstream.pipelines.base import ArtifactPipelineFactory, PipelineRegistry
+
+    factory = ArtifactPipelineFactory("asr", "tiny", {"model": tiny[0]},
+                                      "dsstream.pipelines.asr:load")  # fmt: skip
+    audio = clip("heldout-espeak-david.flac")
+
+    async def main():
+        async with running_server(PipelineRegistry([factory])) as server:
+            async with Client(server.url) as client:
+                events = [e async for e in client.transcribe((audio, 16000), encoding="f32le")]
+            loop = asyncio.get_running_loop()
+            url = server.http_url + "metrics"
+            body = await loop.run_in_executor(None, lambda: urllib.request.urlopen(url).read())
+            return events, body.decode()
+
+    events, metrics = asyncio.run(main())
+    assert any(isinstance(e, Final) for e in events)
+    assert events[-1].type == "ended"
+    assert 'dsstream_asr_stage_seconds_total{stage="decoder"}' in metrics
+    assert "engine_batch_size_requests" in metrics

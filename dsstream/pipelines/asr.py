@@ -21,9 +21,11 @@ every output frame is decoded exactly once.
 from __future__ import annotations
 
 import math
+import threading
+import time
 from dataclasses import dataclass, replace
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import numpy as np
 
@@ -46,7 +48,57 @@ from dsstream.protocol import (
 )
 from dsstream.vad import SileroVad, VadConfig
 
-__all__ = ["AsrModelSpec", "AsrConfig", "AsrRuntime", "AsrPipeline", "load"]
+__all__ = ["AsrModelSpec", "AsrConfig", "AsrRuntime", "AsrPipeline", "StageTimes", "load"]
+
+STAGES = ("resample", "vad", "frontend", "encoder", "decoder")
+
+
+class StageTimes:
+    """Wall seconds spent per pipeline stage, summed over all sessions (thread-safe).
+
+    ``encoder`` is the time a stream waits for its batched model step, queueing
+    included; the engine's own stats split queueing from compute.
+    """
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self.seconds = dict.fromkeys(STAGES, 0.0)
+        self.audio_s = 0.0  # audio processed, seconds at the model rate
+
+    def add(self, local: dict[str, float], audio_s: float) -> None:
+        with self._lock:
+            for stage, t in local.items():
+                self.seconds[stage] += t
+            self.audio_s += audio_s
+
+    def snapshot(self) -> dict[str, Any]:
+        with self._lock:
+            return {"audio_s": self.audio_s, "seconds": dict(self.seconds)}
+
+    def collector(self) -> Any:
+        from prometheus_client.core import CounterMetricFamily
+
+        times = self
+
+        class _Collector:
+            def collect(self) -> Any:
+                snap = times.snapshot()
+                stages = CounterMetricFamily(
+                    "dsstream_asr_stage_seconds", "Wall time per ASR pipeline stage",
+                    labels=["stage"],
+                )  # fmt: skip
+                for stage, t in snap["seconds"].items():
+                    stages.add_metric([stage], t)
+                yield stages
+                yield CounterMetricFamily(
+                    "dsstream_asr_audio_seconds", "Audio processed by the ASR pipeline",
+                    snap["audio_s"],
+                )  # fmt: skip
+
+            def describe(self) -> list[Any]:
+                return []
+
+        return _Collector()
 
 
 @dataclass(frozen=True)
@@ -150,10 +202,18 @@ class AsrRuntime:
             frame_shift_s=spec.frame_shift_s,
         )
         self.vad = SileroVad(config=VadConfig(threshold=config.vad_threshold))
+        self.times = StageTimes()
+        self._collectors = [self.engine.prometheus(), self.times.collector()]
 
     def pipeline(self) -> AsrPipeline:
         """A new session pipeline (call ``begin`` with options before use)."""
         return AsrPipeline(self)
+
+    __call__ = pipeline  # the registry's per-session factory
+
+    def collectors(self) -> list[Any]:
+        """Prometheus collectors: the engine's stats and the stage times."""
+        return list(self._collectors)
 
     def stream(self, **options: Any) -> AsrPipeline:
         """A begun pipeline for in-process streaming; ``options`` as in ``start``."""
@@ -200,6 +260,7 @@ class AsrPipeline:
         except SessionPoolFull as exc:
             raise PipelineError(ErrorCode.BUSY, str(exc), True) from None
         self.options = options
+        self._times = dict.fromkeys(STAGES, 0.0)
         self.frontend = StreamingFbank(rt.fbank)
         self.vad = rt.vad.stream()
         self.endpointer = Endpointer(options.endpointing)
@@ -257,7 +318,10 @@ class AsrPipeline:
         x = np.asarray(samples, dtype=np.float32).reshape(-1)
         if not np.all(np.isfinite(x)):
             raise PipelineError(ErrorCode.BAD_AUDIO, "audio contains NaN or infinity")
-        return self._feed(self.resampler.process(x))
+        t0 = time.perf_counter()
+        y = self.resampler.process(x)
+        self._times["resample"] += time.perf_counter() - t0
+        return self._feed(y)
 
     def flush(self) -> list[ServerEvent]:
         """Finalize what was received so far as a segment; the stream goes on."""
@@ -290,26 +354,38 @@ class AsrPipeline:
     def _feed(self, x: np.ndarray) -> list[ServerEvent]:
         if not len(x):
             return []
+        times = self._times
         self.samples += len(x)
+        t0 = time.perf_counter()
         self.endpointer.add(self.vad.process(x))
+        t1 = time.perf_counter()
         feats = self.frontend.process(x)
+        times["vad"] += t1 - t0
+        times["frontend"] += time.perf_counter() - t1
         if len(feats):
             self.pending = np.concatenate([self.pending, feats])
         events: list[ServerEvent] = []
         size = self.spec.chunk_frames
         while len(self.pending) >= size:
             chunk, self.pending = self.pending[:size], self.pending[size:]
+            t0 = time.perf_counter()
             logp = self.session.step({"feats": chunk[None]})["logp"][0]
+            times["encoder"] += time.perf_counter() - t0
             self._decode(logp[self.peeked :])
             self.peeked = 0
             reason = self.endpointer.check(self.frames * self.spec.frame_shift_s)
             if reason:
                 events += self._close_segment(reason)
-        return events + self._partial()
+        events += self._partial()
+        self.runtime.times.add(times, len(x) / self.spec.sample_rate)
+        self._times = dict.fromkeys(STAGES, 0.0)
+        return events
 
     def _decode(self, logp: np.ndarray) -> None:
         if len(logp):
+            t0 = time.perf_counter()
             self.decoder.step(logp)
+            self._times["decoder"] += time.perf_counter() - t0
             self.frames += len(logp)
 
     def _partial(self) -> list[ServerEvent]:
@@ -369,9 +445,6 @@ class AsrPipeline:
         return events
 
 
-def load(
-    model: Path, lm: Path | None = None, name: str = "asr", **config: Any
-) -> Callable[[], AsrPipeline]:
-    """The registry's entry point: load once, return the per-session factory."""
-    runtime = AsrRuntime(model, lm, replace(AsrConfig(), **config), name=name)
-    return runtime.pipeline
+def load(model: Path, lm: Path | None = None, name: str = "asr", **config: Any) -> AsrRuntime:
+    """The registry's entry point: load once; the runtime, called, makes a session pipeline."""
+    return AsrRuntime(model, lm, replace(AsrConfig(), **config), name=name)

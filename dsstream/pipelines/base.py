@@ -70,6 +70,9 @@ class PipelineFactory(Protocol):
     def create(self) -> Pipeline:
         """A fresh pipeline for one session (shared weights are loaded once)."""
 
+    def collectors(self) -> list[Any]:
+        """Prometheus collectors of the loaded model (none before the first ``create``)."""
+
 
 @dataclass
 class ArtifactPipelineFactory:
@@ -78,7 +81,8 @@ class ArtifactPipelineFactory:
     ``entry`` is ``"module:callable"``; the callable receives ``files`` and
     ``name`` as keyword arguments once (lazily, on the first session) and returns a
     zero-argument callable that makes one pipeline per session, so weights are
-    loaded once per process.
+    loaded once per process.  If that callable has a ``collectors()`` method,
+    the server exposes them on /metrics.
     """
 
     task: str
@@ -112,6 +116,10 @@ class ArtifactPipelineFactory:
                 loader = getattr(importlib.import_module(module), attr)
                 self._make = loader(name=self.name, **{k: Path(v) for k, v in self.files.items()})
         return self._make()
+
+    def collectors(self) -> list[Any]:
+        collectors = getattr(self._make, "collectors", None)
+        return list(collectors()) if collectors is not None else []
 
 
 class PipelineRegistry:
