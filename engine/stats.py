@@ -25,6 +25,7 @@ class EngineStats:
         self._done_at: collections.deque[float] = collections.deque(maxlen=WINDOW)
         self.batch_sizes: collections.Counter[int] = collections.Counter()
         self.requests = 0
+        self.compute_total_s = 0.0  # forward-pass seconds (each batch counted once)
         self.errors = 0
         self.swaps = 0
         self.queue_depth = 0
@@ -37,6 +38,7 @@ class EngineStats:
             self._done_at.append(time.monotonic())
             self.batch_sizes[batch_size] += 1
             self.requests += 1
+            self.compute_total_s += compute_s / batch_size
 
     def record_error(self) -> None:
         with self._lock:
@@ -59,10 +61,12 @@ class EngineStats:
             recent = [t for t in self._done_at if now - t <= THROUGHPUT_WINDOW_S]
             batches = dict(sorted(self.batch_sizes.items()))
             requests, errors, swaps = self.requests, self.errors, self.swaps
+            compute_total = self.compute_total_s
         span = min(THROUGHPUT_WINDOW_S, max(now - self.started, 1e-9))
         total = [q + c for q, c in zip(queue, compute)]
         return {
             "requests": requests,
+            "compute_seconds": compute_total,
             "errors": errors,
             "swaps": swaps,
             "throughput_rps": len(recent) / span,
@@ -88,6 +92,10 @@ class EngineStats:
                 snap = stats.snapshot()
                 yield CounterMetricFamily("engine_requests", "Requests served", snap["requests"])
                 yield CounterMetricFamily("engine_errors", "Failed requests", snap["errors"])
+                yield CounterMetricFamily(
+                    "engine_compute_seconds", "Forward-pass time, each batch once",
+                    snap["compute_seconds"],
+                )  # fmt: skip
                 yield GaugeMetricFamily("engine_queue_depth", "Requests waiting", depth())
                 yield GaugeMetricFamily(
                     "engine_throughput_rps", "Requests per second (10 s window)",
