@@ -74,6 +74,7 @@ class Client:
         self._ws: ClientConnection | None = None
         self._pending: collections.deque[ServerEvent] = collections.deque()
         self._encoding = "pcm_s16le"
+        self._tagged = False
 
     # -- connection ------------------------------------------------------------
 
@@ -109,7 +110,11 @@ class Client:
     async def start(self, task: str = "asr", **options: Any) -> Started:
         """Start a session; return ``started`` or raise :class:`ServerError`."""
         await self.ws.send(self.protocol.start(task, **options))
-        self._encoding = options.get("encoding", "pcm_s16le")
+        speech = options.get("speech")
+        # A vqa session with spoken questions tags each binary frame with its kind.
+        self._tagged = task == "vqa" and bool(speech)
+        encoding = speech.get("encoding") if isinstance(speech, dict) else None
+        self._encoding = encoding or options.get("encoding", "pcm_s16le")
         while True:
             event = await self._recv_raw()
             if event is None:
@@ -122,10 +127,10 @@ class Client:
 
     async def send_audio(self, samples: np.ndarray | bytes) -> None:
         """Send float samples in [-1, 1] (encoded as declared in start) or raw bytes."""
-        await self.ws.send(self.protocol.audio(samples, self._encoding))
+        await self.ws.send(self.protocol.audio(samples, self._encoding, self._tagged))
 
     async def send_image(self, image: bytes | str | Path) -> None:
-        await self.ws.send(_read_image(image))
+        await self.ws.send(self.protocol.image(_read_image(image), self._tagged))
 
     async def flush(self) -> None:
         await self.ws.send(self.protocol.flush())

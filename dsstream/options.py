@@ -75,6 +75,9 @@ class AsrOptions:
 @dataclass(frozen=True)
 class VqaOptions:
     model: str | None = None  # a model name; None: the server's default
+    # Spoken questions: the ASR options of the question audio; None: typed only.
+    # With speech on, each binary frame starts with a kind byte (1 image, 2 audio).
+    speech: AsrOptions | None = None
 
 
 def options_dict(options: AsrOptions | VqaOptions) -> dict[str, Any]:
@@ -83,6 +86,16 @@ def options_dict(options: AsrOptions | VqaOptions) -> dict[str, Any]:
     if isinstance(options, AsrOptions):
         out["hotwords"] = [asdict(h) for h in options.hotwords]
     return out
+
+
+def _speech(value: Any) -> AsrOptions | None:
+    if value is None or value is False:
+        return None
+    if value is True:
+        return AsrOptions()
+    if not isinstance(value, dict):
+        raise OptionsError("option 'speech' must be true, false or an object of asr options")
+    return _asr(value)
 
 
 def _is_number(value: Any) -> bool:
@@ -212,7 +225,7 @@ def _asr(raw: dict[str, Any]) -> AsrOptions:
 
 def _vqa(raw: dict[str, Any]) -> VqaOptions:
     _check_keys("vqa", raw, VqaOptions)
-    return VqaOptions(model=_model(raw.get("model")))
+    return VqaOptions(model=_model(raw.get("model")), speech=_speech(raw.get("speech")))
 
 
 def parse_task_options(task: str, raw: dict[str, Any]) -> AsrOptions | VqaOptions:

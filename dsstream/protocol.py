@@ -330,6 +330,9 @@ def parse_server_event(text: str) -> ServerEvent:
 
 _SAMPLE_BYTES = {"pcm_s16le": 2, "f32le": 4}
 
+# With spoken questions on, a vqa session's binary frames start with a kind byte.
+KIND_IMAGE, KIND_AUDIO = 1, 2
+
 
 def decode_audio(data: bytes, options: AsrOptions) -> np.ndarray:
     """Decode one binary frame into mono float32 samples, shape ``[n]``.
@@ -498,7 +501,19 @@ class ServerProtocol:
             raise ProtocolError(ErrorCode.BAD_MESSAGE, "empty binary frame")
         if isinstance(self.options, AsrOptions):
             return AudioChunk(decode_audio(data, self.options), self.options.sample_rate)
-        return ImageData(bytes(data))
+        speech = self.options.speech if isinstance(self.options, VqaOptions) else None
+        if speech is None:
+            return ImageData(bytes(data))
+        kind, body = data[0], data[1:]
+        if kind == KIND_IMAGE and body:
+            return ImageData(bytes(body))
+        if kind == KIND_AUDIO:
+            return AudioChunk(decode_audio(body, speech), speech.sample_rate)
+        raise ProtocolError(
+            ErrorCode.BAD_MESSAGE,
+            f"with speech on, a binary frame starts with a kind byte ({KIND_IMAGE} image, "
+            f"{KIND_AUDIO} audio), got {kind}" + (" and no image" if kind == KIND_IMAGE else ""),
+        )
 
     def _check_open(self) -> None:
         if self.state is State.CLOSED:
@@ -561,8 +576,13 @@ class ClientProtocol:
             qid = f"c{self._question_seq}"
         return qid, json.dumps({"type": "question", "id": qid, "text": text})
 
-    def audio(self, samples: np.ndarray | bytes, encoding: str = "pcm_s16le") -> bytes:
-        """Encode float samples in [-1, 1] (or pass bytes through) for a binary frame."""
+    def audio(
+        self, samples: np.ndarray | bytes, encoding: str = "pcm_s16le", tagged: bool = False
+    ) -> bytes:
+        """Encode float samples in [-1, 1] (or pass bytes through) for a binary frame;
+        ``tagged`` prefixes the audio kind byte (a vqa session with speech)."""
+        if tagged:
+            return bytes([KIND_AUDIO]) + self.audio(samples, encoding)
         if isinstance(samples, (bytes, bytearray, memoryview)):
             return bytes(samples)
         arr = np.asarray(samples, dtype=np.float32)
@@ -571,6 +591,10 @@ class ClientProtocol:
         if encoding == "pcm_s16le":
             return (np.clip(arr, -1.0, 32767 / 32768) * 32768.0).round().astype("<i2").tobytes()
         raise ValueError(f"unsupported encoding {encoding!r}")
+
+    def image(self, data: bytes, tagged: bool = False) -> bytes:
+        """An encoded image for a binary frame; ``tagged`` for a vqa session with speech."""
+        return bytes([KIND_IMAGE]) + data if tagged else data
 
     def receive(self, text: str) -> ServerEvent:
         event = parse_server_event(text)

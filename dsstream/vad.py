@@ -13,6 +13,7 @@ on until a window falls below ``threshold - 0.15``.
 
 from __future__ import annotations
 
+import collections
 import importlib.util
 import threading
 from dataclasses import dataclass
@@ -67,18 +68,76 @@ class SileroVad:
         )
         self.config = config
         self._sr = np.array(SAMPLE_RATE, dtype=np.int64)
-        self.calls = 0
+        self.calls = 0  # model runs
+        self.windows = 0  # windows processed (a run processes one per stream in it)
         self._lock = threading.Lock()
+        self._queue: collections.deque[_Job] = collections.deque()
+        self._leader = False
 
     def run(self, windows: np.ndarray, state: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         """``windows [B, 64 + 512]``, ``state [2, B, 128]`` -> (probs ``[B]``, new state)."""
         prob, new_state = self.session.run(None, {"input": windows, "state": state, "sr": self._sr})
         with self._lock:
             self.calls += 1
+            self.windows += len(windows)
         return prob[:, 0], new_state
+
+    def run_sequence(self, windows: np.ndarray, state: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """One stream's consecutive windows ``[n, 576]`` from ``state [2, 1, 128]``.
+
+        Streams calling at the same time are batched (flat combining): the first
+        caller runs every queued stream's windows in lockstep, one batched model
+        call per step, while the others wait; results equal unbatched runs.
+        """
+        job = _Job(windows, state)
+        with self._lock:
+            self._queue.append(job)
+            lead = not self._leader
+            if lead:
+                self._leader = True
+        if not lead:
+            job.done.wait()
+        else:
+            while True:
+                with self._lock:
+                    jobs = list(self._queue)
+                    self._queue.clear()
+                    if not jobs:
+                        self._leader = False
+                        break
+                self._lockstep(jobs)
+        if job.error is not None:
+            raise job.error
+        return job.probs, job.state
+
+    def _lockstep(self, jobs: list[_Job]) -> None:
+        try:
+            for i in range(max(len(j.windows) for j in jobs)):
+                live = [j for j in jobs if i < len(j.windows)]
+                batch = np.stack([j.windows[i] for j in live])
+                state = np.concatenate([j.state for j in live], axis=1)
+                probs, state = self.run(batch, state)
+                for k, j in enumerate(live):
+                    j.probs[i] = probs[k]
+                    j.state = state[:, k : k + 1]
+        except BaseException as exc:  # every waiter learns of it, none hangs
+            for j in jobs:
+                j.error = exc
+        finally:
+            for j in jobs:
+                j.done.set()
 
     def stream(self) -> VadStream:
         return VadStream(self)
+
+
+class _Job:
+    def __init__(self, windows: np.ndarray, state: np.ndarray) -> None:
+        self.windows = windows
+        self.state = state
+        self.probs = np.zeros(len(windows), np.float32)
+        self.error: BaseException | None = None
+        self.done = threading.Event()
 
 
 class VadStream:
@@ -103,14 +162,17 @@ class VadStream:
     def process(self, samples: np.ndarray) -> list[bool]:
         """Feed ``[n]`` float32 samples at 16 kHz; the speech flags of the windows completed."""
         self.buffer = np.concatenate([self.buffer, np.asarray(samples, np.float32).reshape(-1)])
+        n = (len(self.buffer) - CONTEXT) // WINDOW
+        if n <= 0:
+            return []
+        view = np.lib.stride_tricks.sliding_window_view(self.buffer, CONTEXT + WINDOW)
+        windows = np.ascontiguousarray(view[: n * WINDOW : WINDOW])
+        probs, self.state = self.model.run_sequence(windows, self.state)
+        self.buffer = self.buffer[n * WINDOW :]
+        self.windows += n
         out: list[bool] = []
         on, off = self.model.config.threshold, self.model.config.off
-        while len(self.buffer) >= CONTEXT + WINDOW:
-            window = self.buffer[None, : CONTEXT + WINDOW]
-            prob, self.state = self.model.run(window, self.state)
-            p = float(prob[0])
+        for p in probs.tolist():
             self.speaking = p >= on if not self.speaking else p >= off
-            self.buffer = self.buffer[WINDOW:]
-            self.windows += 1
             out.append(self.speaking)
         return out

@@ -99,6 +99,20 @@ class BlockPool:
 
     # -- API ----------------------------------------------------------------------
 
+    def cached_blocks(self, tokens: Sequence[int], salt: Hashable = None) -> int:
+        """How many leading full blocks of ``tokens`` (under ``salt``) are cached now,
+        i.e. what :meth:`allocate` would share instead of filling."""
+        size = self.config.block_size
+        parent = hash(("salt", salt))
+        count = 0
+        for start in range(0, len(tokens) - len(tokens) % size, size):
+            h = hash((parent, tuple(tokens[start : start + size])))
+            if h not in self.by_hash:
+                break
+            parent = h
+            count += 1
+        return count
+
     def allocate(self, seq_id: Hashable, tokens: Sequence[int], salt: Hashable = None) -> list[int]:
         """Blocks for a new sequence's prompt; full blocks already cached are shared.
 

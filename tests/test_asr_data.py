@@ -62,7 +62,7 @@ def test_voice_commands():
 @needs_shared
 @pytest.mark.skipif(not shutil.which("espeak-ng"), reason="espeak-ng is not installed")
 def test_tiny_synthesis_run(tmp_path):
-    main(["--hours", "0.01", "--workers", "1", "--out", str(tmp_path)])
+    main(["--hours", "0.01", "--workers", "1", "--templates", "0", "--out", str(tmp_path)])
     rows = [json.loads(line) for f in ("train.jsonl", "valid.jsonl")
             for line in (tmp_path / f).read_text().splitlines()]  # fmt: skip
     assert rows
@@ -72,7 +72,7 @@ def test_tiny_synthesis_run(tmp_path):
         assert abs(info.duration - row["duration"]) < 1e-3 and info.duration > 0.3
     # A rerun reuses the files (resume after interruption).
     stamp = Path(rows[0]["path"]).stat().st_mtime_ns
-    main(["--hours", "0.01", "--workers", "1", "--out", str(tmp_path)])
+    main(["--hours", "0.01", "--workers", "1", "--templates", "0", "--out", str(tmp_path)])
     assert Path(rows[0]["path"]).stat().st_mtime_ns == stamp
     assert catalogue()  # the installed engines give voices
 
@@ -85,7 +85,7 @@ def test_training_runs_is_seeded_and_resumes(tmp_path):
     from apps.asr.train import decode_greedy, encode
     from apps.asr.train import main as train_main
 
-    main(["--hours", "0.01", "--workers", "1", "--out", str(tmp_path)])
+    main(["--hours", "0.01", "--workers", "1", "--templates", "0", "--out", str(tmp_path)])
     common = ["--data", str(tmp_path), "--size", "tiny", "--warmup", "5", "--workers", "0",
               "--batch-frames", "3000"]  # fmt: skip
     first = train_main([*common, "--epochs", "1", "--restart"])

@@ -375,3 +375,24 @@ def test_the_server_runs_the_asr_pipeline_and_exposes_its_metrics(tiny):
     assert events[-1].type == "ended"
     assert 'dsstream_asr_stage_seconds_total{stage="decoder"}' in metrics
     assert "engine_batch_size_requests" in metrics
+
+
+def test_vad_batches_concurrent_streams_with_unbatched_results(vad):
+    from concurrent.futures import ThreadPoolExecutor
+
+    clips = [clip("LJ001-0011.flac"), clip("heldout-espeak-david.flac")] * 4
+    alone = [vad.stream().process(c) for c in clips]
+    calls = vad.calls
+    streams = [vad.stream() for _ in clips]
+
+    def run(i):
+        out, x = [], clips[i]
+        for j in range(0, len(x), 5120):  # 320 ms pieces, as the pipeline feeds it
+            out += streams[i].process(x[j : j + 5120])
+        return out
+
+    with ThreadPoolExecutor(8) as pool:
+        together = list(pool.map(run, range(len(clips))))
+    assert together == alone
+    windows = sum(len(a) for a in alone)
+    assert vad.calls - calls < windows  # some model runs served several streams

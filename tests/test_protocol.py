@@ -186,3 +186,49 @@ def test_started_options_are_json_serializable():
         {"phrase": "a b", "boost": 5.0}
     ]
     assert asdict(item.options)["endpointing"]["enabled"] is True
+
+
+def test_vqa_with_speech_tags_binary_frames_by_kind():
+    from dsstream.protocol import AudioChunk, Error, ImageData
+
+    client, server = ClientProtocol(), ServerProtocol()
+    (start,) = server.receive_text(client.start("vqa", speech={"sample_rate": 8000}))
+    assert start.options.speech.sample_rate == 8000
+    server.accept_start("s", {})
+    (image,) = server.receive_binary(client.image(b"\x89PNG...", tagged=True))
+    assert isinstance(image, ImageData) and image.data == b"\x89PNG..."
+    samples = np.array([0.5, -0.25], np.float32)
+    (audio,) = server.receive_binary(client.audio(samples, "pcm_s16le", tagged=True))
+    assert isinstance(audio, AudioChunk) and audio.sample_rate == 8000
+    np.testing.assert_allclose(audio.samples, samples, atol=1 / 32768)
+    for bad in (b"\x07abc", b"\x01", b"\x02\x00"):  # unknown kind, empty image, odd pcm
+        (err,) = server.receive_binary(bad)
+        assert isinstance(err, Error) and not err.fatal
+    assert server.state.value == "active"
+    # Without speech, an image frame is the image bytes, untagged.
+    plain = ServerProtocol()
+    plain.receive_text(client.start("vqa"))
+    plain.accept_start("s", {})
+    (image,) = plain.receive_binary(b"\x01\x02")
+    assert isinstance(image, ImageData) and image.data == b"\x01\x02"
+
+
+@pytest.mark.parametrize("speech", [True, {"encoding": "f32le"}, False, None])
+def test_vqa_speech_option_forms(speech):
+    from dsstream.options import parse_task_options
+
+    opts = parse_task_options("vqa", {"speech": speech})
+    if speech:
+        assert opts.speech.encoding == (speech.get("encoding", "pcm_s16le") if isinstance(
+            speech, dict) else "pcm_s16le")  # fmt: skip
+    else:
+        assert opts.speech is None
+
+
+def test_vqa_speech_option_is_validated():
+    from dsstream.options import OptionsError, parse_task_options
+
+    with pytest.raises(OptionsError, match="speech"):
+        parse_task_options("vqa", {"speech": "yes"})
+    with pytest.raises(OptionsError, match="sample_rte"):
+        parse_task_options("vqa", {"speech": {"sample_rte": 1}})

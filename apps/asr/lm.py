@@ -51,6 +51,8 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--prune", type=int, nargs="+", default=[0, 0, 1, 1])
     parser.add_argument("--out", type=Path, default=ROOT / "samples" / "asr" / "lm.arpa")
     parser.add_argument("--shared", type=Path, default=SHARED)
+    parser.add_argument("--templates", type=int, default=5,
+                        help="times each VQA question form is added to the text")  # fmt: skip
     args = parser.parse_args(argv)
 
     excluded = evaluation_sentences(args.shared)
@@ -60,6 +62,11 @@ def main(argv: list[str] | None = None) -> None:
             if sentence in excluded:
                 continue
             (heldout if held_out(sentence) else train).append(sentence.split())
+    # The VQA question forms, so spoken questions are likely word sequences
+    # (repeated: a handful of templates against a few hundred thousand sentences).
+    from apps.vqa.scenes import all_template_texts
+
+    train += [t.split() for t in all_template_texts() for _ in range(args.templates)]
     words = sum(len(s) for s in train)
     print(f"{len(train)} training sentences ({words} words), {len(heldout)} held out")
     t0 = time.time()

@@ -10,6 +10,11 @@ resampled to 16 kHz mono FLAC under ``<out>/audio``; ``<out>/train.jsonl``
 and ``<out>/valid.jsonl`` list id, path, text, voice and duration.  Reruns
 skip what exists, so an interrupted run resumes.  Augmentation happens at
 training time.
+
+The spoken forms of the VQA question templates (every paraphrase with every
+colour, ``--templates`` times each) are appended, so spoken questions in a VQA
+session are recognized; appended last, they leave the other utterances' ids
+and voices unchanged.
 """
 
 from __future__ import annotations
@@ -99,8 +104,12 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--out", type=Path, default=ROOT / "cache" / "asr")
     parser.add_argument("--shared", type=Path, default=SHARED)
+    parser.add_argument("--templates", type=int, default=3,
+                        help="times each VQA question form is spoken (0: none)")  # fmt: skip
     args = parser.parse_args(argv)
     from tqdm import tqdm
+
+    from apps.vqa.scenes import all_template_texts
 
     voices = catalogue(args.seed)
     if not voices:
@@ -109,6 +118,7 @@ def main(argv: list[str] | None = None) -> None:
     mean_words = 11.0
     count = int(args.hours * 3600 * WORDS_PER_SECOND / mean_words)
     sentences = select_sentences(args.shared, count, args.seed)
+    sentences += [t for t in all_template_texts() for _ in range(args.templates)]
     jobs = [(u, t, v, str(args.out / "audio")) for u, t, v in plan(sentences, voices, args.seed)]
     print(f"{len(voices)} voice settings of {len(train_speakers) + len(valid_speakers)} voices "
           f"({len(valid_speakers)} held out); {len(jobs)} utterances")  # fmt: skip

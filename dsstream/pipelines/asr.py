@@ -266,6 +266,8 @@ class AsrPipeline:
         self.endpointer = Endpointer(options.endpointing)
         self.hotwords = [(h.phrase, h.boost) for h in options.hotwords]
         self.overrides = {} if options.lm_weight is None else {"alpha": options.lm_weight}
+        self.held: list[np.ndarray] = []  # audio not yet through the VAD and frontend
+        self.held_samples = 0
         self.pending = np.zeros((0, spec.fbank.n_mels), np.float32)  # features not yet run
         self.peeked = 0  # output frames of the pending chunk already decoded (flush)
         self.frames = 0  # output frames decoded in the stream
@@ -351,11 +353,17 @@ class AsrPipeline:
         cap = math.floor(self.audio_s * 1000.0 + 1e-6) / 1000.0
         return min(round(self.frames * self.spec.frame_shift_s, 3), cap)
 
-    def _feed(self, x: np.ndarray) -> list[ServerEvent]:
-        if not len(x):
-            return []
+    def _absorb(self) -> None:
+        """Run the VAD and the frontend on the audio held since the last chunk.
+
+        Audio is held until it completes a model chunk: one VAD pass and one
+        frontend call per chunk instead of per client frame (with 100 ms frames,
+        a third of the calls; the results are the same for any grouping)."""
+        if not self.held:
+            return
+        x = np.concatenate(self.held) if len(self.held) > 1 else self.held[0]
+        self.held, self.held_samples = [], 0
         times = self._times
-        self.samples += len(x)
         t0 = time.perf_counter()
         self.endpointer.add(self.vad.process(x))
         t1 = time.perf_counter()
@@ -364,8 +372,21 @@ class AsrPipeline:
         times["frontend"] += time.perf_counter() - t1
         if len(feats):
             self.pending = np.concatenate([self.pending, feats])
-        events: list[ServerEvent] = []
+
+    def _feed(self, x: np.ndarray) -> list[ServerEvent]:
+        if not len(x):
+            return []
+        times = self._times
+        self.samples += len(x)
+        self.held.append(x)
+        self.held_samples += len(x)
         size = self.spec.chunk_frames
+        possible = self.runtime.fbank.frames(len(self.frontend.buffer) + self.held_samples)
+        if len(self.pending) + possible < size:
+            self.runtime.times.add({}, len(x) / self.spec.sample_rate)
+            return []  # nothing can change before the chunk completes
+        self._absorb()
+        events: list[ServerEvent] = []
         while len(self.pending) >= size:
             chunk, self.pending = self.pending[:size], self.pending[size:]
             t0 = time.perf_counter()
@@ -403,6 +424,7 @@ class AsrPipeline:
 
     def _pad_frontend(self) -> None:
         """At the end, complete the last frontend window with zeros (the audio's tail)."""
+        self._absorb()
         cfg = self.spec.fbank
         held = len(self.frontend.buffer)
         if held > cfg.win_length - cfg.hop_length:  # samples no frame has covered yet
@@ -411,6 +433,7 @@ class AsrPipeline:
 
     def _finalize(self, reason: str) -> list[ServerEvent]:
         """Decode the incomplete chunk (zero-padded, state untouched), then close the segment."""
+        self._absorb()
         spec = self.spec
         k = len(self.pending)
         ready = min(math.ceil(k / spec.subsampling), spec.chunk_frames // spec.subsampling)

@@ -90,6 +90,7 @@ class ArtifactPipelineFactory:
     files: dict[str, Path]
     entry: str
     hint: str = ""  # how to obtain the missing files
+    extra: dict[str, Any] = field(default_factory=dict)  # more keyword arguments for entry
     _make: Callable[[], Pipeline] | None = field(default=None, init=False, repr=False)
     _lock: threading.Lock = field(default_factory=threading.Lock, init=False, repr=False)
 
@@ -114,7 +115,8 @@ class ArtifactPipelineFactory:
                     raise ModelUnavailable(reason)
                 module, _, attr = self.entry.partition(":")
                 loader = getattr(importlib.import_module(module), attr)
-                self._make = loader(name=self.name, **{k: Path(v) for k, v in self.files.items()})
+                files = {k: Path(v) for k, v in self.files.items()}
+                self._make = loader(name=self.name, **files, **self.extra)
         return self._make()
 
     def collectors(self) -> list[Any]:

@@ -29,8 +29,9 @@ def default_registry(samples_dir: Path | None = None) -> PipelineRegistry:
     vqa = ArtifactPipelineFactory(
         task="vqa",
         name="sample-vqa",
-        files={"model": root / "vqa" / "model.ds"},
+        files={"image": root / "vqa" / "image.ds", "fuser": root / "vqa" / "fuser.ds"},
         entry="dsstream.pipelines.vqa:load",
         hint="train and export it with the recipe in apps/vqa (python -m apps.vqa.export)",
+        extra={"asr": asr},  # spoken questions
     )
     return PipelineRegistry([asr, vqa])

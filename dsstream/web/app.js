@@ -55,6 +55,9 @@ async function checkHealth() {
       }
     }
     $("health").textContent = `v${health.version} · ${parts.join(" · ")}`;
+    const asrModels = Object.values(health.models.asr || {});
+    vqa.speechAvailable = asrModels.some((state) => state === "ok");
+    $("voice-ask").disabled = !vqa.speechAvailable;
   } catch (err) {
     $("health").textContent = `server unreachable: ${err.message}`;
   }
@@ -128,20 +131,49 @@ function stopMic() {
 
 // ---------------------------------------------------------------- VQA
 
-const vqa = { session: null, nextId: 1, pending: new Map() };
+const vqa = {
+  session: null, nextId: 1, pending: new Map(),
+  speechAvailable: false, speech: false, rate: 0, voice: null,
+};
+
+// With spoken questions on, each binary frame starts with its kind: 1 image, 2 audio.
+function tagged(kind, buffer) {
+  const out = new Uint8Array(1 + buffer.byteLength);
+  out[0] = kind;
+  out.set(new Uint8Array(buffer), 1);
+  return out.buffer;
+}
+
+function addAnswerItem(id, text) {
+  const item = document.createElement("li");
+  item.textContent = text;
+  $("answers").appendChild(item);
+  vqa.pending.set(id, item);
+  return item;
+}
 
 async function vqaSession() {
   if (vqa.session && vqa.session.ws.readyState === WebSocket.OPEN) return vqa.session;
-  vqa.session = openSession("vqa", {}, {
+  const options = {};
+  vqa.speech = vqa.speechAvailable;
+  if (vqa.speech) {
+    // The question audio goes at the rate the microphone will be captured at.
+    const probe = new AudioContext();
+    vqa.rate = probe.sampleRate;
+    probe.close();
+    options.speech = { encoding: "f32le", sample_rate: vqa.rate };
+  }
+  vqa.session = openSession("vqa", options, {
+    partial: (e) => { $("vqa-status").textContent = `hearing: ${e.text}`; },
     answer: (e) => {
-      const item = vqa.pending.get(e.id);
-      if (item) item.textContent += ` → ${e.text} (score ${e.score.toFixed(2)}, ${e.latency_ms.toFixed(0)} ms)`;
+      const item = vqa.pending.get(e.id) || addAnswerItem(e.id, `🎤 "${e.transcript || ""}"`);
+      item.textContent += ` → ${e.text} (score ${e.score.toFixed(2)}, ${e.latency_ms.toFixed(0)} ms)`;
     },
     error: (e) => { $("vqa-status").textContent = `error: ${e.code}: ${e.message}`; },
-    close: () => { $("vqa-status").textContent = "no session"; },
+    close: () => { $("vqa-status").textContent = "no session"; stopVoice(false); },
   });
   await vqa.session.ready;
-  $("vqa-status").textContent = "session open";
+  $("vqa-status").textContent = vqa.speech ? "session open (typed or spoken questions)" : "session open";
   return vqa.session;
 }
 
@@ -149,10 +181,44 @@ async function sendImage(blob) {
   $("image-preview").src = URL.createObjectURL(blob);
   try {
     const session = await vqaSession();
-    session.ws.send(await blob.arrayBuffer());
+    const data = await blob.arrayBuffer();
+    session.ws.send(vqa.speech ? tagged(1, data) : data);
     $("vqa-status").textContent = `image sent (${blob.size} bytes)`;
   } catch (err) {
     $("vqa-status").textContent = `could not start: ${err.message}`;
+  }
+}
+
+async function startVoice() {
+  try {
+    const session = await vqaSession();
+    if (!vqa.speech) throw new Error("spoken questions need the ASR model");
+    const stream = await navigator.mediaDevices.getUserMedia({
+      audio: { channelCount: 1, echoCancellation: false, noiseSuppression: false, autoGainControl: false },
+    });
+    const context = new AudioContext({ sampleRate: vqa.rate });
+    await context.audioWorklet.addModule("/worklet.js");
+    const node = new AudioWorkletNode(context, "capture-processor");
+    node.port.onmessage = (msg) => {
+      if (session.ws.readyState === WebSocket.OPEN) session.ws.send(tagged(2, msg.data.buffer));
+    };
+    context.createMediaStreamSource(stream).connect(node);
+    vqa.voice = { stream, context };
+    $("voice-ask").textContent = "Done asking";
+    $("vqa-status").textContent = "listening for a question…";
+  } catch (err) {
+    $("vqa-status").textContent = `voice unavailable: ${err.message}`;
+  }
+}
+
+function stopVoice(flush = true) {
+  if (!vqa.voice) return;
+  vqa.voice.stream.getTracks().forEach((t) => t.stop());
+  vqa.voice.context.close();
+  vqa.voice = null;
+  $("voice-ask").textContent = "Ask by voice";
+  if (flush && vqa.session && vqa.session.ws.readyState === WebSocket.OPEN) {
+    vqa.session.ws.send(JSON.stringify({ type: "flush" }));  // answer what was said so far
   }
 }
 
@@ -180,10 +246,7 @@ async function askQuestion(ev) {
   try {
     const session = await vqaSession();
     const id = `q${vqa.nextId++}`;
-    const item = document.createElement("li");
-    item.textContent = text;
-    $("answers").appendChild(item);
-    vqa.pending.set(id, item);
+    addAnswerItem(id, text);
     session.ws.send(JSON.stringify({ type: "question", id, text }));
   } catch (err) {
     $("vqa-status").textContent = `could not start: ${err.message}`;
@@ -193,6 +256,7 @@ async function askQuestion(ev) {
 // ---------------------------------------------------------------- wiring
 
 $("mic-start").addEventListener("click", startMic);
+$("voice-ask").addEventListener("click", () => (vqa.voice ? stopVoice() : startVoice()));
 $("mic-stop").addEventListener("click", stopMic);
 $("image-file").addEventListener("change", (ev) => {
   const file = ev.target.files[0];
