@@ -49,6 +49,32 @@ async def running_server(registry, limits: Limits | None = None, **config):
         await server.shutdown()
 
 
+@contextlib.contextmanager
+def server_thread(registry, **config):
+    """A server on its own thread's event loop, for blocking callers (the CLI in a
+    subprocess, BlockingClient); yields its ws:// URL."""
+    import threading
+
+    ready, holder = threading.Event(), {}
+
+    async def serve():
+        async with running_server(registry, **config) as server:
+            holder["url"], holder["stop"] = server.url, asyncio.Event()
+            ready.set()
+            await holder["stop"].wait()
+
+    loop = asyncio.new_event_loop()
+    thread = threading.Thread(target=loop.run_until_complete, args=(serve(),))
+    thread.start()
+    try:
+        assert ready.wait(60), "the server did not start"
+        yield holder["url"]
+    finally:
+        if "stop" in holder:
+            loop.call_soon_threadsafe(holder["stop"].set)
+        thread.join(30)
+
+
 def tone(seconds: float, rate: int, freq: float = 440.0, channels: int = 1) -> np.ndarray:
     t = np.arange(int(seconds * rate)) / rate
     x = (0.3 * np.sin(2 * np.pi * freq * t)).astype(np.float32)

@@ -10,7 +10,6 @@ import asyncio
 import json
 import subprocess
 import sys
-import threading
 from pathlib import Path
 
 import numpy as np
@@ -18,7 +17,7 @@ import pytest
 import soundfile as sf
 import torch
 import torchaudio.functional as AF
-from conftest import async_test, running_server
+from conftest import async_test, running_server, server_thread
 
 from dsstream.client import Client
 from dsstream.evaluation import wer
@@ -136,23 +135,8 @@ def test_cli_transcribes_with_and_without_a_server(registry):
     path = str(CLIPS / name)
     local = _cli("transcribe", path)
     assert local.returncode == 0, local.stderr
-    ready, holder = threading.Event(), {}
-
-    async def serve():
-        async with running_server(registry) as server:
-            holder["url"], holder["stop"] = server.url, asyncio.Event()
-            ready.set()
-            await holder["stop"].wait()
-
-    loop = asyncio.new_event_loop()
-    thread = threading.Thread(target=loop.run_until_complete, args=(serve(),))
-    thread.start()
-    try:
-        assert ready.wait(60)
-        remote = _cli("transcribe", path, "--server", holder["url"], "--json")
-    finally:
-        loop.call_soon_threadsafe(holder["stop"].set)
-        thread.join(30)
+    with server_thread(registry) as url:
+        remote = _cli("transcribe", path, "--server", url, "--json")
     assert remote.returncode == 0, remote.stderr
     finals = [json.loads(x) for x in remote.stdout.splitlines()]
     remote_text = " ".join(e["text"] for e in finals if e["type"] == "final" and e["text"])

@@ -1,15 +1,13 @@
 """The dsstream command line, in-process and against a loopback server."""
 
-import asyncio
 import json
 import subprocess
 import sys
-import threading
 
 import pipelines
 import pytest
 import soundfile as sf
-from conftest import png_bytes, running_server, tone
+from conftest import png_bytes, server_thread, tone
 
 from dsstream import __version__
 from dsstream.cli import _hotword, main
@@ -27,21 +25,8 @@ def _cli(*args: str, timeout: float = 60) -> subprocess.CompletedProcess:
 @pytest.fixture(scope="module")
 def server_url():
     """A server with the test pipelines, run in a background thread."""
-    ready, holder = threading.Event(), {}
-
-    async def serve():
-        async with running_server(pipelines.registry()) as server:
-            holder["url"], holder["stop"] = server.url, asyncio.Event()
-            ready.set()
-            await holder["stop"].wait()
-
-    loop = asyncio.new_event_loop()
-    thread = threading.Thread(target=loop.run_until_complete, args=(serve(),))
-    thread.start()
-    assert ready.wait(20)
-    yield holder["url"]
-    loop.call_soon_threadsafe(holder["stop"].set)
-    thread.join(20)
+    with server_thread(pipelines.registry()) as url:
+        yield url
 
 
 def test_version(capsys):

@@ -89,3 +89,18 @@ def test_memory_waste_under_a_mixed_workload(block_size):
     assert stats["waste_slots"] < len(live) * block_size
     assert stats["waste_fraction"] < 0.04  # vLLM reports under 4%
     print(f"block {block_size}: waste {stats['waste_fraction']:.2%} over {len(live)} sequences")
+
+
+def test_cached_blocks_predicts_what_allocate_shares():
+    from engine.kv_cache import BlockPool, KVCacheConfig
+
+    pool = BlockPool(KVCacheConfig(block_size=4, num_blocks=8))
+    tokens = list(range(10))  # two full blocks and a partial one
+    assert pool.cached_blocks(tokens, salt="img") == 0
+    pool.allocate("a", tokens, salt="img")
+    assert pool.cached_blocks(tokens, salt="img") == 2  # the partial block is never shared
+    assert pool.cached_blocks(tokens, salt="other") == 0  # a different image's content
+    assert pool.cached_blocks(tokens[:4] + [99] * 6, salt="img") == 1
+    before = pool.stats()["blocks_used"]
+    pool.allocate("b", tokens, salt="img")
+    assert pool.stats()["blocks_used"] == before + 1  # only the partial block is new

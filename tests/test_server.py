@@ -458,30 +458,14 @@ async def test_healthz_and_metrics():
 
 
 def test_blocking_client_transcribes_from_a_thread():
-    import threading
+    from conftest import server_thread
 
-    ready = threading.Event()
-    holder = {}
-
-    async def serve():
-        async with running_server(pipelines.registry()) as server:
-            holder["url"], holder["stop"] = server.url, asyncio.Event()
-            ready.set()
-            await holder["stop"].wait()
-
-    loop = asyncio.new_event_loop()
-    thread = threading.Thread(target=loop.run_until_complete, args=(serve(),))
-    thread.start()
-    ready.wait(10)
-    try:
-        with BlockingClient(holder["url"]) as client:
+    with server_thread(pipelines.registry()) as url:
+        with BlockingClient(url) as client:
             events = list(client.transcribe((tone(0.5, 8000), 8000), chunk_ms=50))
-        with BlockingClient(holder["url"]) as client:
+        with BlockingClient(url) as client:
             client.start("vqa")
             client.send_image(png_bytes(3, 4))
             assert client.ask("size?").text == "3x4 size?"
-    finally:
-        loop.call_soon_threadsafe(holder["stop"].set)
-        thread.join(10)
     assert _of(events, Final)[0].text == "8000"
     assert len(_of(events, Partial)) == 10

@@ -349,14 +349,12 @@ def test_vqa_over_loopback_with_bad_images_and_spoken_questions(stages):
 
 
 def test_cli_ask_in_process_and_against_a_server(stages, tmp_path):
-    import asyncio
     import json
     import shutil
     import subprocess
     import sys
-    import threading
 
-    from conftest import running_server
+    from conftest import server_thread
 
     from dsstream.pipelines.defaults import default_registry
 
@@ -375,23 +373,8 @@ def test_cli_ask_in_process_and_against_a_server(stages, tmp_path):
 
     local = cli("--samples", str(samples))
     assert local.returncode == 0, local.stderr
-    ready, holder = threading.Event(), {}
-
-    async def serve():
-        async with running_server(default_registry(samples)) as server:
-            holder["url"], holder["stop"] = server.url, asyncio.Event()
-            ready.set()
-            await holder["stop"].wait()
-
-    loop = asyncio.new_event_loop()
-    thread = threading.Thread(target=loop.run_until_complete, args=(serve(),))
-    thread.start()
-    try:
-        assert ready.wait(60)
-        remote = cli("--server", holder["url"])
-    finally:
-        loop.call_soon_threadsafe(holder["stop"].set)
-        thread.join(30)
+    with server_thread(default_registry(samples)) as url:
+        remote = cli("--server", url)
     assert remote.returncode == 0, remote.stderr
     a, b = json.loads(local.stdout), json.loads(remote.stdout)
     assert a["text"] == b["text"] and a["text"] in ANSWERS
