@@ -54,10 +54,13 @@ STAGES = ("resample", "vad", "frontend", "encoder", "decoder")
 
 
 class StageTimes:
-    """Wall seconds spent per pipeline stage, summed over all sessions (thread-safe).
+    """Seconds spent per pipeline stage, summed over all sessions (thread-safe).
 
-    ``encoder`` is the time a stream waits for its batched model step, queueing
-    included; the engine's own stats split queueing from compute.
+    CPU seconds of the session's thread (``time.thread_time``) for resample,
+    VAD, frontend and decoder, so threads waiting on each other or on the GIL
+    do not count; ``encoder`` is the wall time a stream waits for its batched
+    model step (queueing included), since the forward pass runs on the engine's
+    thread, whose own stats give the compute time.
     """
 
     def __init__(self) -> None:
@@ -320,9 +323,9 @@ class AsrPipeline:
         x = np.asarray(samples, dtype=np.float32).reshape(-1)
         if not np.all(np.isfinite(x)):
             raise PipelineError(ErrorCode.BAD_AUDIO, "audio contains NaN or infinity")
-        t0 = time.perf_counter()
+        t0 = time.thread_time()
         y = self.resampler.process(x)
-        self._times["resample"] += time.perf_counter() - t0
+        self._times["resample"] += time.thread_time() - t0
         return self._feed(y)
 
     def flush(self) -> list[ServerEvent]:
@@ -364,12 +367,12 @@ class AsrPipeline:
         x = np.concatenate(self.held) if len(self.held) > 1 else self.held[0]
         self.held, self.held_samples = [], 0
         times = self._times
-        t0 = time.perf_counter()
+        t0 = time.thread_time()
         self.endpointer.add(self.vad.process(x))
-        t1 = time.perf_counter()
+        t1 = time.thread_time()
         feats = self.frontend.process(x)
         times["vad"] += t1 - t0
-        times["frontend"] += time.perf_counter() - t1
+        times["frontend"] += time.thread_time() - t1
         if len(feats):
             self.pending = np.concatenate([self.pending, feats])
 
@@ -404,9 +407,9 @@ class AsrPipeline:
 
     def _decode(self, logp: np.ndarray) -> None:
         if len(logp):
-            t0 = time.perf_counter()
+            t0 = time.thread_time()
             self.decoder.step(logp)
-            self._times["decoder"] += time.perf_counter() - t0
+            self._times["decoder"] += time.thread_time() - t0
             self.frames += len(logp)
 
     def _partial(self) -> list[ServerEvent]:
