@@ -100,7 +100,10 @@ synthesized speech only. Made by `python -m apps.asr.prepare`,
 The LM is `lm.arpa` (see LM.md), beam 32, alpha 0.5, beta 1.0. For reference,
 CMU pocketsphinx with its 27 MB LM gets 27.7% WER on a sample of LJ Speech.
 
-Shipped clips, through the streaming pipeline (`dsstream.transcribe`):
+Shipped clips (`clips/`: `heldout-espeak-david.flac` is espeak-ng's
+en-gb-x-gbcwmd+david, a voice held out from training; `LJ001-0011.flac` is LJ
+Speech 1.1, public domain), through the streaming pipeline
+(`dsstream.transcribe`):
 
 | clip | reference | recognized | WER |
 |---|---|---|---:|
