@@ -31,6 +31,11 @@ def _pct(x: float | None) -> str:
     return "-" if x is None else f"{100 * x:.1f}%"
 
 
+def _score_row(name: str, scores: dict) -> str:
+    cells = [_pct(scores.get(k)) for k in ("cer_greedy", "wer_greedy", "cer_lm", "wer_lm")]
+    return f"| {name} | " + " | ".join(cells) + " |"
+
+
 def main(argv: list[str] | None = None) -> Path:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--data", type=Path, default=ROOT / "cache" / "asr")
@@ -42,7 +47,8 @@ def main(argv: list[str] | None = None) -> Path:
     ckpt = torch.load(args.data / "ckpt" / "last.pt", map_location="cpu", weights_only=False)
     state, cfg = ckpt["state"], ckpt["config"]
     params = sum(v.numel() for v in ckpt["model"].values())
-    train, valid = read_manifest(args.data / "train.jsonl"), read_manifest(args.data / "valid.jsonl")
+    train = read_manifest(args.data / "train.jsonl")
+    valid = read_manifest(args.data / "valid.jsonl")
     report = json.loads((args.data / "eval.json").read_text())
     held, lj = report["held_out_voices"], report.get("lj001", {})
     artifact = args.samples / "asr" / "model.ds"
@@ -67,24 +73,24 @@ synthesized speech only. Made by `python -m apps.asr.prepare`,
 
 ## Model
 
-- {params / 1e6:.2f} M parameters: conv subsampling x4, {cfg['layers']} conformer-style blocks
-  (d={cfg['d_model']}, {cfg['heads']} heads, causal conv kernel {cfg['conv_kernel']}),
-  chunked attention: chunk {cfg['chunk']} frames (320 ms), left context {cfg['left']}
+- {params / 1e6:.2f} M parameters: conv subsampling x4, {cfg["layers"]} conformer-style blocks
+  (d={cfg["d_model"]}, {cfg["heads"]} heads, causal conv kernel {cfg["conv_kernel"]}),
+  chunked attention: chunk {cfg["chunk"]} frames (320 ms), left context {cfg["left"]}
   frames (1.28 s); a fixed-size streaming state per layer.
 - Frontend: 80-dim log-mel, 25 ms / 10 ms, global mean/std in the manifest.
 - Artifact: {artifact.stat().st_size / 1e6:.1f} MB (ONNX graph + exported program).
 
 ## Data
 
-- Train: {len(train)} utterances, {_hours(train):.1f} h, {len({r['speaker'] for r in train})} voices
+- Train: {len(train)} utterances, {_hours(train):.1f} h, {len({r["speaker"] for r in train})} voices
   (espeak-ng variants, flite, festival; rate and pitch varied) with speed, gain,
   noise, babble, reverberation, telephone-band and SpecAugment augmentation.
 - Held-out voices (validation): {len(valid)} utterances, {_hours(valid):.1f} h,
-  {len({r['speaker'] for r in valid})} voices never seen in training.
+  {len({r["speaker"] for r in valid})} voices never seen in training.
 
 ## Training
 
-{state['epoch']} epochs, {state['step']} steps on 2 CPU cores.
+{state["epoch"]} epochs, {state["step"]} steps on 2 CPU cores.
 
 | epoch | step | train loss | held-out CER (greedy) |
 |---:|---:|---:|---:|
@@ -94,8 +100,8 @@ synthesized speech only. Made by `python -m apps.asr.prepare`,
 
 | set | CER greedy | WER greedy | CER with LM | WER with LM |
 |---|---:|---:|---:|---:|
-| held-out voices ({held['n']} utt.) | {_pct(held['cer_greedy'])} | {_pct(held['wer_greedy'])} | {_pct(held.get('cer_lm'))} | {_pct(held.get('wer_lm'))} |
-| LJ001 real speech ({lj.get('n', 0)} clips) | {_pct(lj.get('cer_greedy'))} | {_pct(lj.get('wer_greedy'))} | {_pct(lj.get('cer_lm'))} | {_pct(lj.get('wer_lm'))} |
+{_score_row(f"held-out voices ({held['n']} utt.)", held)}
+{_score_row(f"LJ001 real speech ({lj.get('n', 0)} clips)", lj)}
 
 The LM is `lm.arpa` (see LM.md), beam 32, alpha 0.5, beta 1.0. For reference,
 CMU pocketsphinx with its 27 MB LM gets 27.7% WER on a sample of LJ Speech.
