@@ -27,6 +27,7 @@ from dsstream.pipelines.base import PipelineError
 from dsstream.protocol import (
     Answer,
     AudioChunk,
+    Error,
     ErrorCode,
     Final,
     Flush,
@@ -260,8 +261,6 @@ class VqaPipeline:
                 try:
                     out.append(self.ask(event.text, qid, transcript=event.text))
                 except PipelineError as exc:  # e.g. no image yet: say so, keep listening
-                    from dsstream.protocol import Error
-
                     out.append(Error(exc.code, f"{qid} ({event.text!r}): {exc.message}"))
         return out
 

@@ -9,7 +9,8 @@ convolution module), a few million parameters each, on 4 s of 80-dim features.
 
 from __future__ import annotations
 
-import statistics
+import os
+import sys
 import tempfile
 import threading
 import time
@@ -20,6 +21,10 @@ import torch
 from torch.export import Dim
 
 from engine import BatchPolicy, InferenceEngine, convert
+
+sys.path.insert(0, os.path.dirname(__file__))
+from timing import median_ms  # noqa: E402
+
 from engine.artifact import read_manifest, read_member
 
 FRAMES = 400  # 4 s of 10 ms feature frames
@@ -86,13 +91,7 @@ class ConformerEncoder(torch.nn.Module):
 
 
 def _median_ms(fn, runs: int = RUNS) -> float:
-    fn()
-    times = []
-    for _ in range(runs):
-        t0 = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - t0)
-    return statistics.median(times) * 1000
+    return median_ms(fn, runs)
 
 
 def _compare(name: str, model: torch.nn.Module, tmp: Path) -> None:

@@ -8,15 +8,18 @@ CPU default) and the exported program in eager PyTorch (the peer).
 from __future__ import annotations
 
 import io
+import os
 import random
-import statistics
-import time
+import sys
 from pathlib import Path
 
 import numpy as np
 import pytest
 
 from dsstream.pipelines.defaults import SAMPLES_DIR
+
+sys.path.insert(0, os.path.dirname(__file__))
+from timing import median_ms  # noqa: E402
 
 VQA = Path(SAMPLES_DIR) / "vqa"
 REPEATS = 200
@@ -26,15 +29,8 @@ pytestmark = pytest.mark.skipif(
 )
 
 
-def _p50_ms(fn, repeats: int = REPEATS) -> float:
-    for _ in range(10):
-        fn()
-    times = []
-    for _ in range(repeats):
-        t0 = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - t0)
-    return statistics.median(times) * 1000.0
+def _p50_ms(fn) -> float:
+    return median_ms(fn, REPEATS, warmup=10)
 
 
 def test_vqa_latency():
