@@ -10,6 +10,19 @@ import pytest
 
 sys.path.insert(0, os.path.dirname(__file__))
 
+
+def _use_triton_interpreter() -> None:
+    """Without a GPU, run the Triton kernels on the CPU through Triton's interpreter
+    (how CI tests them).  It is chosen when a kernel is decorated, so this must
+    happen before kernels is imported."""
+    import torch
+
+    if not torch.cuda.is_available():
+        os.environ.setdefault("TRITON_INTERPRET", "1")
+
+
+_use_triton_interpreter()
+
 from dsstream.protocol import Limits  # noqa: E402
 from dsstream.server import ServerConfig, StreamServer  # noqa: E402
 
