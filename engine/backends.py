@@ -45,12 +45,26 @@ class OnnxBackend:
 class TorchBackend:
     name = "torch"
 
-    def __init__(self, data: bytes, device: str = "cpu", compile: bool = False) -> None:
+    def __init__(
+        self,
+        data: bytes,
+        device: str = "cpu",
+        compile: bool = False,
+        fuse_kernels: bool | None = None,
+    ) -> None:
+        """``fuse_kernels``: swap in the project's fused kernels (kernels/) where the
+        graph allows; default on CUDA, where they are GPU kernels (on the CPU the
+        fused op runs torch's own layer_norm and linear, so it gains nothing)."""
         import torch
 
         self.torch = torch
         self.device = torch.device(device)
         program = torch.export.load(io.BytesIO(data))
+        self.fused = 0
+        if fuse_kernels if fuse_kernels is not None else self.device.type == "cuda":
+            from engine.passes import fuse_layernorm_linear
+
+            self.fused = fuse_layernorm_linear(program)
         module = program.module().to(self.device)
         # torch.compile (Inductor) recompiles per new dynamic shape range at first
         # use, so it pays for long-running services, not one-off calls.

@@ -11,6 +11,11 @@ in the manifest.
   ``linear'(layer_norm(x))`` with ``W' = W diag(gamma)``, ``b' = W beta + b``.
 - ``constant_folding``: computations over weights only are done once, at conversion.
 - ``dead_code_elimination``: unused nodes and the weights only they used go.
+
+Not a conversion pass: :func:`fuse_layernorm_linear` swaps ``linear(layer_norm(x))``
+for the custom op ``dsstream::layernorm_linear`` (kernels/).  The PyTorch backend
+applies it when it loads a program onto a GPU, so artifacts stay portable (ONNX
+Runtime knows no such op) and the fused Triton kernel runs where it exists.
 """
 
 from __future__ import annotations
@@ -22,7 +27,7 @@ from torch.export import ExportedProgram
 from torch.export.graph_signature import InputKind, InputSpec, TensorArgument
 from torch.fx import Node
 
-__all__ = ["DEFAULT_PASSES", "PASSES", "run_passes"]
+__all__ = ["DEFAULT_PASSES", "PASSES", "run_passes", "fuse_layernorm_linear"]
 
 aten = torch.ops.aten
 _WEIGHT_KINDS = (InputKind.PARAMETER, InputKind.BUFFER, InputKind.CONSTANT_TENSOR)
@@ -211,6 +216,38 @@ def dead_code_elimination(ep: ExportedProgram) -> int:
     ep.graph.eliminate_dead_code()
     _Weights(ep).drop_unused()
     return before - len(ep.graph.nodes)
+
+
+def fuse_layernorm_linear(ep: ExportedProgram) -> int:
+    """``linear(layer_norm(x, [K], gamma, beta, eps), W, b)`` -> ``dsstream::layernorm_linear``
+    wherever the LayerNorm feeds only that Linear.  Returns the sites fused."""
+    import kernels  # noqa: F401  (registers torch.ops.dsstream.*)
+
+    fused_op = torch.ops.dsstream.layernorm_linear.default
+    changed = 0
+    for ln in list(ep.graph.nodes):
+        if ln.op != "call_function" or ln.target != aten.layer_norm.default:
+            continue
+        args = list(ln.args) + [None, None, 1e-5][len(ln.args) - 2 :]
+        x, shape, gamma, beta, eps = args[:5]
+        if len(shape) != 1 or len(ln.users) != 1:
+            continue
+        (linear,) = ln.users
+        if linear.target != aten.linear.default or linear.args[0] is not ln:
+            continue
+        weight = linear.args[1]
+        bias = linear.args[2] if len(linear.args) > 2 else None
+        with ep.graph.inserting_before(linear):
+            node = ep.graph.call_function(fused_op, (x, gamma, beta, weight, bias, float(eps)))
+        node.meta = dict(linear.meta)
+        linear.replace_all_uses_with(node)
+        ep.graph.erase_node(linear)
+        ep.graph.erase_node(ln)
+        changed += 1
+    if changed:
+        ep.graph.lint()
+        ep.graph_module.recompile()
+    return changed
 
 
 PASSES: dict[str, Callable[[ExportedProgram], int]] = {

@@ -7,7 +7,7 @@ instead of a write and a read of the normalized ``[M, K]`` tensor.  Meant for
 fp16/bf16 (``tl.dot`` on tensor cores, float32 statistics and accumulation);
 float32 works too.
 
-Shapes: x ``[..., K]``; ln_weight, ln_bias ``[K]``; weight ``[N, K]``; bias
+Shapes: x ``[..., K]``; ln_weight, ln_bias ``[K]`` or None (no affine); weight ``[N, K]``; bias
 ``[N]`` or None; residual like x or None.  Returns y ``[..., N]``, and with a
 residual also the sum ``x + residual`` (the residual stream for the next block).
 
@@ -29,10 +29,14 @@ __all__ = ["layernorm_linear", "layernorm_linear_ref"]
 
 
 def layernorm_linear_ref(x, ln_weight, ln_bias, weight, bias, eps: float) -> torch.Tensor:
-    """Plain torch, the formulas written out: ``x [M, K]`` (the residual already added)."""
+    """Plain torch, the formulas written out: ``x [..., K]`` (the residual already added)."""
     mean = x.mean(-1, keepdim=True)
     var = ((x - mean) ** 2).mean(-1, keepdim=True)
-    h = (x - mean) / torch.sqrt(var + eps) * ln_weight + ln_bias
+    h = (x - mean) / torch.sqrt(var + eps)
+    if ln_weight is not None:
+        h = h * ln_weight
+    if ln_bias is not None:
+        h = h + ln_bias
     y = h @ weight.T
     return y if bias is None else y + bias
 
@@ -40,19 +44,21 @@ def layernorm_linear_ref(x, ln_weight, ln_bias, weight, bias, eps: float) -> tor
 @torch.library.custom_op("dsstream::layernorm_linear", mutates_args=())
 def _layernorm_linear_op(
     x: torch.Tensor,
-    ln_weight: torch.Tensor,
-    ln_bias: torch.Tensor,
+    ln_weight: torch.Tensor | None,
+    ln_bias: torch.Tensor | None,
     weight: torch.Tensor,
     bias: torch.Tensor | None,
     eps: float,
 ) -> torch.Tensor:
+    # x [..., K] -> [..., N]; the LayerNorm affine may be None (folded into W by
+    # engine.passes.fold_layernorm_into_linear).
     h = F.layer_norm(x, (x.shape[-1],), ln_weight, ln_bias, eps)
     return F.linear(h, weight, bias)
 
 
 @_layernorm_linear_op.register_fake
 def _(x, ln_weight, ln_bias, weight, bias, eps):
-    return x.new_empty(x.shape[0], weight.shape[0])
+    return x.new_empty(*x.shape[:-1], weight.shape[0])
 
 
 @_layernorm_linear_op.register_kernel("cuda")
@@ -111,9 +117,14 @@ if triton is not None:
 
 
 def _layernorm_linear_triton(x, ln_weight, ln_bias, weight, bias, eps: float) -> torch.Tensor:
-    x, weight = x.contiguous(), weight.contiguous()
+    lead = x.shape[:-1]
+    x, weight = x.reshape(-1, x.shape[-1]).contiguous(), weight.contiguous()
     m, k = x.shape
     n = weight.shape[0]
+    if ln_weight is None:
+        ln_weight = x.new_ones(k)
+    if ln_bias is None:
+        ln_bias = x.new_zeros(k)
     y = x.new_empty(m, n)
     block_k = min(64, max(16, triton.next_power_of_2(k)))
     grid = (triton.cdiv(m, 32), triton.cdiv(n, 64))
@@ -123,13 +134,13 @@ def _layernorm_linear_triton(x, ln_weight, ln_bias, weight, bias, eps: float) ->
         HAS_BIAS=bias is not None, DOT_F32=dot_in_float32(weight.dtype),
         BLOCK_M=32, BLOCK_N=64, BLOCK_K=block_k,
     )  # fmt: skip
-    return y
+    return y.reshape(*lead, n)
 
 
 def layernorm_linear(
     x: torch.Tensor,
-    ln_weight: torch.Tensor,
-    ln_bias: torch.Tensor,
+    ln_weight: torch.Tensor | None,
+    ln_bias: torch.Tensor | None,
     weight: torch.Tensor,
     bias: torch.Tensor | None = None,
     residual: torch.Tensor | None = None,
@@ -142,8 +153,8 @@ def layernorm_linear(
     "triton" (default: by device).
     """
     k = x.shape[-1]
-    if ln_weight.shape != (k,) or ln_bias.shape != (k,):
-        raise ValueError(f"LayerNorm weight and bias must be [{k}]")
+    if any(p is not None and p.shape != (k,) for p in (ln_weight, ln_bias)):
+        raise ValueError(f"LayerNorm weight and bias must be [{k}] (or None)")
     if weight.dim() != 2 or weight.shape[1] != k:
         raise ValueError(f"weight must be [N, {k}], got {list(weight.shape)}")
     if bias is not None and bias.shape != (weight.shape[0],):
@@ -151,13 +162,11 @@ def layernorm_linear(
     if residual is not None and residual.shape != x.shape:
         raise ValueError(f"residual {list(residual.shape)} != x {list(x.shape)}")
     h = x if residual is None else x + residual
-    flat = h.reshape(-1, k)
     which = choose("layernorm_linear", impl, x.device, gpu="triton")
     if which == "ref":
-        y = layernorm_linear_ref(flat, ln_weight, ln_bias, weight, bias, eps)
+        y = layernorm_linear_ref(h, ln_weight, ln_bias, weight, bias, eps)
     elif which == "triton":
-        y = _layernorm_linear_triton(flat, ln_weight, ln_bias, weight, bias, eps)
+        y = _layernorm_linear_triton(h, ln_weight, ln_bias, weight, bias, eps)
     else:
-        y = _layernorm_linear_op(flat, ln_weight, ln_bias, weight, bias, eps)
-    y = y.reshape(*x.shape[:-1], weight.shape[0])
+        y = _layernorm_linear_op(h, ln_weight, ln_bias, weight, bias, eps)
     return y if residual is None else (y, h)

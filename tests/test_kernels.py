@@ -305,3 +305,64 @@ def test_bad_shapes_are_clear_errors():
         chunk_attention(*(_randn(1, 1, 2, 8),) * 3, *(_randn(1, 1, 4, 8),) * 2, torch.tensor([5]))
     with pytest.raises(ValueError, match="weight must be"):
         layernorm_linear(_randn(2, 8), _randn(8), _randn(8), _randn(4, 7))
+
+
+def test_engine_torch_backend_swaps_in_the_fused_layernorm_linear(tmp_path):
+    from engine import convert
+    from engine.artifact import read_manifest, read_member
+    from engine.backends import TorchBackend
+
+    class Net(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.ln, self.fc = torch.nn.LayerNorm(16), torch.nn.Linear(16, 8)
+            self.ln2, self.fc2 = torch.nn.LayerNorm(8), torch.nn.Linear(8, 4, bias=False)
+
+        def forward(self, x):
+            return self.fc2(self.ln2(torch.relu(self.fc(self.ln(x)))))
+
+    net = Net().eval()
+    with torch.no_grad():
+        for p in net.parameters():
+            p.copy_(torch.randn_like(p))
+    x = _randn(2, 5, 16, seed=11)
+    path = str(tmp_path / "net.ds")
+    convert(net, (x,), output=path)
+    _, sums = read_manifest(path)
+    program = read_member(path, "torch/program.pt2", sums)
+    fused = TorchBackend(program, fuse_kernels=True)
+    assert fused.fused == 2
+    graph = str(fused.module.graph) if hasattr(fused.module, "graph") else ""
+    assert "layernorm_linear" in graph
+    assert TorchBackend(program).fused == 0  # on the CPU it gains nothing: off by default
+    with torch.no_grad():
+        want = net(x)
+    torch.testing.assert_close(torch.from_numpy(fused.run([x.numpy()])[0]), want,
+                               atol=1e-5, rtol=1e-5)  # fmt: skip
+
+
+def test_gpu_paths_that_cannot_run_fall_back_to_the_reference_with_one_warning(monkeypatch):
+    import warnings
+
+    import kernels._build as build
+    import kernels._dispatch as dispatch
+
+    monkeypatch.setattr(dispatch, "_warned", set())
+    monkeypatch.setattr(dispatch, "triton_usable", lambda device: False)
+    cuda = torch.device("cuda")
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        assert dispatch.choose("ctc_topk", None, cuda, gpu="triton") == "ref"
+        assert dispatch.choose("ctc_topk", None, cuda, gpu="triton") == "ref"
+        assert dispatch.choose("paged_attention", None, cuda, gpu="cuda") == "cuda"
+
+        def broken(verbose=False):
+            raise RuntimeError("the CUDA kernels need nvcc")
+
+        monkeypatch.setattr(build, "load_extension", broken)
+        assert build.extension_or_none("paged_attention") is None
+        assert build.extension_or_none("paged_attention") is None
+    messages = [str(w.message) for w in caught]
+    assert len(messages) == 2, messages
+    assert "Triton is not installed" in messages[0] and "nvcc" in messages[1]
+    assert dispatch.choose("ctc_topk", None, torch.device("cpu"), gpu="triton") == "cpu"
