@@ -13,7 +13,7 @@ import logging
 import os
 import tempfile
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any, Iterable, Sequence
 
 import numpy as np
 import torch
@@ -181,12 +181,27 @@ def _onnx_bytes(ep: ExportedProgram, args: tuple[Any, ...], inputs: list[str],
         return Path(path).read_bytes()
 
 
-def _onnx_run(data: bytes, names: list[str], args: tuple[Any, ...]) -> list[np.ndarray]:
-    import onnxruntime as ort
+def _onnx_run(
+    data: bytes, names: list[str], args: tuple[Any, ...], quantized: bool = False
+) -> list[np.ndarray]:
+    from engine.backends import OnnxBackend
 
-    session = ort.InferenceSession(data, providers=["CPUExecutionProvider"])
-    feeds = {n: a.detach().cpu().numpy() for n, a in zip(names, args)}
-    return session.run(None, feeds)
+    return OnnxBackend(data, quantized=quantized).run([a.detach().cpu().numpy() for a in args])
+
+
+def _onnx_dynamic_int8(float_onnx: bytes, per_channel: bool) -> bytes:
+    """ONNX Runtime's own dynamic quantization of the float graph: int8 weights,
+    activations quantized at run time (DynamicQuantizeLinear + MatMulInteger)."""
+    import tempfile
+
+    import onnx
+    from onnxruntime.quantization import QuantType, quantize_dynamic
+
+    with tempfile.TemporaryDirectory() as tmp:
+        out = Path(tmp) / "int8.onnx"
+        quantize_dynamic(onnx.load_from_string(float_onnx), out, per_channel=per_channel,
+                         weight_type=QuantType.QInt8)  # fmt: skip
+        return out.read_bytes()
 
 
 def _versions() -> dict[str, str]:
@@ -203,6 +218,59 @@ def _versions() -> dict[str, str]:
     }
 
 
+def _is_quantized(model: Any) -> bool:
+    if not isinstance(model, torch.nn.Module):
+        return False
+    from engine.quant.modules import QuantLayer
+
+    return any(isinstance(m, QuantLayer) for m in model.modules())
+
+
+def _quantize(
+    source: Any, args: tuple, quantize: Any, calibration: Iterable[Sequence[Any]] | None
+) -> tuple[torch.nn.Module, dict[str, Any]]:
+    """The INT8 model to export and what the manifest says about it."""
+    from engine.quant import QuantConfig, calibrate, freeze, prepare, quant_layers, summary
+
+    if not isinstance(source, torch.nn.Module) or isinstance(source, _Scripted):
+        raise ConversionError(
+            "quantization needs an nn.Module with its layers (a TorchScript or .pt2 file "
+            "hides them): pass the Python model"
+        )
+    if _is_quantized(source):  # quantized by the caller (PTQ or QAT): freeze if needed
+        qmodel = copy.deepcopy(source)
+        layers = quant_layers(qmodel)
+        if any(layer.mode != "frozen" for layer in layers.values()):
+            freeze(qmodel)
+        float_model = None
+        cfg = {"prequantized": True}
+        count = None
+    else:
+        config = QuantConfig() if quantize is True else quantize
+        if not isinstance(config, QuantConfig):
+            raise ConversionError(f"quantize must be True or a QuantConfig, got {quantize!r}")
+        batches = list(calibration) if calibration is not None else []
+        try:
+            qmodel = prepare(source, config)
+            count = calibrate(qmodel, batches) if config.mode == "static" else len(batches)
+            if config.mode == "dynamic":
+                for layer in quant_layers(qmodel).values():
+                    layer.finish_calibration()
+            freeze(qmodel)
+        except ValueError as exc:
+            raise ConversionError(f"quantization failed: {exc}") from exc
+        float_model = source
+        cfg = config.to_dict()
+    info: dict[str, Any] = {"config": cfg, "calibration_batches": count,
+                            **summary(qmodel, float_model)}  # fmt: skip
+    if float_model is not None:
+        with torch.no_grad():
+            want = _flat_outputs(float_model(*args))
+            got = _flat_outputs(qmodel(*args))
+        info["error_vs_float"] = _max_errors(want, [g.float().numpy() for g in got])
+    return qmodel.eval(), info
+
+
 def convert(
     model: Any,
     example_inputs: Sequence[Any],
@@ -215,6 +283,8 @@ def convert(
     passes: Sequence[str] | None = None,
     extra: dict[str, Any] | None = None,
     state: Sequence[Any] = (),
+    quantize: Any = None,
+    calibration: Iterable[Sequence[Any]] | None = None,
 ) -> Path:
     """Convert ``model`` into a ``.ds`` artifact at ``output``.
 
@@ -225,6 +295,11 @@ def convert(
     ``passes``: graph pass names (default: all, see ``engine.passes``).
     ``state``: :class:`engine.sessions.StateSpec` entries for a streaming model
     whose state tensors are explicit inputs and outputs.
+    ``quantize``: ``True`` or an :class:`engine.quant.QuantConfig` for INT8
+    (static needs ``calibration``: batches of positional inputs); or an
+    ``nn.Module`` already quantized with ``engine.quant``.  The manifest's
+    ``extra["quantization"]`` records the configuration, the calibration size,
+    per-layer parameters and the error against the float model.
     Returns the artifact path.  Raises :class:`ConversionError`.
     """
     from engine.passes import DEFAULT_PASSES, run_passes
@@ -240,6 +315,14 @@ def convert(
     source = _load_model(model, args)
     if isinstance(source, torch.nn.Module):
         source = source.eval()
+    quant_info = None
+    float_source = source
+    if quantize or _is_quantized(source):
+        if precision != "fp32":
+            raise ConversionError(
+                "INT8 quantization keeps float32 activations: use precision='fp32'"
+            )
+        source, quant_info = _quantize(source, args, quantize, calibration)
     with torch.no_grad():
         reference = _flat_outputs(
             source.module()(*args) if isinstance(source, ExportedProgram) else source(*args)
@@ -269,12 +352,22 @@ def convert(
     if "torch" in backends:
         members["torch/program.pt2"] = torch_save_bytes(ep)
     if "onnx" in backends:
+        dynamic = quant_info is not None and quant_info["config"].get("mode") == "dynamic"
         try:
-            onnx_data = _onnx_bytes(ep, args_p, names_in, names_out)
+            if dynamic and quant_info is not None and isinstance(float_source, torch.nn.Module):
+                # ONNX Runtime quantizes the float graph its own way (integer kernels).
+                float_ep = torch.export.export(float_source, args_p, dynamic_shapes=dynamic_shapes,
+                                               strict=False)  # fmt: skip
+                float_ep, _ = run_passes(float_ep, DEFAULT_PASSES if passes is None else passes)
+                float_onnx = _onnx_bytes(float_ep, args_p, names_in, names_out)
+                onnx_data = _onnx_dynamic_int8(float_onnx, quant_info["config"]["per_channel"])
+            else:
+                onnx_data = _onnx_bytes(ep, args_p, names_in, names_out)
         except Exception as exc:
             raise ConversionError(f"ONNX export failed: {exc}") from exc
         members["onnx/model.onnx"] = onnx_data
-        errors["onnx"] = _max_errors(reference, _onnx_run(onnx_data, names_in, args_p))
+        run = _onnx_run(onnx_data, names_in, args_p, quantized=bool(quant_info))
+        errors["onnx"] = _max_errors(reference, run)
     labels: dict[str, str] = {}
     manifest = Manifest(
         inputs=_specs(ep, names_in, dynamic_shapes, "input", labels),
@@ -285,7 +378,7 @@ def convert(
         versions=_versions(),
         conversion_error=errors,
         passes=tuple(applied),
-        extra=extra or {},
+        extra={**(extra or {}), **({"quantization": quant_info} if quant_info else {})},
     )
     if state:
         from dataclasses import asdict, replace

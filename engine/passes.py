@@ -179,6 +179,8 @@ def _foldable(node: Node, w: _Weights, folded: set[str]) -> bool:
     schema = node.target._schema
     if schema.is_mutable or "rand" in node.target.__name__ or "dropout" in node.target.__name__:
         return False
+    if node.target.namespace == "quantized_decomposed":
+        return False  # int8 weights stay int8: folding their dequantize would store floats
     inputs = node.all_input_nodes
     if not inputs:
         return False

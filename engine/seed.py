@@ -8,9 +8,9 @@ from __future__ import annotations
 
 import time
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any, Iterable, Sequence
 
-from engine.convert import ConversionError, convert
+from engine.convert import convert
 
 __all__ = ["ModelConverter", "EngineMonitor"]
 
@@ -42,24 +42,31 @@ class ModelConverter:
             output = f"{stem}.ds"
         self.output = Path(output)
 
-    def convert(self, quantize: bool = False, precision: str = "fp32") -> Path:
-        """Write the artifact and return its path."""
-        if quantize:
-            raise NotImplementedError(
-                "quantize=True (INT8 post-training and quantization-aware training) is not "
-                "implemented yet: it comes with the engine's quantization feature; convert "
-                "with quantize=False"
-            )
-        try:
-            return convert(
-                self.input_model,
-                self.example_inputs,
-                dynamic_shapes=self.dynamic_shapes,
-                precision=precision,
-                output=self.output,
-            )
-        except ConversionError:
-            raise
+    def convert(
+        self,
+        quantize: Any = False,
+        precision: str = "fp32",
+        calibration: Iterable[Sequence[Any]] | None = None,
+    ) -> Path:
+        """Write the artifact and return its path.
+
+        ``quantize=True``: INT8, static with ``calibration`` batches (the seed
+        document recommends 1000+ samples), dynamic without them; or an
+        :class:`engine.quant.QuantConfig`.
+        """
+        if quantize is True:
+            from engine.quant import QuantConfig
+
+            quantize = QuantConfig(mode="static" if calibration is not None else "dynamic")
+        return convert(
+            self.input_model,
+            self.example_inputs,
+            dynamic_shapes=self.dynamic_shapes,
+            precision=precision,
+            output=self.output,
+            quantize=quantize or None,
+            calibration=calibration,
+        )
 
 
 def _gpu_util() -> float | str:

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import hashlib
 import os
+import shutil
 import threading
 from pathlib import Path
 from types import ModuleType
@@ -32,6 +33,17 @@ def _cuda_home() -> str | None:
     if home:
         return home
     return "/usr/local/cuda" if Path("/usr/local/cuda/bin/nvcc").exists() else None
+
+
+def _put_ninja_on_path() -> None:
+    """cpp_extension runs ``ninja`` from PATH; an unactivated venv's ninja (the PyPI
+    wheel, a dependency) is not on it, so add its directory when none is."""
+    if shutil.which("ninja") is None:
+        try:
+            import ninja
+        except ImportError:
+            return
+        os.environ["PATH"] = ninja.BIN_DIR + os.pathsep + os.environ.get("PATH", "")
 
 
 def build_dir() -> Path:
@@ -57,6 +69,7 @@ def load_extension(verbose: bool = False) -> ModuleType:
         if home is None:
             _error = "the CUDA kernels need nvcc: set CUDA_HOME to a CUDA toolkit"
             raise RuntimeError(_error)
+        _put_ninja_on_path()
         os.environ.setdefault("CUDA_HOME", home)
         os.environ.setdefault("TORCH_CUDA_ARCH_LIST", ARCHS)
         from torch.utils import cpp_extension

@@ -302,8 +302,17 @@ def test_model_converter_seed_api(tmp_path):
                                output=tmp_path / "bert.ds")  # fmt: skip
     path = converter.convert(quantize=False, precision="fp32")
     assert np.allclose(InferenceEngine(path).infer([x])["output_0"], model(x).detach(), atol=1e-5)
-    with pytest.raises(NotImplementedError, match="quantization"):
+    from engine import ConversionError
+
+    with pytest.raises(ConversionError, match="precision='fp32'"):
         converter.convert(quantize=True, precision="fp16")
+    with pytest.raises(ConversionError, match="needs an nn.Module"):
+        converter.convert(quantize=True)  # a TorchScript file carries no layers to wrap
+    module_converter = ModelConverter(input_model=model, example_inputs=(x,),
+                                      output=tmp_path / "int8.ds")  # fmt: skip
+    int8 = module_converter.convert(quantize=True)  # no calibration set: dynamic INT8
+    got = InferenceEngine(int8).infer([x])["output_0"]
+    assert np.abs(got - model(x).detach().numpy()).max() < 0.05
     with pytest.raises(ValueError, match="ds-engine"):
         ModelConverter(input_model=str(ts), output_format="tflite", example_inputs=(x,))
 

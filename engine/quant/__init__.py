@@ -1,0 +1,40 @@
+"""INT8 quantization: observers, quantized layers, post-training quantization,
+quantization-aware training and per-layer sensitivity (see engine.quant.api)."""
+
+from engine.quant.api import (
+    QuantConfig,
+    calibrate,
+    enable_fake,
+    freeze,
+    prepare,
+    quant_layers,
+    quantize,
+    sensitivity,
+    summary,
+)
+from engine.quant.observers import (
+    MinMaxObserver,
+    MseObserver,
+    PercentileObserver,
+    QParams,
+    fake_quantize,
+    qparams_from_range,
+)
+
+__all__ = [
+    "QuantConfig",
+    "prepare",
+    "calibrate",
+    "enable_fake",
+    "freeze",
+    "quantize",
+    "quant_layers",
+    "summary",
+    "sensitivity",
+    "MinMaxObserver",
+    "PercentileObserver",
+    "MseObserver",
+    "QParams",
+    "fake_quantize",
+    "qparams_from_range",
+]
