@@ -20,7 +20,6 @@ import numpy as np
 import torch
 
 from apps.asr.lm import SHARED
-from apps.asr.model import AsrModel
 from apps.asr.train import decode_greedy, load_checkpoint, load_wave, read_manifest
 from dsstream.evaluation import cer, wer
 from dsstream.frontend import Fbank
@@ -28,10 +27,10 @@ from dsstream.lm import normalize_sentence
 
 ROOT = Path(__file__).resolve().parents[2]
 
-__all__ = ["main", "score"]
+__all__ = ["main", "score", "evaluate"]
 
 
-def _logp(model: AsrModel, fbank: Fbank, wave: np.ndarray) -> np.ndarray:
+def _logp(model: torch.nn.Module, fbank: Fbank, wave: np.ndarray) -> np.ndarray:
     with torch.no_grad():
         feats = fbank(torch.from_numpy(wave)[None])[0]
         t = int(math.ceil(max(feats.shape[0], 4) / 4) * 4)
@@ -55,6 +54,39 @@ def lj_set(limit: int) -> list[tuple[str, str]]:
             for line in lines]  # fmt: skip
 
 
+def evaluate(
+    model: torch.nn.Module,
+    fbank: Fbank,
+    data: Path,
+    lm: Path | None,
+    beam: int = 32,
+    alpha: float = 0.5,
+    beta: float = 1.0,
+    limit: int = 2000,
+    lj_limit: int = 186,
+) -> dict[str, Any]:
+    """CER/WER greedy and with the LM, overall and per held-out voice, and on LJ001."""
+    decoder = None
+    if lm is not None and lm.is_file():
+        from dsstream.decoding import CTCDecoder
+
+        decoder = CTCDecoder(beam_width=beam, language_model=lm, alpha=alpha, beta=beta)
+    rows = read_manifest(data / "valid.jsonl")[:limit]
+    by_voice: dict[str, list[int]] = defaultdict(list)
+    for i, row in enumerate(rows):
+        by_voice[row["speaker"]].append(i)
+    mats = [_logp(model, fbank, load_wave(r["path"])) for r in rows]
+    refs = [r["text"] for r in rows]
+    report: dict[str, Any] = {"held_out_voices": score(refs, mats, decoder), "per_voice": {}}
+    for voice, idx in sorted(by_voice.items()):
+        report["per_voice"][voice] = score([refs[i] for i in idx], [mats[i] for i in idx], decoder)
+    if (SHARED / "speech" / "lj001").is_dir() and lj_limit:
+        pairs = lj_set(lj_limit)
+        lj_mats = [_logp(model, fbank, load_wave(p)) for p, _ in pairs]
+        report["lj001"] = score([t for _, t in pairs], lj_mats, decoder)
+    return report
+
+
 def main(argv: list[str] | None = None) -> dict[str, Any]:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--data", type=Path, default=ROOT / "cache" / "asr")
@@ -66,26 +98,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     parser.add_argument("--lj-limit", type=int, default=186, help="LJ001 clips")
     args = parser.parse_args(argv)
     model, fbank_cfg, _ = load_checkpoint(args.data / "ckpt" / "last.pt")
-    fbank = Fbank(fbank_cfg)
-    decoder = None
-    if args.lm.is_file():
-        from dsstream.decoding import CTCDecoder
-
-        decoder = CTCDecoder(beam_width=args.beam, language_model=args.lm, alpha=args.alpha,
-                             beta=args.beta)  # fmt: skip
-    rows = read_manifest(args.data / "valid.jsonl")[: args.limit]
-    by_voice: dict[str, list[int]] = defaultdict(list)
-    for i, row in enumerate(rows):
-        by_voice[row["speaker"]].append(i)
-    mats = [_logp(model, fbank, load_wave(r["path"])) for r in rows]
-    refs = [r["text"] for r in rows]
-    report: dict[str, Any] = {"held_out_voices": score(refs, mats, decoder), "per_voice": {}}
-    for voice, idx in sorted(by_voice.items()):
-        report["per_voice"][voice] = score([refs[i] for i in idx], [mats[i] for i in idx], decoder)
-    if (SHARED / "speech" / "lj001").is_dir() and args.lj_limit:
-        pairs = lj_set(args.lj_limit)
-        lj_mats = [_logp(model, fbank, load_wave(p)) for p, _ in pairs]
-        report["lj001"] = score([t for _, t in pairs], lj_mats, decoder)
+    report = evaluate(model, Fbank(fbank_cfg), args.data, args.lm, args.beam, args.alpha,
+                      args.beta, args.limit, args.lj_limit)  # fmt: skip
     (args.data / "eval.json").write_text(json.dumps(report, indent=2))
     held = report["held_out_voices"]
     print(f"held-out voices: CER {held['cer_greedy']:.2%} greedy"

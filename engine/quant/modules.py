@@ -54,6 +54,17 @@ class QuantLayer(nn.Module):
         self.act_qp: QParams | None = None
         self.ema: tuple[torch.Tensor, torch.Tensor] | None = None  # QAT's running range
 
+    def __getattr__(self, name: str) -> Any:
+        # The wrapped layer's attributes (out_channels, in_features, ...) stay
+        # reachable: model code reads them from the layer it thinks it holds.
+        try:
+            return super().__getattr__(name)
+        except AttributeError:
+            inner = self._modules.get("inner")
+            if inner is None or name == "inner":
+                raise
+            return getattr(inner, name)
+
     # ------------------------------------------------------------------ parameters
 
     def weight_qparams(self, weight: torch.Tensor) -> QParams:

@@ -1,0 +1,119 @@
+"""Recipe step: INT8 post-training quantization of the trained model, measured.
+
+    python -m apps.asr.quantize [--mode static|dynamic] [--observer minmax|percentile|mse]
+        [--calib 256] [--sweep 16,64,256,1024] [--sensitivity 8] [--keep-float 0]
+        [--out samples/asr/model-int8.ds]
+
+Calibrates on training utterances (never the held-out voices), quantizes with
+``engine.quant``, scores the INT8 model exactly as ``apps.asr.evaluate`` scores
+the float one (CER/WER greedy and with the LM, held-out voices and LJ001), and
+exports the streaming INT8 artifact.  ``--sweep`` reports accuracy against the
+calibration count; ``--sensitivity N`` ranks layers by their quantization
+error on N utterances, and ``--keep-float K`` keeps the K most sensitive layers
+in float (mixed precision).  Writes ``<data>/quant.json``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import random
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from apps.asr.evaluate import evaluate
+from apps.asr.export import export_streaming
+from apps.asr.train import load_checkpoint, load_wave, read_manifest
+from dsstream.frontend import Fbank
+
+ROOT = Path(__file__).resolve().parents[2]
+
+__all__ = ["calibration_batches", "main"]
+
+
+def calibration_batches(data: Path, fbank: Fbank, count: int, seed: int = 0) -> list[tuple]:
+    """``count`` training utterances (seeded pick) as ``(feats [1, T, mels],)``."""
+    rows = read_manifest(data / "train.jsonl")
+    pick = random.Random(seed).sample(rows, min(count, len(rows)))
+    out = []
+    with torch.no_grad():
+        for row in pick:
+            feats = fbank(torch.from_numpy(load_wave(row["path"]))[None])[0]
+            t = int(math.ceil(max(feats.shape[0], 4) / 4) * 4)
+            out.append((torch.nn.functional.pad(feats, (0, 0, 0, t - feats.shape[0]))[None],))
+    return out
+
+
+def _summary(report: dict[str, Any]) -> dict[str, float]:
+    held, lj = report["held_out_voices"], report.get("lj001", {})
+    keys = ("cer_greedy", "wer_greedy", "cer_lm", "wer_lm")
+    return {**{f"held_{k}": held[k] for k in keys if k in held},
+            **{f"lj_{k}": lj[k] for k in keys if k in lj}}  # fmt: skip
+
+
+def main(argv: list[str] | None = None) -> dict[str, Any]:
+    from engine.quant import QuantConfig, quantize, sensitivity
+
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--data", type=Path, default=ROOT / "cache" / "asr")
+    parser.add_argument("--lm", type=Path, default=ROOT / "samples" / "asr" / "lm.arpa")
+    parser.add_argument("--mode", choices=["static", "dynamic"], default="static")
+    parser.add_argument("--observer", choices=["minmax", "percentile", "mse"], default="minmax")
+    parser.add_argument("--calib", type=int, default=256, help="calibration utterances")
+    parser.add_argument("--sweep", default="", help="comma-separated calibration counts")
+    parser.add_argument("--sensitivity", type=int, default=0, help="utterances for the ranking")
+    parser.add_argument("--keep-float", type=int, default=0, help="most sensitive layers kept")
+    parser.add_argument("--limit", type=int, default=2000, help="validation utterances")
+    parser.add_argument("--lj-limit", type=int, default=186)
+    parser.add_argument("--out", type=Path, default=None, help="write the INT8 artifact here")
+    parser.add_argument("--threads", type=int, default=2)
+    args = parser.parse_args(argv)
+    torch.set_num_threads(args.threads)
+    model, fbank_cfg, ckpt = load_checkpoint(args.data / "ckpt" / "last.pt")
+    fbank = Fbank(fbank_cfg)
+
+    def score(m: torch.nn.Module) -> dict[str, float]:
+        return _summary(evaluate(m, fbank, args.data, args.lm, limit=args.limit,
+                                 lj_limit=args.lj_limit))  # fmt: skip
+
+    result: dict[str, Any] = {"mode": args.mode, "observer": args.observer,
+                              "checkpoint_step": ckpt.get("state", {}).get("step")}  # fmt: skip
+    result["float"] = score(model)
+    print("float:", result["float"])
+    skip: tuple[str, ...] = ()
+    if args.sensitivity:
+        ranking = sensitivity(model, calibration_batches(args.data, fbank, args.sensitivity),
+                              QuantConfig(mode=args.mode, observer=args.observer))  # fmt: skip
+        result["sensitivity"] = ranking
+        print("most sensitive layers:", ranking[:5])
+        skip = tuple(name for name, _ in ranking[: args.keep_float])
+    config = QuantConfig(mode=args.mode, observer=args.observer, skip=skip)
+    calib = calibration_batches(args.data, fbank, args.calib) if args.mode == "static" else []
+    started = time.monotonic()
+    qmodel = quantize(model, calib, config)
+    result["quantize_seconds"] = round(time.monotonic() - started, 1)
+    result["int8"] = score(qmodel)
+    result["keep_float"] = list(skip)
+    print("int8:", result["int8"])
+    if args.sweep and args.mode == "static":
+        result["sweep"] = {}
+        for count in [int(c) for c in args.sweep.split(",")]:
+            q = quantize(model, calibration_batches(args.data, fbank, count), config)
+            result["sweep"][count] = score(q)
+            print(f"calibration {count}:", result["sweep"][count])
+    if args.out:
+        export_streaming(qmodel, fbank_cfg, args.out,
+                         extra={"quantized_from_step": result["checkpoint_step"]})  # fmt: skip
+        result["artifact_bytes"] = args.out.stat().st_size
+        print(f"wrote {args.out} ({args.out.stat().st_size / 1e6:.1f} MB)")
+    name = f"quant-{args.mode}-{args.observer}" + (f"-keep{args.keep_float}" if skip else "")
+    (args.data / f"{name}.json").write_text(json.dumps(result, indent=2))
+    return result
+
+
+if __name__ == "__main__":
+    main()
