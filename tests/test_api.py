@@ -128,6 +128,8 @@ EXPECTED = {
         "quant_layers",
         "summary",
         "sensitivity",
+        "qat_state",
+        "load_qat_state",
         "MinMaxObserver",
         "PercentileObserver",
         "MseObserver",

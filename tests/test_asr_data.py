@@ -106,6 +106,24 @@ def test_training_runs_is_seeded_and_resumes(tmp_path):
     assert (tmp_path / "eval.json").is_file()
     artifact = export_main(["--data", str(tmp_path), "--out", str(tmp_path / "model.ds")])
     assert artifact.is_file()
+    # INT8: post-training quantization and quantization-aware fine-tuning, both scored
+    # like the float model and exported as streaming INT8 artifacts.
+    from apps.asr.quantize import main as quantize_main
+    from engine import InferenceEngine
+
+    small = ["--data", str(tmp_path), "--limit", "4", "--lj-limit", "1", "--threads", "1"]
+    ptq = quantize_main(
+        [*small, "--calib", "3", "--sweep", "1,2", "--out", str(tmp_path / "p8.ds")]
+    )
+    assert set(ptq["sweep"]) == {1, 2} and set(ptq["int8"]) == set(ptq["float"])
+    qat = train_main([*common, "--qat", "--epochs", "1", "--lr", "1e-4"])
+    assert qat["qat_from_step"] == resumed["step"] and qat["history"][0]["epoch"] == 0
+    assert (tmp_path / "ckpt" / "last.pt").is_file()  # the float model is untouched
+    from_qat = quantize_main([*small, "--qat", "--out", str(tmp_path / "q8.ds")])
+    assert from_qat["quant_config"]["mode"] == "static" and "int8" in from_qat
+    for path in ("p8.ds", "q8.ds", "model.ds"):
+        assert InferenceEngine(tmp_path / path).open_session() is not None
+    assert (tmp_path / "q8.ds").stat().st_size < 0.6 * (tmp_path / "model.ds").stat().st_size
     assert encode("it's a") == [11, 22, 2, 21, 1, 3]
     import torch
 

@@ -179,6 +179,18 @@ def test_a_tiny_training_run_learns_beyond_chance(tmp_path):
     # common answer scores about 55% on these scenes.
     assert last["all"] > 0.72 and last["all"] > first["all"] + 0.3, (first, last)
     assert (tmp_path / "ckpt" / "last.pt").exists()
+    # INT8: post-training quantization and quantization-aware fine-tuning keep what it learned.
+    from apps.vqa.quantize import main as quantize
+
+    ptq = quantize(["--data", str(tmp_path), "--calib", "16", "--out", str(tmp_path / "int8")])
+    assert ptq["int8"]["all"] > ptq["float"]["all"] - 0.1
+    qat = train(["--data", str(tmp_path), "--qat", "--epochs", "3", "--batch", "8", "--lr", "3e-4",
+                 "--threads", "2", "--warmup", "5"])  # fmt: skip
+    assert len(qat["history"]) == 3 and (tmp_path / "ckpt" / "qat.pt").exists()
+    assert qat["history"][-1]["all"] > 0.72  # fine-tuned under fake quantization: still fits
+    from_qat = quantize(["--data", str(tmp_path), "--qat"])  # scored on the unseen test scenes
+    assert from_qat["qat"] and from_qat["int8"]["all"] > from_qat["float"]["all"] - 0.1
+    assert {p.name for p in (tmp_path / "int8").iterdir()} == {"image-int8.ds", "fuser-int8.ds"}
 
 
 # -- export, cache, pipeline ---------------------------------------------------------

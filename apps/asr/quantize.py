@@ -10,7 +10,9 @@ the float one (CER/WER greedy and with the LM, held-out voices and LJ001), and
 exports the streaming INT8 artifact.  ``--sweep`` reports accuracy against the
 calibration count; ``--sensitivity N`` ranks layers by their quantization
 error on N utterances, and ``--keep-float K`` keeps the K most sensitive layers
-in float (mixed precision).  Writes ``<data>/quant.json``.
+in float (mixed precision).  ``--qat`` takes the quantization-aware fine-tuned
+model (``python -m apps.asr.train --qat``) instead of calibrating the float one.
+Writes ``<data>/quant-<mode>-<observer>.json`` (``quant-qat.json`` with ``--qat``).
 """
 
 from __future__ import annotations
@@ -27,7 +29,7 @@ import torch
 
 from apps.asr.evaluate import evaluate
 from apps.asr.export import export_streaming
-from apps.asr.train import load_checkpoint, load_wave, read_manifest
+from apps.asr.train import load_checkpoint, load_qat_checkpoint, load_wave, read_manifest
 from dsstream.frontend import Fbank
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -55,6 +57,23 @@ def _summary(report: dict[str, Any]) -> dict[str, float]:
             **{f"lj_{k}": lj[k] for k in keys if k in lj}}  # fmt: skip
 
 
+def _from_qat(args: argparse.Namespace, model: torch.nn.Module, fbank: Fbank) -> dict[str, Any]:
+    from engine.quant import freeze
+
+    qmodel, fbank_cfg, saved = load_qat_checkpoint(args.data / "ckpt" / "qat.pt")
+    result: dict[str, Any] = {"qat": saved["state"], "quant_config": saved["quant_config"]}
+    for key, m in (("float", model), ("int8", freeze(qmodel))):
+        result[key] = _summary(evaluate(m, fbank, args.data, args.lm, limit=args.limit,
+                                        lj_limit=args.lj_limit))  # fmt: skip
+        print(f"{key}:", result[key])
+    if args.out:
+        export_streaming(qmodel, fbank_cfg, args.out, extra={"quantization_aware_training": True})
+        result["artifact_bytes"] = args.out.stat().st_size
+        print(f"wrote {args.out} ({args.out.stat().st_size / 1e6:.1f} MB)")
+    (args.data / "quant-qat.json").write_text(json.dumps(result, indent=2, default=str))
+    return result
+
+
 def main(argv: list[str] | None = None) -> dict[str, Any]:
     from engine.quant import QuantConfig, quantize, sensitivity
 
@@ -71,10 +90,13 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     parser.add_argument("--lj-limit", type=int, default=186)
     parser.add_argument("--out", type=Path, default=None, help="write the INT8 artifact here")
     parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--qat", action="store_true", help="use ckpt/qat.pt (train --qat)")
     args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)
     model, fbank_cfg, ckpt = load_checkpoint(args.data / "ckpt" / "last.pt")
     fbank = Fbank(fbank_cfg)
+    if args.qat:
+        return _from_qat(args, model, fbank)
 
     def score(m: torch.nn.Module) -> dict[str, float]:
         return _summary(evaluate(m, fbank, args.data, args.lm, limit=args.limit,

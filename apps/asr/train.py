@@ -5,6 +5,12 @@
 Progress bar with loss and validation CER (greedy); a checkpoint every
 ``--checkpoint-minutes`` and at the end of each epoch (atomic replace), and a
 run resumes from it after an interruption; seeds make runs repeatable.
+
+``--qat`` fine-tunes the trained model (``ckpt/last.pt``) with INT8 fake
+quantization (engine.quant: calibrated activation ranges, per-channel weights,
+straight-through gradients) into ``ckpt/qat.pt``, e.g.
+``python -m apps.asr.train --qat --epochs 1 --lr 1e-4 --warmup 50``; then
+``python -m apps.asr.quantize --qat --out samples/asr/model-int8.ds``.
 """
 
 from __future__ import annotations
@@ -158,6 +164,39 @@ def save(path: Path, state: dict[str, Any]) -> None:
     tmp.replace(path)  # an interruption never leaves half a checkpoint
 
 
+def load_qat_checkpoint(path: Path) -> tuple[torch.nn.Module, FbankConfig, dict[str, Any]]:
+    """A QAT checkpoint (``--qat``) as the prepared model with its fake quantizers."""
+    from engine.quant import QuantConfig, load_qat_state, prepare
+
+    saved = torch.load(path, weights_only=False)
+    model = AsrModel(ModelConfig(**{**saved["config"], "dropout": 0.0}))
+    qmodel = prepare(model, QuantConfig(**saved["quant_config"]))
+    qmodel.load_state_dict(saved["model"])
+    load_qat_state(qmodel, saved["qat"])
+    fbank = {k: tuple(v) if isinstance(v, list) else v for k, v in saved["fbank"].items()}
+    return qmodel.eval(), FbankConfig(**fbank), saved
+
+
+def _start_qat(args: argparse.Namespace, last: Path, rows: list[dict[str, Any]]):
+    """The float model from ``last`` wrapped for QAT and calibrated on training batches."""
+    from engine.quant import QuantConfig, calibrate, enable_fake, prepare
+
+    if not last.is_file():
+        raise SystemExit(f"--qat fine-tunes a trained model: {last} not found")
+    saved = torch.load(last, weights_only=False)
+    model = AsrModel(ModelConfig(**saved["config"]))
+    model.load_state_dict(saved["model"])
+    fbank_cfg = FbankConfig(**saved["fbank"])
+    config = QuantConfig()
+    qmodel = prepare(model, config)
+    calib = SpeechSet(rows, fbank_cfg, None, args.seed)
+    batches = length_batches(rows, args.batch_frames, args.seed, 0)[:16]
+    loader = torch.utils.data.DataLoader(calib, batch_sampler=batches, collate_fn=collate)
+    calibrate(qmodel, ((feats, lengths) for feats, lengths, *_ in loader))
+    enable_fake(qmodel)
+    return qmodel, fbank_cfg, config, saved["state"]["step"], ModelConfig(**saved["config"])
+
+
 def train(args: argparse.Namespace) -> dict[str, Any]:
     torch.manual_seed(args.seed)
     torch.set_num_threads(args.threads)
@@ -167,10 +206,29 @@ def train(args: argparse.Namespace) -> dict[str, Any]:
     ckpt_dir.mkdir(parents=True, exist_ok=True)
     last = ckpt_dir / "last.pt"
     cfg = PRESETS[args.size]
-    model = AsrModel(cfg)
-    opt = torch.optim.AdamW(model.parameters(), lr=args.lr, weight_decay=1e-2)
+    model: torch.nn.Module = AsrModel(cfg)
     state: dict[str, Any] = {"epoch": 0, "step": 0, "history": []}
-    if last.is_file() and not args.restart:
+    qat_extra: dict[str, Any] = {}
+    if args.qat:
+        from engine.quant import qat_state
+
+        qat_path = ckpt_dir / "qat.pt"
+        if qat_path.is_file() and not args.restart:
+            model, fbank_cfg, saved = load_qat_checkpoint(qat_path)
+            model.train()
+            state, qat_extra = saved["state"], {"quant_config": saved["quant_config"]}
+            cfg = ModelConfig(**saved["config"])
+            print(f"resumed QAT at epoch {state['epoch']}, step {state['step']}")
+        else:
+            model, fbank_cfg, quant_config, from_step, cfg = _start_qat(args, last, train_rows)
+            qat_extra = {"quant_config": quant_config.to_dict()}
+            state["qat_from_step"] = from_step
+        last = qat_path
+    opt = torch.optim.AdamW(model.parameters(), lr=args.lr, weight_decay=1e-2)
+    if args.qat:
+        if state["step"]:
+            opt.load_state_dict(torch.load(last, weights_only=False)["optimizer"])
+    elif last.is_file() and not args.restart:
         saved = torch.load(last, weights_only=False)
         model.load_state_dict(saved["model"])
         opt.load_state_dict(saved["optimizer"])
@@ -191,9 +249,10 @@ def train(args: argparse.Namespace) -> dict[str, Any]:
     from tqdm import tqdm
 
     def checkpoint() -> None:
+        extra = {**qat_extra, "qat": qat_state(model)} if args.qat else {}
         save(last, {
             "model": model.state_dict(), "optimizer": opt.state_dict(),
-            "fbank": asdict(fbank_cfg), "config": cfg.to_dict(), "state": state,
+            "fbank": asdict(fbank_cfg), "config": cfg.to_dict(), "state": state, **extra,
         })  # fmt: skip
 
     while state["epoch"] < args.epochs:
@@ -255,6 +314,11 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     parser.add_argument("--no-augment", action="store_true")
     parser.add_argument("--restart", action="store_true", help="ignore an existing checkpoint")
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument(
+        "--qat",
+        action="store_true",
+        help="INT8 quantization-aware fine-tuning of ckpt/last.pt into ckpt/qat.pt",
+    )
     return train(parser.parse_args(argv))
 
 

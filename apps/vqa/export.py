@@ -37,7 +37,11 @@ class _Fuser(torch.nn.Module):
         return self.question(tokens[:, None], kv)[:, 0].softmax(-1)
 
 
-def export_stages(model: VqaModel, tok: WordTokenizer, out: Path) -> tuple[Path, Path]:
+def export_stages(
+    model: VqaModel, tok: WordTokenizer, out: Path, suffix: str = ""
+) -> tuple[Path, Path]:
+    """Write ``image{suffix}.ds`` and ``fuser{suffix}.ds`` (a model quantized with
+    engine.quant exports as INT8)."""
     from engine import convert
 
     model = model.eval()
@@ -48,7 +52,7 @@ def export_stages(model: VqaModel, tok: WordTokenizer, out: Path) -> tuple[Path,
     image = torch.rand(2, 3, cfg.image_size, cfg.image_size)
     image_path = convert(
         model.image, (image,), dynamic_shapes=({0: Dim("batch", min=1, max=64)},),
-        input_names=["image"], output_names=["kv"], output=out / "image.ds",
+        input_names=["image"], output_names=["kv"], output=out / f"image{suffix}.ds",
         extra={**common, "stage": "image", "image_size": cfg.image_size,
                "kv_shape": [cfg.fuser_layers, 2, grid * grid, cfg.d_model]},
     )  # fmt: skip
@@ -59,7 +63,7 @@ def export_stages(model: VqaModel, tok: WordTokenizer, out: Path) -> tuple[Path,
         _Fuser(model), (tokens, kv),
         dynamic_shapes=({0: Dim("batch", min=1, max=256), 1: Dim("length", min=1,
                          max=cfg.max_len)}, {0: Dim("batch", min=1, max=256)}),
-        input_names=["tokens", "kv"], output_names=["probs"], output=out / "fuser.ds",
+        input_names=["tokens", "kv"], output_names=["probs"], output=out / f"fuser{suffix}.ds",
         extra={**common, "stage": "fuser", "answers": list(ANSWERS),
                "tokenizer": {"vocab": list(tok.vocab), "max_len": tok.max_len}},
     )  # fmt: skip

@@ -6,6 +6,11 @@ Batches hold whole scenes with all their questions, so each image is encoded
 once per step.  A progress bar shows loss and accuracy; a checkpoint is written
 every ``--checkpoint-minutes`` and after each epoch (atomic replace) and a run
 resumes from it; seeds make runs repeatable.
+
+``--qat`` fine-tunes the trained model (``ckpt/last.pt``, BatchNorm folded into
+the convolutions) with INT8 fake quantization into ``ckpt/qat.pt``, e.g.
+``python -m apps.vqa.train --qat --epochs 1 --lr 1e-4``; then
+``python -m apps.vqa.quantize --qat --out samples/vqa``.
 """
 
 from __future__ import annotations
@@ -28,7 +33,16 @@ from dsstream.tokenizer import WordTokenizer
 
 ROOT = Path(__file__).resolve().parents[2]
 
-__all__ = ["Split", "load_split", "recalibrate", "accuracy", "load_checkpoint", "train", "main"]
+__all__ = [
+    "Split",
+    "load_split",
+    "recalibrate",
+    "accuracy",
+    "load_checkpoint",
+    "load_qat_checkpoint",
+    "train",
+    "main",
+]
 
 
 class Split:
@@ -101,6 +115,32 @@ def load_checkpoint(path: Path) -> tuple[VqaModel, WordTokenizer, dict[str, Any]
     return model.eval(), tok, ckpt
 
 
+def _qat_model(model: VqaModel, saved: dict[str, Any] | None, calib: Split | None) -> VqaModel:
+    """``model`` (float weights) with BN folded and fake quantizers: restored from a
+    QAT checkpoint (``saved``) or calibrated on ``calib``."""
+    from apps.vqa.quantize import fold_batchnorm
+    from engine.quant import QuantConfig, calibrate, enable_fake, load_qat_state, prepare
+
+    if saved is not None:
+        qmodel = prepare(fold_batchnorm(model), QuantConfig(**saved["quant_config"]))
+        qmodel.load_state_dict(saved["model"])
+        return load_qat_state(qmodel, saved["qat"])
+    assert calib is not None
+    qmodel = prepare(fold_batchnorm(model), QuantConfig())
+    calibrate(
+        qmodel, [calib.batch(slice(i, i + 16))[:2] for i in range(0, min(256, len(calib)), 16)]
+    )
+    return enable_fake(qmodel)
+
+
+def load_qat_checkpoint(path: Path) -> tuple[VqaModel, WordTokenizer, dict[str, Any]]:
+    """A QAT checkpoint (``--qat``) as the model with its fake quantizers."""
+    ckpt = torch.load(path, map_location="cpu", weights_only=False)
+    model = _qat_model(VqaModel(VqaConfig(**ckpt["config"])), ckpt, None)
+    tok = WordTokenizer(tuple(ckpt["tokenizer"]["vocab"]), ckpt["tokenizer"]["max_len"])
+    return model.eval(), tok, ckpt
+
+
 def _save(path: Path, state: dict[str, Any]) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_suffix(".tmp")
@@ -121,14 +161,30 @@ def train(args: argparse.Namespace) -> dict[str, Any]:
                     gated=args.gated, fuser_layers=args.fuser_layers,
                     image_layers=args.image_layers)  # fmt: skip
     model = VqaModel(cfg)
+    ckpt_path = args.data / "ckpt" / ("qat.pt" if args.qat else "last.pt")
+    resume = ckpt_path.exists() and not args.restart
+    qat_extra: dict[str, Any] = {}
+    if args.qat:
+        float_path = args.data / "ckpt" / "last.pt"
+        if not float_path.exists():
+            raise SystemExit(f"--qat fine-tunes a trained model: {float_path} not found")
+        base = torch.load(float_path, map_location="cpu", weights_only=False)
+        cfg = VqaConfig(**base["config"])
+        model = VqaModel(cfg)
+        model.load_state_dict(base["model"])
+        saved = torch.load(ckpt_path, map_location="cpu", weights_only=False) if resume else None
+        model = _qat_model(model, saved, None if resume else train_set)
+        from engine.quant import QuantConfig
+
+        qat_extra = {"quant_config": saved["quant_config"] if saved else QuantConfig().to_dict()}
     opt = torch.optim.AdamW(model.parameters(), lr=args.lr, weight_decay=1e-2)
     steps_per_epoch = math.ceil(len(train_set) / args.batch)
     total = steps_per_epoch * args.epochs
     state: dict[str, Any] = {"epoch": 0, "step": 0, "history": [], "seconds": 0.0}
-    ckpt_path = args.data / "ckpt" / "last.pt"
-    if ckpt_path.exists() and not args.restart:
+    if resume:
         ckpt = torch.load(ckpt_path, map_location="cpu", weights_only=False)
-        model.load_state_dict(ckpt["model"])
+        if not args.qat:
+            model.load_state_dict(ckpt["model"])
         opt.load_state_dict(ckpt["optimizer"])
         state = ckpt["state"]
         print(f"resumed at epoch {state['epoch']}, step {state['step']}")
@@ -138,7 +194,11 @@ def train(args: argparse.Namespace) -> dict[str, Any]:
         return args.lr * warm * 0.5 * (1 + math.cos(math.pi * min(1.0, step / max(1, total))))
 
     def checkpoint() -> None:
+        from engine.quant import qat_state
+
+        extra = {**qat_extra, "qat": qat_state(model)} if args.qat else {}
         _save(ckpt_path, {
+            **extra,
             "model": model.state_dict(), "optimizer": opt.state_dict(), "state": state,
             "config": cfg.to_dict(), "tokenizer": {"vocab": tok.vocab, "max_len": tok.max_len},
             "args": {k: str(v) for k, v in vars(args).items()},
@@ -206,6 +266,11 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     parser.add_argument("--checkpoint-minutes", type=float, default=5.0)
     parser.add_argument("--max-minutes", type=float, default=0.0)
     parser.add_argument("--restart", action="store_true")
+    parser.add_argument(
+        "--qat",
+        action="store_true",
+        help="INT8 quantization-aware fine-tuning of ckpt/last.pt into ckpt/qat.pt",
+    )
     parser.add_argument("--seed", type=int, default=0)
     return train(parser.parse_args(argv))
 

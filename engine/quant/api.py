@@ -29,6 +29,8 @@ __all__ = [
     "quant_layers",
     "summary",
     "sensitivity",
+    "qat_state",
+    "load_qat_state",
 ]
 
 
@@ -123,6 +125,40 @@ def enable_fake(qmodel: nn.Module) -> nn.Module:
         if layer.act_qp is None and not layer.dynamic:
             raise ValueError("calibrate() before enabling fake quantization")
         layer.mode = "fake"
+    return qmodel
+
+
+def qat_state(qmodel: nn.Module) -> dict[str, Any]:
+    """The activation parameters a QAT checkpoint needs beside ``state_dict()``
+    (they are not tensors of the module): per layer, scale, zero point, range."""
+    out: dict[str, Any] = {}
+    for name, layer in quant_layers(qmodel).items():
+        entry: dict[str, Any] = {"mode": layer.mode}
+        if layer.act_qp is not None:
+            entry["act"] = layer.act_qp.to_dict()
+        if layer.ema is not None:
+            entry["ema"] = [float(layer.ema[0]), float(layer.ema[1])]
+        out[name] = entry
+    return out
+
+
+def load_qat_state(qmodel: nn.Module, state: dict[str, Any]) -> nn.Module:
+    """Restore :func:`qat_state` into a model from :func:`prepare` (same config)."""
+    from engine.quant.observers import MinMaxObserver, QParams
+
+    layers = quant_layers(qmodel)
+    if set(layers) != set(state):
+        raise ValueError("the QAT state does not match the model's quantized layers")
+    for name, layer in layers.items():
+        entry = state[name]
+        if "act" in entry:
+            act = entry["act"]
+            layer.act_qp = QParams(torch.tensor(act["scale"]), torch.tensor(act["zero_point"]),
+                                   act["qmin"], act["qmax"], act["axis"])  # fmt: skip
+        if "ema" in entry:
+            layer.ema = (torch.tensor(entry["ema"][0]), torch.tensor(entry["ema"][1]))
+        layer.act_observer = MinMaxObserver(False)
+        layer.mode = entry["mode"]
     return qmodel
 
 
