@@ -124,6 +124,14 @@ def test_training_runs_is_seeded_and_resumes(tmp_path):
     for path in ("p8.ds", "q8.ds", "model.ds"):
         assert InferenceEngine(tmp_path / path).open_session() is not None
     assert (tmp_path / "q8.ds").stat().st_size < 0.6 * (tmp_path / "model.ds").stat().st_size
+    # Structured pruning, then fine-tuning the pruned architecture with the training recipe.
+    from apps.asr.prune import main as prune_main
+
+    pruned = prune_main([*small, "--amounts", "0.5"])["rows"]
+    assert pruned[1]["parameters"] < pruned[0]["parameters"] and pruned[1]["step_ms_b64"] > 0
+    init = tmp_path / "ckpt" / "pruned-50.pt"
+    tuned = train_main([*common, "--init", str(init), "--ckpt-name", "ft.pt", "--epochs", "1"])
+    assert tuned["init"] == str(init) and (tmp_path / "ckpt" / "ft.pt").is_file()
     assert encode("it's a") == [11, 22, 2, 21, 1, 3]
     import torch
 

@@ -191,6 +191,10 @@ def test_a_tiny_training_run_learns_beyond_chance(tmp_path):
     from_qat = quantize(["--data", str(tmp_path), "--qat"])  # scored on the unseen test scenes
     assert from_qat["qat"] and from_qat["int8"]["all"] > from_qat["float"]["all"] - 0.1
     assert {p.name for p in (tmp_path / "int8").iterdir()} == {"image-int8.ds", "fuser-int8.ds"}
+    from apps.vqa.prune import main as prune
+
+    rows = prune(["--data", str(tmp_path), "--amounts", "0.5", "--finetune-steps", "5"])["rows"]
+    assert rows[1]["parameters"] < rows[0]["parameters"] and rows[1]["image_ms"] > 0
 
 
 # -- export, cache, pipeline ---------------------------------------------------------

@@ -34,6 +34,9 @@ class ModelConfig:
     layers: int = 6
     heads: int = 4
     ff_mult: int = 4
+    ff_dim: int | None = (
+        None  # feed-forward hidden size (default ff_mult * d_model; pruning sets it)
+    )
     conv_kernel: int = 15
     sub_channels: int = 64
     chunk: int = 8  # encoder frames per chunk (x4 input frames: 320 ms)
@@ -74,9 +77,10 @@ class Subsampling(nn.Module):
 class FeedForward(nn.Module):
     def __init__(self, cfg: ModelConfig) -> None:
         super().__init__()
+        hidden = cfg.ff_dim or cfg.ff_mult * cfg.d_model
         self.net = nn.Sequential(
-            nn.LayerNorm(cfg.d_model), nn.Linear(cfg.d_model, cfg.ff_mult * cfg.d_model),
-            nn.SiLU(), nn.Dropout(cfg.dropout), nn.Linear(cfg.ff_mult * cfg.d_model, cfg.d_model),
+            nn.LayerNorm(cfg.d_model), nn.Linear(cfg.d_model, hidden),
+            nn.SiLU(), nn.Dropout(cfg.dropout), nn.Linear(hidden, cfg.d_model),
             nn.Dropout(cfg.dropout),
         )  # fmt: skip
 

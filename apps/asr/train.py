@@ -204,7 +204,7 @@ def train(args: argparse.Namespace) -> dict[str, Any]:
     valid_rows = read_manifest(args.data / "valid.jsonl")
     ckpt_dir = args.data / "ckpt"
     ckpt_dir.mkdir(parents=True, exist_ok=True)
-    last = ckpt_dir / "last.pt"
+    last = ckpt_dir / args.ckpt_name
     cfg = PRESETS[args.size]
     model: torch.nn.Module = AsrModel(cfg)
     state: dict[str, Any] = {"epoch": 0, "step": 0, "history": []}
@@ -228,9 +228,22 @@ def train(args: argparse.Namespace) -> dict[str, Any]:
     if args.qat:
         if state["step"]:
             opt.load_state_dict(torch.load(last, weights_only=False)["optimizer"])
+    elif args.init and not (last.is_file() and not args.restart):
+        # A new run whose weights and architecture come from another checkpoint
+        # (e.g. a pruned model from apps.asr.prune, fine-tuned here).
+        saved = torch.load(args.init, weights_only=False)
+        cfg = ModelConfig(**saved["config"])
+        model = AsrModel(cfg)
+        model.load_state_dict(saved["model"])
+        opt = torch.optim.AdamW(model.parameters(), lr=args.lr, weight_decay=1e-2)
+        fbank_cfg = FbankConfig(**saved["fbank"])
+        state["init"] = str(args.init)
     elif last.is_file() and not args.restart:
         saved = torch.load(last, weights_only=False)
+        cfg = ModelConfig(**saved["config"])  # the run's own architecture (pruned runs differ)
+        model = AsrModel(cfg)
         model.load_state_dict(saved["model"])
+        opt = torch.optim.AdamW(model.parameters(), lr=args.lr, weight_decay=1e-2)
         opt.load_state_dict(saved["optimizer"])
         fbank_cfg = FbankConfig(**saved["fbank"])
         state = saved["state"]
@@ -314,6 +327,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     parser.add_argument("--no-augment", action="store_true")
     parser.add_argument("--restart", action="store_true", help="ignore an existing checkpoint")
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--ckpt-name", default="last.pt", help="checkpoint file in <data>/ckpt")
+    parser.add_argument("--init", type=Path, help="start a new run from this checkpoint's model")
     parser.add_argument(
         "--qat",
         action="store_true",
