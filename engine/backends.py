@@ -59,6 +59,7 @@ class TorchBackend:
         device: str = "cpu",
         compile: bool = False,
         fuse_kernels: bool | None = None,
+        bf16_inputs: tuple[int, ...] = (),
     ) -> None:
         """``fuse_kernels``: swap in the project's fused kernels (kernels/) where the
         graph allows; default on CUDA, where they are GPU kernels (on the CPU the
@@ -67,6 +68,7 @@ class TorchBackend:
 
         self.torch = torch
         self.device = torch.device(device)
+        self.bf16_inputs = set(bf16_inputs)  # positions fed as float32 arrays (NumPy has no bf16)
         program = torch.export.load(io.BytesIO(data))
         self.fused = 0
         if fuse_kernels if fuse_kernels is not None else self.device.type == "cuda":
@@ -82,9 +84,15 @@ class TorchBackend:
         torch = self.torch
         with torch.inference_mode():
             args = [torch.from_numpy(np.ascontiguousarray(x)).to(self.device) for x in inputs]
+            args = [
+                a.to(torch.bfloat16) if i in self.bf16_inputs else a for i, a in enumerate(args)
+            ]
             out = self.module(*args)
         outs = out if isinstance(out, (tuple, list)) else [out]
-        return [o.detach().cpu().numpy() for o in outs]
+        # NumPy has no bfloat16: such outputs come back as float32 (exact widening).
+        return [
+            (o.float() if o.dtype == torch.bfloat16 else o).detach().cpu().numpy() for o in outs
+        ]
 
 
 def _check_device(device: str) -> None:
@@ -131,4 +139,6 @@ def load_backend(
             raise BackendError("the ONNX Runtime backend runs on CPU here; use backend='torch'")
         quantized = "quantization" in manifest.extra
         return OnnxBackend(read_member(path, "onnx/model.onnx", checksums), quantized=quantized)
-    return TorchBackend(read_member(path, "torch/program.pt2", checksums), device, compile)
+    bf16 = tuple(i for i, spec in enumerate(manifest.inputs) if spec.dtype == "bfloat16")
+    return TorchBackend(read_member(path, "torch/program.pt2", checksums), device, compile,
+                        bf16_inputs=bf16)  # fmt: skip

@@ -308,6 +308,11 @@ def convert(
         raise ConversionError(
             f"precision must be one of {', '.join(PRECISIONS)}, got {precision!r}"
         )
+    if precision == "bf16" and "onnx" in backends:
+        raise ConversionError(
+            "ONNX Runtime's CPU provider has no bfloat16 kernels (Add, MatMul fail to load): "
+            "convert bf16 with backends=('torch',), for a GPU"
+        )
     unknown = set(backends) - {"torch", "onnx"}
     if unknown or not backends:
         raise ConversionError(f"backends must be among 'torch', 'onnx', got {list(backends)}")

@@ -74,8 +74,12 @@ def _as_array(x: Any) -> np.ndarray:
 
 def check_input(spec: TensorSpec, x: np.ndarray) -> None:
     """Raise :class:`InputError` unless ``x`` fits ``spec`` (dtype, rank, sizes, ranges)."""
-    if str(x.dtype) != spec.dtype:
-        raise InputError(f"input {spec.name!r} must be {spec.dtype}, got {x.dtype}")
+    # NumPy has no bfloat16: a bf16 model takes float32 arrays (the backend casts them).
+    bf16_as_f32 = spec.dtype == "bfloat16" and x.dtype == np.float32
+    if str(x.dtype) != spec.dtype and not bf16_as_f32:
+        bf16 = spec.dtype == "bfloat16"
+        dtype = "float32 (cast to bfloat16 by the engine)" if bf16 else spec.dtype
+        raise InputError(f"input {spec.name!r} must be {dtype}, got {x.dtype}")
     if x.ndim != len(spec.shape):
         raise InputError(
             f"input {spec.name!r} must have {len(spec.shape)} dims {list(spec.shape)}, "

@@ -270,3 +270,23 @@ def test_engine_metrics_reach_the_server_exposition(artifact):
     metrics.include(engine.prometheus())
     text = metrics.exposition().decode()
     assert "engine_requests_total 1.0" in text and "dsstream_sessions_active" in text
+
+
+def test_half_precisions_on_this_cpu(tmp_path):
+    """fp16 runs on both backends; bf16 on the PyTorch backend (float32 arrays in and
+    out, as NumPy has no bfloat16) and is refused for ONNX Runtime with the reason."""
+    from engine import ConversionError, InferenceEngine, convert
+
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(8, 16), torch.nn.GELU(), torch.nn.Linear(16, 4))
+    x = torch.randn(3, 8)
+    want = model(x).detach().numpy()
+    fp16 = convert(model, (x,), precision="fp16", output=tmp_path / "h.ds")
+    for backend in ("onnx", "torch"):
+        got = InferenceEngine(fp16, backend=backend).infer([x.numpy().astype(np.float16)])
+        assert np.abs(got["output_0"].astype(np.float32) - want).max() < 2e-2
+    with pytest.raises(ConversionError, match="no bfloat16 kernels"):
+        convert(model, (x,), precision="bf16", output=tmp_path / "b.ds")
+    bf16 = convert(model, (x,), precision="bf16", output=tmp_path / "b.ds", backends=("torch",))
+    got = InferenceEngine(bf16).infer([x.numpy()])["output_0"]
+    assert got.dtype == np.float32 and np.abs(got - want).max() < 0.1
