@@ -54,11 +54,40 @@ def main(argv: list[str] | None = None) -> Path:
     artifact = args.samples / "asr" / "model.ds"
     clips = args.samples / "asr" / "clips"
     refs = dict(line.split("\t") for line in (clips / "transcripts.tsv").read_text().splitlines())
-    registry = default_registry(args.samples)
+    int8_path = args.samples / "asr" / "model-int8.ds"
     clip_rows = []
-    for name, ref in sorted(refs.items()):
-        hyp = transcribe(clips / name, registry=registry).text
-        clip_rows.append(f"| {name} | {ref} | {hyp} | {_pct(wer([ref], [hyp]))} |")
+    for int8 in (False, True) if int8_path.is_file() else (False,):
+        registry = default_registry(args.samples, int8=int8)
+        for name, ref in sorted(refs.items()):
+            hyp = transcribe(clips / name, registry=registry).text
+            label = "INT8" if int8 else "float32"
+            clip_rows.append(f"| {name} | {label} | {ref} | {hyp} | {_pct(wer([ref], [hyp]))} |")
+    quant = args.data / "quant-static-minmax.json"
+    int8_section = ""
+    if int8_path.is_file() and quant.is_file():
+        q = json.loads(quant.read_text())
+        rows = []
+        for key, label in (("held", "held-out voices"), ("lj", "LJ001 real speech")):
+            for kind in ("float", "int8"):
+                scores = {k[len(key) + 1 :]: v for k, v in q[kind].items() if k.startswith(key)}
+                rows.append(_score_row(f"{label}, {'INT8' if kind == 'int8' else 'float32'}",
+                                       scores))  # fmt: skip
+        table = "\n".join(rows)
+        size = int8_path.stat().st_size
+        smaller = 1 - size / artifact.stat().st_size
+        int8_section = f"""
+## INT8 (`model-int8.ds`, the model served on CPU)
+
+Static post-training quantization (`python -m apps.asr.quantize --out
+samples/asr/model-int8.ds`): int8 weights per output channel, activations per
+tensor from min/max over {q.get("calibration", 256)} training utterances.
+{size / 1e6:.1f} MB ({smaller:.0%} smaller); scored on the first {q.get("limit", "-")}
+held-out utterances and {q.get("lj_limit", "-")} LJ001 clips:
+
+| set | CER greedy | WER greedy | CER with LM | WER with LM |
+|---|---:|---:|---:|---:|
+{table}
+"""
     history = "\n".join(
         f"| {h['epoch']} | {h['step']} | {h['loss']:.3f} | {_pct(h['valid_cer'])} |"
         for h in state["history"]
@@ -111,9 +140,10 @@ en-gb-x-gbcwmd+david, a voice held out from training; `LJ001-0011.flac` is LJ
 Speech 1.1, public domain), through the streaming pipeline
 (`dsstream.transcribe`):
 
-| clip | reference | recognized | WER |
-|---|---|---|---:|
+| clip | model | reference | recognized | WER |
+|---|---|---|---|---:|
 {chr(10).join(clip_rows)}
+{int8_section}
 
 ## Limits
 

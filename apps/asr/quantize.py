@@ -103,7 +103,9 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
                                  lj_limit=args.lj_limit))  # fmt: skip
 
     result: dict[str, Any] = {"mode": args.mode, "observer": args.observer,
-                              "checkpoint_step": ckpt.get("state", {}).get("step")}  # fmt: skip
+                              "checkpoint_step": ckpt.get("state", {}).get("step"),
+                              "calibration": args.calib, "limit": args.limit,
+                              "lj_limit": args.lj_limit}  # fmt: skip
     result["float"] = score(model)
     print("float:", result["float"])
     skip: tuple[str, ...] = ()

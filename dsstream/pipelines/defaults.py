@@ -7,7 +7,7 @@ from pathlib import Path
 
 from dsstream.pipelines.base import ArtifactPipelineFactory, PipelineRegistry
 
-__all__ = ["SAMPLES_DIR", "default_registry"]
+__all__ = ["SAMPLES_DIR", "asr_model", "default_registry"]
 
 # Editable installs and checkouts keep samples/ beside the packages;
 # DSSTREAM_SAMPLES points elsewhere (e.g. a deployed model folder).
@@ -16,13 +16,28 @@ SAMPLES_DIR = Path(
 )
 
 
-def default_registry(samples_dir: Path | None = None) -> PipelineRegistry:
-    """ASR and VQA backed by the sample artifacts; unavailable ones say what is missing."""
+def asr_model(root: Path, int8: bool | None = None) -> Path:
+    """The sample ASR artifact to serve on the CPU: the INT8 one where shipped
+    (``int8=None``), or the one asked for.
+
+    Measured on this project's CPU, INT8 runs the streaming step faster than
+    float32 at the same WER (docs/benchmarks.md, docs/quantization.md); the VQA
+    stages are too small to gain, so they stay float32."""
+    quantized = root / "asr" / "model-int8.ds"
+    if int8 is None:
+        int8 = quantized.is_file()
+    return quantized if int8 else root / "asr" / "model.ds"
+
+
+def default_registry(samples_dir: Path | None = None, int8: bool | None = None) -> PipelineRegistry:
+    """ASR and VQA backed by the sample artifacts; unavailable ones say what is missing.
+
+    ``int8``: serve the INT8 ASR model (default: where it is shipped)."""
     root = Path(samples_dir or SAMPLES_DIR)
     asr = ArtifactPipelineFactory(
         task="asr",
         name="sample-asr",
-        files={"model": root / "asr" / "model.ds", "lm": root / "asr" / "lm.arpa"},
+        files={"model": asr_model(root, int8), "lm": root / "asr" / "lm.arpa"},
         entry="dsstream.pipelines.asr:load",
         hint="train and export it with the recipe in apps/asr (python -m apps.asr.export)",
     )
