@@ -72,9 +72,9 @@ class TorchBackend:
         program = torch.export.load(io.BytesIO(data))
         self.fused = 0
         if fuse_kernels if fuse_kernels is not None else self.device.type == "cuda":
-            from engine.passes import fuse_layernorm_linear
+            from engine.passes import fuse_int8_linear, fuse_layernorm_linear
 
-            self.fused = fuse_layernorm_linear(program)
+            self.fused = fuse_layernorm_linear(program) + fuse_int8_linear(program)
         module = program.module().to(self.device)
         # torch.compile (Inductor) recompiles per new dynamic shape range at first
         # use, so it pays for long-running services, not one-off calls.

@@ -27,7 +27,13 @@ from torch.export import ExportedProgram
 from torch.export.graph_signature import InputKind, InputSpec, TensorArgument
 from torch.fx import Node
 
-__all__ = ["DEFAULT_PASSES", "PASSES", "run_passes", "fuse_layernorm_linear"]
+__all__ = [
+    "DEFAULT_PASSES",
+    "PASSES",
+    "run_passes",
+    "fuse_layernorm_linear",
+    "fuse_int8_linear",
+]
 
 aten = torch.ops.aten
 _WEIGHT_KINDS = (InputKind.PARAMETER, InputKind.BUFFER, InputKind.CONSTANT_TENSOR)
@@ -245,6 +251,46 @@ def fuse_layernorm_linear(ep: ExportedProgram) -> int:
         linear.replace_all_uses_with(node)
         ep.graph.erase_node(linear)
         ep.graph.erase_node(ln)
+        changed += 1
+    if changed:
+        ep.graph.lint()
+        ep.graph_module.recompile()
+    return changed
+
+
+def fuse_int8_linear(ep: ExportedProgram) -> int:
+    """``matmul(dequantize_per_tensor(q), dequantize_per_channel(w_int8, axis=1))`` (an
+    engine.quant Linear) -> ``dsstream::int8_linear(q, ...)``: integer kernels instead
+    of a float matmul of dequantized tensors.  Returns the sites fused."""
+    import kernels  # noqa: F401  (registers torch.ops.dsstream.*)
+
+    qd = torch.ops.quantized_decomposed
+    changed = 0
+    for mm in list(ep.graph.nodes):
+        if mm.op != "call_function" or mm.target != aten.matmul.default:
+            continue
+        a, b = mm.args[:2]
+        if not (isinstance(a, Node) and isinstance(b, Node)):
+            continue
+        if a.target != qd.dequantize_per_tensor.default:
+            continue
+        if b.target != qd.dequantize_per_channel.default or b.args[3] != 1:
+            continue
+        q, scale, zero, *_ = a.args
+        w_q, w_scale = b.args[0], b.args[1]
+        if not isinstance(scale, (int, float)) or not isinstance(zero, int):
+            continue  # parameters computed at run time: not a frozen static layer
+        with ep.graph.inserting_before(mm):
+            node = ep.graph.call_function(
+                torch.ops.dsstream.int8_linear.default,
+                (q, float(scale), zero, w_q, w_scale),
+            )
+        node.meta = dict(mm.meta)
+        mm.replace_all_uses_with(node)
+        ep.graph.erase_node(mm)
+        for dead in (a, b):
+            if not dead.users:
+                ep.graph.erase_node(dead)
         changed += 1
     if changed:
         ep.graph.lint()

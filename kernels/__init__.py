@@ -9,7 +9,7 @@ GPU implementation that cannot run falls back to the reference with one warning.
 from kernels._build import load_extension
 from kernels.chunk_attention import chunk_attention, chunk_attention_ref
 from kernels.ctc_topk import ctc_topk, ctc_topk_ref
-from kernels.int8_matmul import int8_matmul, int8_matmul_ref, quantize_rows
+from kernels.int8_matmul import int8_linear, int8_matmul, int8_matmul_ref, quantize_rows
 from kernels.layernorm_linear import layernorm_linear, layernorm_linear_ref
 from kernels.paged_attention import paged_attention, paged_attention_ref
 from kernels.winograd import conv3x3, winograd_conv2d, winograd_conv2d_ref
@@ -24,6 +24,7 @@ __all__ = [
     "int8_matmul",
     "int8_matmul_ref",
     "quantize_rows",
+    "int8_linear",
     "ctc_topk",
     "ctc_topk_ref",
     "conv3x3",

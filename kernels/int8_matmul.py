@@ -23,7 +23,7 @@ import torch
 from kernels._dispatch import choose, dot_in_float32, warn_once
 from kernels._triton import tl, triton
 
-__all__ = ["int8_matmul", "int8_matmul_ref", "quantize_rows"]
+__all__ = ["int8_matmul", "int8_matmul_ref", "quantize_rows", "int8_linear"]
 
 
 def quantize_rows(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -78,7 +78,7 @@ if triton is not None:
 
     @triton.jit
     def _int8_matmul_kernel(
-        x_ptr, w_ptr, ws_ptr, xs_ptr, b_ptr, y_ptr, M, N, K, sx_m, sw_n, sy_m,
+        x_ptr, w_ptr, ws_ptr, xs_ptr, b_ptr, y_ptr, M, N, K, sx_m, sw_n, sw_k, sy_m,
         INT8_X: tl.constexpr, HAS_BIAS: tl.constexpr, DOT_F32: tl.constexpr,
         BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
     ):  # fmt: skip
@@ -93,7 +93,7 @@ if triton is not None:
             kmask = (k0 + ks) < K
             x = tl.load(x_ptr + rows[:, None] * sx_m + (k0 + ks)[None, :],
                         mask=(rows < M)[:, None] & kmask[None, :], other=0)  # fmt: skip
-            w = tl.load(w_ptr + cols[None, :] * sw_n + (k0 + ks)[:, None],
+            w = tl.load(w_ptr + cols[None, :] * sw_n + (k0 + ks)[:, None] * sw_k,
                         mask=kmask[:, None] & (cols < N)[None, :], other=0)  # fmt: skip
             if INT8_X:
                 acc += tl.dot(x, w)  # int8 x int8 -> int32, exact
@@ -111,7 +111,7 @@ if triton is not None:
 
 
 def _int8_matmul_triton(x, w_q, w_scale, bias, x_scale) -> torch.Tensor:
-    x, w_q = x.contiguous(), w_q.contiguous()
+    x = x.contiguous()  # w_q may be a transposed view: its strides are passed
     m, k = x.shape
     n = w_q.shape[0]
     y = torch.empty(m, n, device=x.device, dtype=torch.float32)
@@ -119,7 +119,8 @@ def _int8_matmul_triton(x, w_q, w_scale, bias, x_scale) -> torch.Tensor:
     grid = (triton.cdiv(m, 32), triton.cdiv(n, 64))
     _int8_matmul_kernel[grid](
         x, w_q, w_scale.float().contiguous(), x_scale if x_scale is not None else w_scale,
-        bias if bias is not None else w_scale, y, m, n, k, x.stride(0), w_q.stride(0), y.stride(0),
+        bias if bias is not None else w_scale, y, m, n, k,
+        x.stride(0), w_q.stride(0), w_q.stride(1), y.stride(0),
         INT8_X=x_scale is not None, HAS_BIAS=bias is not None, DOT_F32=dot_in_float32(x.dtype),
         BLOCK_M=32, BLOCK_N=64, BLOCK_K=block_k,
     )  # fmt: skip
@@ -162,3 +163,35 @@ def int8_matmul(
     else:
         y = _int8_matmul_op(flat, w_q, w_scale.float(), bias, xs)
     return y.reshape(*x.shape[:-1], w_q.shape[0])
+
+
+@torch.library.custom_op("dsstream::int8_linear", mutates_args=())
+def int8_linear(
+    x_q: torch.Tensor, x_scale: float, x_zero: int, w_q: torch.Tensor, w_scale: torch.Tensor
+) -> torch.Tensor:
+    """What a quantize -> dequantize -> matmul(dequantized int8 weights) chain computes,
+    in integers: ``x_q [..., K]`` int8 with one scale and zero point, ``w_q [K, N]``
+    int8 with ``w_scale [N]`` -> float32 ``[..., N]``.
+
+    ``sum_k (x_q - z) w_q = x_q @ w_q - z * colsum(w_q)``: the int8 product runs
+    on integer kernels (``torch._int_mm`` here, the Triton kernel on a GPU) and the
+    zero point costs one vector.  engine.passes.fuse_int8_linear swaps it in.
+    """
+    lead, k = x_q.shape[:-1], x_q.shape[-1]
+    flat = x_q.reshape(-1, k)
+    rows = flat.shape[0]
+    if x_q.device.type == "cuda" and triton is not None:
+        ones = torch.full((rows,), float(x_scale), device=x_q.device)
+        y = _int8_matmul_triton(flat, w_q.T, w_scale, None, ones)
+    else:
+        padded = flat if rows > 16 else torch.cat([flat, flat.new_zeros(17 - rows, k)])
+        y = torch._int_mm(padded, w_q.contiguous())[:rows].float() * (x_scale * w_scale)
+    if x_zero:
+        colsum = w_q.to(torch.int32).sum(0).float()
+        y = y - (x_zero * x_scale) * colsum * w_scale
+    return y.reshape(*lead, w_q.shape[1])
+
+
+@int8_linear.register_fake
+def _(x_q, x_scale, x_zero, w_q, w_scale):
+    return x_q.new_empty(*x_q.shape[:-1], w_q.shape[1], dtype=torch.float32)

@@ -111,6 +111,7 @@ EXPECTED = {
         "int8_matmul",
         "int8_matmul_ref",
         "quantize_rows",
+        "int8_linear",
         "ctc_topk",
         "ctc_topk_ref",
         "conv3x3",

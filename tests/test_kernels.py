@@ -170,6 +170,22 @@ class Int8MatmulCases(_Impl):
         # int32 accumulation is exact; only the two float32 rescales round.
         torch.testing.assert_close(got.cpu(), want, atol=1e-5, rtol=1e-6)
 
+    def test_transposed_weight_views_and_the_zero_point_linear(self):
+        from kernels import int8_linear
+
+        w_q, w_scale = quantize_rows(_randn(24, 40, seed=6))
+        x_q, x_scale = quantize_rows(_randn(19, 40, seed=7))
+        stored = w_q.T.contiguous()  # [K, N], as engine.quant stores Linear weights
+        dev = self.device
+        got = int8_matmul(x_q.to(dev), stored.T.to(dev), w_scale.to(dev), None,
+                          x_scale.to(dev), impl=self.run_impl)  # fmt: skip
+        torch.testing.assert_close(got.cpu(), int8_matmul_ref(x_q, w_q, w_scale, None, x_scale))
+        # int8_linear: one activation scale and a zero point, as a QDQ Linear has.
+        zero, scale = -11, 0.02
+        want = ((x_q.double() - zero) * scale) @ (stored.double() * w_scale.double())
+        y = int8_linear(x_q.to(dev), scale, zero, stored.to(dev), w_scale.to(dev))
+        torch.testing.assert_close(y.cpu().double(), want, atol=1e-4, rtol=1e-5)
+
 
 class TestInt8MatmulCpu(Int8MatmulCases):
     impl = "cpu"
