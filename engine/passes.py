@@ -146,19 +146,43 @@ def fold_batchnorm_into_conv(ep: ExportedProgram) -> int:
     return changed
 
 
-def fold_layernorm_into_linear(ep: ExportedProgram) -> int:
-    w = _Weights(ep)
-    changed = 0
+def _layernorm_linear_sites(ep: ExportedProgram) -> list[tuple[Any, Any]]:
+    """Every ``(layer_norm, linear)`` where the LayerNorm feeds only that Linear."""
+    sites = []
     for ln in list(ep.graph.nodes):
         if ln.op != "call_function" or ln.target != aten.layer_norm.default:
-            continue
-        x, shape, gamma, beta, *rest = list(ln.args) + [None] * max(0, 4 - len(ln.args))
-        if gamma is None and beta is None:
             continue
         if len(ln.users) != 1:
             continue
         (linear,) = ln.users
-        if linear.target != aten.linear.default or linear.args[0] is not ln:
+        if linear.target == aten.linear.default and linear.args[0] is ln:
+            sites.append((ln, linear))
+    return sites
+
+
+def _swap(ep: ExportedProgram, old: Node, target: Any, args: tuple) -> Node:
+    """A call of ``target`` in place of ``old`` (same metadata; ``old`` erased)."""
+    with ep.graph.inserting_before(old):
+        node = ep.graph.call_function(target, args)
+    node.meta = dict(old.meta)
+    old.replace_all_uses_with(node)
+    ep.graph.erase_node(old)
+    return node
+
+
+def _recompiled(ep: ExportedProgram, changed: int) -> int:
+    if changed:
+        ep.graph.lint()
+        ep.graph_module.recompile()
+    return changed
+
+
+def fold_layernorm_into_linear(ep: ExportedProgram) -> int:
+    w = _Weights(ep)
+    changed = 0
+    for ln, linear in _layernorm_linear_sites(ep):
+        x, shape, gamma, beta, *rest = list(ln.args) + [None] * max(0, 4 - len(ln.args))
+        if gamma is None and beta is None:
             continue
         weight = linear.args[1]
         bias = linear.args[2] if len(linear.args) > 2 else None
@@ -231,31 +255,19 @@ def fuse_layernorm_linear(ep: ExportedProgram) -> int:
     wherever the LayerNorm feeds only that Linear.  Returns the sites fused."""
     import kernels  # noqa: F401  (registers torch.ops.dsstream.*)
 
-    fused_op = torch.ops.dsstream.layernorm_linear.default
     changed = 0
-    for ln in list(ep.graph.nodes):
-        if ln.op != "call_function" or ln.target != aten.layer_norm.default:
-            continue
+    for ln, linear in _layernorm_linear_sites(ep):
         args = list(ln.args) + [None, None, 1e-5][len(ln.args) - 2 :]
         x, shape, gamma, beta, eps = args[:5]
-        if len(shape) != 1 or len(ln.users) != 1:
-            continue
-        (linear,) = ln.users
-        if linear.target != aten.linear.default or linear.args[0] is not ln:
+        if len(shape) != 1:
             continue
         weight = linear.args[1]
         bias = linear.args[2] if len(linear.args) > 2 else None
-        with ep.graph.inserting_before(linear):
-            node = ep.graph.call_function(fused_op, (x, gamma, beta, weight, bias, float(eps)))
-        node.meta = dict(linear.meta)
-        linear.replace_all_uses_with(node)
-        ep.graph.erase_node(linear)
+        fused = (x, gamma, beta, weight, bias, float(eps))
+        _swap(ep, linear, torch.ops.dsstream.layernorm_linear.default, fused)
         ep.graph.erase_node(ln)
         changed += 1
-    if changed:
-        ep.graph.lint()
-        ep.graph_module.recompile()
-    return changed
+    return _recompiled(ep, changed)
 
 
 def fuse_int8_linear(ep: ExportedProgram) -> int:
@@ -280,22 +292,13 @@ def fuse_int8_linear(ep: ExportedProgram) -> int:
         w_q, w_scale = b.args[0], b.args[1]
         if not isinstance(scale, (int, float)) or not isinstance(zero, int):
             continue  # parameters computed at run time: not a frozen static layer
-        with ep.graph.inserting_before(mm):
-            node = ep.graph.call_function(
-                torch.ops.dsstream.int8_linear.default,
-                (q, float(scale), zero, w_q, w_scale),
-            )
-        node.meta = dict(mm.meta)
-        mm.replace_all_uses_with(node)
-        ep.graph.erase_node(mm)
+        fused = (q, float(scale), zero, w_q, w_scale)
+        _swap(ep, mm, torch.ops.dsstream.int8_linear.default, fused)
         for dead in (a, b):
             if not dead.users:
                 ep.graph.erase_node(dead)
         changed += 1
-    if changed:
-        ep.graph.lint()
-        ep.graph_module.recompile()
-    return changed
+    return _recompiled(ep, changed)
 
 
 PASSES: dict[str, Callable[[ExportedProgram], int]] = {
