@@ -5,8 +5,12 @@
 # $OUT (when set) as gpu-tests.txt and gpu-bench.txt.
 set -euo pipefail
 cd "$(dirname "$0")/../.."
-PY=${PY:-.venv/bin/python}
-test -x "$PY" || make venv
+# The project's venv where there is one; else the machine's python3 (a GPU machine
+# often comes with torch and Triton installed; the repo root is on sys.path).
+if [ -z "${PY:-}" ]; then
+    if [ -x .venv/bin/python ]; then PY=.venv/bin/python; else PY=python3; fi
+fi
+export PYTHONUNBUFFERED=1
 OUT=${OUT:-artifacts/gpu}
 mkdir -p "$OUT"
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv | tee "$OUT/gpu.txt"
