@@ -94,7 +94,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
 
     rows = [{"amount": 0.0, "checkpoint": str(ckpt_path), **measure(model)}]
     print(rows[0])
-    for amount in [float(a) for a in args.amounts.split(",")]:
+    for amount in [float(a) for a in args.amounts.split(",") if a]:
         pruned, _ = prune_pairs(model, ffn_pairs(model), amount)
         hidden = hidden_size(amount, model.cfg.ff_dim or model.cfg.ff_mult * model.cfg.d_model)
         cfg = replace(model.cfg, ff_dim=hidden)
