@@ -16,7 +16,7 @@ import warnings
 
 import torch
 
-__all__ = ["IMPLS", "triton_usable", "dot_in_float32", "choose", "warn_once"]
+__all__ = ["IMPLS", "triton_usable", "dot_in_float32", "dot_precision", "choose", "warn_once"]
 
 IMPLS = ("ref", "cpu", "triton", "cuda")
 _warned: set[str] = set()
@@ -41,6 +41,13 @@ def dot_in_float32(dtype: torch.dtype) -> bool:
     interpreter (Triton 3.8) misreads bfloat16 operands of ``tl.dot`` (errors of
     1e10 measured), so under it bf16 tiles are multiplied in float32."""
     return dtype == torch.bfloat16 and os.environ.get("TRITON_INTERPRET") == "1"
+
+
+def dot_precision(dtype: torch.dtype) -> str:
+    """``tl.dot``'s ``input_precision`` for ``dtype`` operands: IEEE for float32 (the
+    GPU default, TF32, keeps 10 mantissa bits and would lose to torch's float32
+    matmul by 1000x), the tensor-core default otherwise (ignored for 16-bit)."""
+    return "ieee" if dtype == torch.float32 else "tf32"
 
 
 def choose(op: str, impl: str | None, device: torch.device, gpu: str) -> str:

@@ -20,7 +20,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from kernels._dispatch import choose, warn_once
+from kernels._dispatch import choose, dot_in_float32, dot_precision, warn_once
 from kernels._triton import tl, triton
 
 __all__ = ["chunk_attention", "chunk_attention_ref"]
@@ -72,18 +72,24 @@ def _(q, k, v, cache_k, cache_v, filled, scale):
 if triton is not None:
 
     @triton.jit
-    def _attend_tile(q, k_ptrs, v_ptrs, keep, dmask, m_i, l_i, acc, scale):
-        """One key tile of the online softmax (Milakov and Gimelshein, 2018)."""
+    def _attend_tile(q, k_ptrs, v_ptrs, keep, dmask, m_i, l_i, acc, scale,
+                     DOT_F32: tl.constexpr, PRECISION: tl.constexpr):  # fmt: skip
+        """One key tile of the online softmax (Milakov and Gimelshein, 2018).
+
+        The dots take the inputs' dtype (fp16/bf16 on tensor cores; float32 in
+        IEEE precision, not TF32, so fp32 matches torch), accumulating in fp32."""
         load = keep[:, None] & dmask[None, :]
-        k = tl.load(k_ptrs, mask=load, other=0.0).to(tl.float32)
-        v = tl.load(v_ptrs, mask=load, other=0.0).to(tl.float32)
-        s = tl.dot(q, tl.trans(k)) * scale  # [M, N]
+        k = tl.load(k_ptrs, mask=load, other=0.0)
+        v = tl.load(v_ptrs, mask=load, other=0.0)
+        if DOT_F32:
+            k, v = k.to(tl.float32), v.to(tl.float32)
+        s = tl.dot(q, tl.trans(k), input_precision=PRECISION).to(tl.float32) * scale  # [M, N]
         s = tl.where(keep[None, :], s, -1.0e30)
         m_new = tl.maximum(m_i, tl.max(s, 1))
         p = tl.where(keep[None, :], tl.exp(s - m_new[:, None]), 0.0)
         corr = tl.exp(m_i - m_new)
         l_i = l_i * corr + tl.sum(p, 1)
-        acc = acc * corr[:, None] + tl.dot(p, v)
+        acc = acc * corr[:, None] + tl.dot(p.to(v.dtype), v, input_precision=PRECISION)
         return m_new, l_i, acc
 
     @triton.jit
@@ -92,6 +98,7 @@ if triton is not None:
         heads, chunk, left, dim, scale,
         sq_b, sq_h, sq_t, sk_b, sk_h, sk_t, sc_b, sc_h, sc_t, so_b, so_h, so_t,
         BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
+        DOT_F32: tl.constexpr, PRECISION: tl.constexpr,
     ):  # fmt: skip
         bh = tl.program_id(0)
         b = bh // heads
@@ -103,7 +110,9 @@ if triton is not None:
         q = tl.load(
             q_ptr + b * sq_b + h * sq_h + rows[:, None] * sq_t + dims[None, :],
             mask=(rows[:, None] < chunk) & dmask[None, :], other=0.0,
-        ).to(tl.float32)  # fmt: skip
+        )  # fmt: skip
+        if DOT_F32:
+            q = q.to(tl.float32)
         m_i = tl.full([BLOCK_M], -1.0e30, tl.float32)
         l_i = tl.zeros([BLOCK_M], tl.float32)
         acc = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
@@ -114,15 +123,14 @@ if triton is not None:
             keep = (slot >= first) & (slot < left)
             offs = cache + slot[:, None] * sc_t + dims[None, :]
             m_i, l_i, acc = _attend_tile(q, ck_ptr + offs, cv_ptr + offs, keep, dmask,
-                                         m_i, l_i, acc, scale)  # fmt: skip
+                                         m_i, l_i, acc, scale, DOT_F32, PRECISION)  # fmt: skip
         new = b * sk_b + h * sk_h
         for start in range(0, chunk, BLOCK_N):
             slot = start + cols
             keep = slot < chunk
             offs = new + slot[:, None] * sk_t + dims[None, :]
-            m_i, l_i, acc = _attend_tile(
-                q, k_ptr + offs, v_ptr + offs, keep, dmask, m_i, l_i, acc, scale
-            )
+            m_i, l_i, acc = _attend_tile(q, k_ptr + offs, v_ptr + offs, keep, dmask,
+                                         m_i, l_i, acc, scale, DOT_F32, PRECISION)  # fmt: skip
         out = acc / l_i[:, None]
         tl.store(
             out_ptr + b * so_b + h * so_h + rows[:, None] * so_t + dims[None, :],
@@ -144,6 +152,7 @@ def _chunk_attention_triton(q, k, v, cache_k, cache_v, filled, scale: float) -> 
         h, c, left, d, scale,
         *q.stride()[:3], *k.stride()[:3], *cache_k.stride()[:3], *out.stride()[:3],
         BLOCK_M=block_m, BLOCK_N=32, BLOCK_D=block_d,
+        DOT_F32=dot_in_float32(q.dtype), PRECISION=dot_precision(q.dtype),
     )  # fmt: skip
     return out
 

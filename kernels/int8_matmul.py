@@ -20,7 +20,7 @@ from __future__ import annotations
 
 import torch
 
-from kernels._dispatch import choose, dot_in_float32, warn_once
+from kernels._dispatch import choose, dot_in_float32, dot_precision, warn_once
 from kernels._triton import tl, triton
 
 __all__ = ["int8_matmul", "int8_matmul_ref", "quantize_rows", "int8_linear"]
@@ -80,6 +80,7 @@ if triton is not None:
     def _int8_matmul_kernel(
         x_ptr, w_ptr, ws_ptr, xs_ptr, b_ptr, y_ptr, M, N, K, sx_m, sw_n, sw_k, sy_m,
         INT8_X: tl.constexpr, HAS_BIAS: tl.constexpr, DOT_F32: tl.constexpr,
+        PRECISION: tl.constexpr,
         BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
     ):  # fmt: skip
         rows = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
@@ -98,9 +99,10 @@ if triton is not None:
             if INT8_X:
                 acc += tl.dot(x, w)  # int8 x int8 -> int32, exact
             elif DOT_F32:
-                acc += tl.dot(x.to(tl.float32), w.to(tl.float32))
+                acc += tl.dot(x.to(tl.float32), w.to(tl.float32), input_precision=PRECISION)
             else:
-                acc += tl.dot(x, w.to(x.dtype))  # |w| <= 127 is exact in fp16 and bf16
+                # |w| <= 127 is exact in fp16 and bf16; fp32 x in IEEE precision, not TF32.
+                acc += tl.dot(x, w.to(x.dtype), input_precision=PRECISION)
         y = acc.to(tl.float32) * tl.load(ws_ptr + cols, mask=cols < N, other=0.0)[None, :]
         if INT8_X:
             y = y * tl.load(xs_ptr + rows, mask=rows < M, other=0.0)[:, None]
@@ -122,6 +124,7 @@ def _int8_matmul_triton(x, w_q, w_scale, bias, x_scale) -> torch.Tensor:
         bias if bias is not None else w_scale, y, m, n, k,
         x.stride(0), w_q.stride(0), w_q.stride(1), y.stride(0),
         INT8_X=x_scale is not None, HAS_BIAS=bias is not None, DOT_F32=dot_in_float32(x.dtype),
+        PRECISION=dot_precision(x.dtype),
         BLOCK_M=32, BLOCK_N=64, BLOCK_K=block_k,
     )  # fmt: skip
     return y

@@ -22,7 +22,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from kernels._dispatch import choose, dot_in_float32, warn_once
+from kernels._dispatch import choose, dot_in_float32, dot_precision, warn_once
 from kernels._triton import tl, triton
 
 __all__ = ["layernorm_linear", "layernorm_linear_ref"]
@@ -75,8 +75,8 @@ if triton is not None:
     def _layernorm_linear_kernel(
         x_ptr, g_ptr, beta_ptr, w_ptr, b_ptr, y_ptr, M, N, K, eps,
         sx_m, sw_n, sy_m,
-        HAS_BIAS: tl.constexpr, DOT_F32: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-        BLOCK_K: tl.constexpr,
+        HAS_BIAS: tl.constexpr, DOT_F32: tl.constexpr, PRECISION: tl.constexpr,
+        BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
     ):  # fmt: skip
         rows = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
         cols = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
@@ -109,7 +109,7 @@ if triton is not None:
                         mask=kmask[:, None] & (cols < N)[None, :], other=0.0)  # fmt: skip
             if DOT_F32:
                 h, w = h.to(tl.float32), w.to(tl.float32)
-            acc += tl.dot(h, w)
+            acc += tl.dot(h, w, input_precision=PRECISION)
         if HAS_BIAS:
             acc += tl.load(b_ptr + cols, mask=cols < N, other=0.0).to(tl.float32)[None, :]
         tl.store(y_ptr + rows[:, None] * sy_m + cols[None, :], acc.to(y_ptr.dtype.element_ty),
@@ -132,6 +132,7 @@ def _layernorm_linear_triton(x, ln_weight, ln_bias, weight, bias, eps: float) ->
         x, ln_weight, ln_bias, weight, bias if bias is not None else weight, y, m, n, k, eps,
         x.stride(0), weight.stride(0), y.stride(0),
         HAS_BIAS=bias is not None, DOT_F32=dot_in_float32(weight.dtype),
+        PRECISION=dot_precision(weight.dtype),
         BLOCK_M=32, BLOCK_N=64, BLOCK_K=block_k,
     )  # fmt: skip
     return y.reshape(*lead, n)
