@@ -243,7 +243,9 @@ def _quantize(
         if any(layer.mode != "frozen" for layer in layers.values()):
             freeze(qmodel)
         float_model = None
-        cfg = {"prequantized": True}
+        dynamic = all(layer.dynamic for layer in layers.values())
+        cfg = {"prequantized": True, "mode": "dynamic" if dynamic else "static",
+               "per_channel": all(layer.per_channel for layer in layers.values())}  # fmt: skip
         count = None
     else:
         config = QuantConfig() if quantize is True else quantize
@@ -360,7 +362,12 @@ def convert(
         dynamic = quant_info is not None and quant_info["config"].get("mode") == "dynamic"
         try:
             if dynamic and quant_info is not None and isinstance(float_source, torch.nn.Module):
-                # ONNX Runtime quantizes the float graph its own way (integer kernels).
+                # ONNX Runtime quantizes the float graph its own way (integer kernels);
+                # a model frozen by the caller gives its float twin back exactly.
+                if _is_quantized(float_source):
+                    from engine.quant import dequantized_copy, freeze
+
+                    float_source = dequantized_copy(freeze(copy.deepcopy(float_source)))
                 float_ep = torch.export.export(float_source, args_p, dynamic_shapes=dynamic_shapes,
                                                strict=False)  # fmt: skip
                 float_ep, _ = run_passes(float_ep, DEFAULT_PASSES if passes is None else passes)

@@ -131,6 +131,7 @@ EXPECTED = {
         "sensitivity",
         "qat_state",
         "load_qat_state",
+        "dequantized_copy",
         "MinMaxObserver",
         "PercentileObserver",
         "MseObserver",

@@ -232,7 +232,7 @@ def test_convert_accepts_a_model_quantized_by_the_caller(tmp_path):
     x = data[0][0]
     path = convert(qat, (x,), output=tmp_path / "qat.ds")
     info = read_manifest(path)[0].extra["quantization"]
-    assert info["config"] == {"prequantized": True}
+    assert info["config"] == {"prequantized": True, "mode": "static", "per_channel": True}
     got = InferenceEngine(path, backend="onnx").infer([x])["output_0"]
     with torch.no_grad():
         assert np.linalg.norm(got - model(x).numpy()) / np.linalg.norm(model(x).numpy()) < 0.03
@@ -265,3 +265,27 @@ def test_torch_backend_runs_int8_layers_on_integer_kernels(tmp_path):
     got = fused.run([x.numpy()])[0]
     # Integer accumulation is exact where the float matmul of dequantized values rounds.
     np.testing.assert_allclose(got, want, atol=1e-4 * np.abs(want).max())
+
+
+def test_a_dynamic_model_quantized_by_the_caller_exports_with_integer_kernels(tmp_path):
+    import zipfile
+
+    import onnx
+
+    from engine.quant import dequantized_copy
+
+    model, data = _mlp(), _batches()
+    q = quantize(model, None, QuantConfig(mode="dynamic"))
+    x = data[0][0]
+    twin = dequantized_copy(q)  # float weights that re-quantize to the same int8
+    requant = quantize(twin, None, QuantConfig(mode="dynamic"))
+    for a, b in zip(quant_layers(q).values(), quant_layers(requant).values()):
+        assert torch.equal(a.get_buffer("w_int8"), b.get_buffer("w_int8"))
+    path = convert(q, (x,), output=tmp_path / "dyn.ds")
+    info = read_manifest(path)[0].extra["quantization"]
+    assert info["config"]["mode"] == "dynamic"
+    graph = onnx.load_from_string(zipfile.ZipFile(path).read("onnx/model.onnx")).graph
+    assert "MatMulInteger" in {n.op_type for n in graph.node}
+    got = InferenceEngine(path, backend="onnx").infer([x])["output_0"]
+    with torch.no_grad():
+        assert np.linalg.norm(got - model(x).numpy()) / np.linalg.norm(model(x).numpy()) < 0.03

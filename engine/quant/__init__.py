@@ -4,6 +4,7 @@ quantization-aware training and per-layer sensitivity (see engine.quant.api)."""
 from engine.quant.api import (
     QuantConfig,
     calibrate,
+    dequantized_copy,
     enable_fake,
     freeze,
     load_qat_state,
@@ -35,6 +36,7 @@ __all__ = [
     "sensitivity",
     "qat_state",
     "load_qat_state",
+    "dequantized_copy",
     "MinMaxObserver",
     "PercentileObserver",
     "MseObserver",

@@ -31,6 +31,7 @@ __all__ = [
     "sensitivity",
     "qat_state",
     "load_qat_state",
+    "dequantized_copy",
 ]
 
 
@@ -186,6 +187,27 @@ def quantize(
         for layer in quant_layers(qmodel).values():
             layer.finish_calibration()
     return freeze(qmodel)
+
+
+def dequantized_copy(qmodel: nn.Module) -> nn.Module:
+    """A float copy of a quantized model: each QuantLayer becomes its plain layer
+    with the dequantized weights (frozen layers) or its own weights (others).
+    Re-quantizing it per channel with min/max gives back the same int8 weights."""
+    out = copy.deepcopy(qmodel)
+    for name, layer in quant_layers(out).items():
+        inner = layer.inner
+        if layer.mode == "frozen":
+            q = layer.get_buffer("w_int8").float()
+            scale = layer.get_buffer("w_scale")
+            if layer.kind == "Linear":
+                weight = (q * scale[None, :]).t()  # stored [in, out]
+            else:
+                weight = q * scale.reshape([-1] + [1] * (q.dim() - 1))
+            del inner.weight
+            inner.weight = nn.Parameter(weight.contiguous())
+        parent, _, child = name.rpartition(".")
+        setattr(out.get_submodule(parent) if parent else out, child, inner)
+    return out
 
 
 def summary(qmodel: nn.Module, model: nn.Module | None = None) -> dict[str, Any]:

@@ -124,7 +124,9 @@ class QuantLayer(nn.Module):
     # ------------------------------------------------------------------ frozen int8
 
     def freeze(self) -> None:
-        """Store the weights as int8 + scales and drop the float weights."""
+        """Store the weights as int8 + scales and drop the float weights (once)."""
+        if self.mode == "frozen":
+            return
         weight = self.inner.weight.detach()
         qp = self.weight_qparams(weight)
         scale = qp.scale.reshape(-1) if qp.axis is not None else qp.scale.reshape(1)
