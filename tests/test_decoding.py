@@ -419,3 +419,12 @@ def test_binary_lm_without_unigrams_is_a_clear_error(tmp_path):
     with pytest.raises(LMError, match="unigrams"):
         KenLM(lone)
     assert KenLM(lone, unigrams=["cat", "dog"]).vocab == {"cat", "dog"}
+
+
+def test_word_times_stay_in_order_when_a_peak_moves_past_the_next_token():
+    # Peaks [5, 3, 6]: "i" peaked after "t" was emitted; times are made monotonic.
+    from dsstream.decoding.search import word_spans
+
+    parts = [(False, ""), (True, "i"), (False, "t"), (True, "a")]
+    words = word_spans(parts, ([1, 2, 3], [5, 3, 6], [-0.1, -0.2, -0.3]))
+    assert [(w, f) for w, f, _ in words] == [("it", [3, 3]), ("a", [6])]

@@ -81,8 +81,8 @@ def main(argv: list[str] | None = None) -> Path:
 Static post-training quantization (`python -m apps.asr.quantize --out
 samples/asr/model-int8.ds`): int8 weights per output channel, activations per
 tensor from min/max over {q.get("calibration", 256)} training utterances.
-{size / 1e6:.1f} MB ({smaller:.0%} smaller); scored on the first {q.get("limit", "-")}
-held-out utterances and {q.get("lj_limit", "-")} LJ001 clips:
+{size / 1e6:.1f} MB ({smaller:.0%} smaller); scored as the float model above (up to
+{q.get("limit", "-")} held-out utterances, up to {q.get("lj_limit", "-")} LJ001 clips):
 
 | set | CER greedy | WER greedy | CER with LM | WER with LM |
 |---|---:|---:|---:|---:|

@@ -306,10 +306,19 @@ class BeamSearch:
 def word_spans(
     parts: list[tuple[bool, str]], info: tuple[list[int], list[int], list[float]]
 ) -> list[tuple[str, list[int], list[float]]]:
-    """Words of a path, each with the frames and log-probs of its tokens."""
+    """Words of a path, each with the frames and log-probs of its tokens.
+
+    A token's frame is its emission peak, which can move past the frame at which
+    a later token was emitted (the prefix kept being extended by repeats after
+    its child appeared); a backward running minimum keeps the path in time order,
+    so every word starts before it ends and after the word before it."""
+    tokens, peaks, logps_in = info
+    ordered = list(peaks)
+    for i in range(len(ordered) - 2, -1, -1):
+        ordered[i] = min(ordered[i], ordered[i + 1])
     words: list[tuple[str, list[int], list[float]]] = []
     current, frames, logps = "", list[int](), list[float]()
-    for tok, frame, logp in zip(*info):
+    for tok, frame, logp in zip(tokens, ordered, logps_in):
         starts, chars = parts[tok]
         if starts and current:
             words.append((current, frames, logps))
