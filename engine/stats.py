@@ -11,7 +11,7 @@ from typing import Any, Callable, Iterator
 
 import numpy as np
 
-__all__ = ["EngineStats"]
+__all__ = ["EngineStats", "median_ms"]
 
 WINDOW = 10_000  # latencies kept for percentiles
 THROUGHPUT_WINDOW_S = 10.0
@@ -118,3 +118,15 @@ class EngineStats:
                 return []
 
         return _Collector()
+
+
+def median_ms(fn: Callable[[], Any], runs: int, warmup: int = 1) -> float:
+    """Median wall time of ``fn()`` in milliseconds over ``runs`` calls, after ``warmup``."""
+    for _ in range(warmup):
+        fn()
+    times = []
+    for _ in range(runs):
+        t0 = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - t0)
+    return float(np.median(times)) * 1000

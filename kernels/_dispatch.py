@@ -65,6 +65,8 @@ def choose(op: str, impl: str | None, device: torch.device, gpu: str) -> str:
             )
         if impl == "cuda" and device.type != "cuda":
             raise RuntimeError(f"{op}: the CUDA kernel needs CUDA tensors, got {device}")
+        if impl == "cpu" and device.type != "cpu":
+            raise RuntimeError(f"{op}: the CPU implementation needs CPU tensors, got {device}")
         return impl
     if device.type != "cuda":
         return "cpu"

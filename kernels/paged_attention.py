@@ -132,10 +132,6 @@ def paged_attention(
     which = choose("paged_attention", impl, q.device, gpu="cuda")
     if which == "ref":
         out = paged_attention_ref(q4, k_cache, v_cache, block_tables, context_lens, scale)
-    elif which == "cpu" and q.device.type != "cpu":
-        raise RuntimeError(
-            f"paged_attention: the CPU implementation needs CPU tensors, got {q.device}"
-        )
     else:  # the op dispatches to the CPU implementation or the CUDA kernel by device
         out = _paged_attention_op(q4, k_cache, v_cache, block_tables, context_lens, scale)
     return out.squeeze(1) if decode else out

@@ -20,7 +20,6 @@ from __future__ import annotations
 import argparse
 import json
 import tempfile
-import time
 from dataclasses import asdict, replace
 from pathlib import Path
 from typing import Any
@@ -50,6 +49,7 @@ def step_latency_ms(model: AsrModel, fbank_cfg: Any, batches=(1, 64)) -> dict[st
     """Median ONNX Runtime latency of one streaming step, per sessions-per-call."""
     from engine import InferenceEngine
     from engine.artifact import read_manifest
+    from engine.stats import median_ms
 
     out = {}
     with tempfile.TemporaryDirectory() as tmp:
@@ -59,13 +59,8 @@ def step_latency_ms(model: AsrModel, fbank_cfg: Any, batches=(1, 64)) -> dict[st
         for batch in batches:
             feeds = [np.zeros([batch if isinstance(d, str) else d for d in spec.shape],
                               dtype=np.dtype(spec.dtype)) for spec in manifest.inputs]  # fmt: skip
-            engine.infer(feeds)
-            times = []
-            for _ in range(20):
-                t0 = time.perf_counter()
-                engine.infer(feeds)
-                times.append(time.perf_counter() - t0)
-            out[f"step_ms_b{batch}"] = round(float(np.median(times)) * 1000, 3)
+            ms = median_ms(lambda feeds=feeds: engine.infer(feeds), 20)
+            out[f"step_ms_b{batch}"] = round(ms, 3)
     return out
 
 

@@ -209,15 +209,16 @@ def train(args: argparse.Namespace) -> dict[str, Any]:
     model: torch.nn.Module = AsrModel(cfg)
     state: dict[str, Any] = {"epoch": 0, "step": 0, "history": []}
     qat_extra: dict[str, Any] = {}
+    qat_saved: dict[str, Any] | None = None  # a QAT checkpoint being resumed
     if args.qat:
         from engine.quant import qat_state
 
         qat_path = ckpt_dir / "qat.pt"
         if qat_path.is_file() and not args.restart:
-            model, fbank_cfg, saved = load_qat_checkpoint(qat_path)
+            model, fbank_cfg, qat_saved = load_qat_checkpoint(qat_path)
             model.train()
-            state, qat_extra = saved["state"], {"quant_config": saved["quant_config"]}
-            cfg = ModelConfig(**saved["config"])
+            state, qat_extra = qat_saved["state"], {"quant_config": qat_saved["quant_config"]}
+            cfg = ModelConfig(**qat_saved["config"])
             print(f"resumed QAT at epoch {state['epoch']}, step {state['step']}")
         else:
             model, fbank_cfg, quant_config, from_step, cfg = _start_qat(args, last, train_rows)
@@ -226,8 +227,8 @@ def train(args: argparse.Namespace) -> dict[str, Any]:
         last = qat_path
     opt = torch.optim.AdamW(model.parameters(), lr=args.lr, weight_decay=1e-2)
     if args.qat:
-        if state["step"]:
-            opt.load_state_dict(torch.load(last, weights_only=False)["optimizer"])
+        if qat_saved is not None:
+            opt.load_state_dict(qat_saved["optimizer"])
     elif args.init and not (last.is_file() and not args.restart):
         # A new run whose weights and architecture come from another checkpoint
         # (e.g. a pruned model from apps.asr.prune, fine-tuned here).

@@ -14,7 +14,6 @@ from __future__ import annotations
 import argparse
 import json
 import tempfile
-import time
 from pathlib import Path
 from typing import Any
 
@@ -58,6 +57,7 @@ def finetune(model: VqaModel, split: Split, steps: int, lr: float, batch: int = 
 def _latency_ms(model: VqaModel, tok: Any) -> dict[str, float]:
     from apps.vqa.export import export_stages
     from engine import InferenceEngine
+    from engine.stats import median_ms
 
     with tempfile.TemporaryDirectory() as tmp:
         image_path, fuser_path = export_stages(model, tok, Path(tmp))
@@ -66,20 +66,11 @@ def _latency_ms(model: VqaModel, tok: Any) -> dict[str, float]:
         kv = image_engine.infer([image])["kv"]
         tokens = np.random.default_rng(1).integers(1, 40, (18, 12)).astype(np.int64)
         kv18 = np.repeat(kv, 18, 0)
-        out = {}
         calls = {
             "image_ms": lambda: image_engine.infer([image]),
             "questions18_ms": lambda: fuser_engine.infer([tokens, kv18]),
         }
-        for name, fn in calls.items():
-            fn()
-            times = []
-            for _ in range(30):
-                t0 = time.perf_counter()
-                fn()
-                times.append(time.perf_counter() - t0)
-            out[name] = round(float(np.median(times)) * 1000, 3)
-        return out
+        return {name: round(median_ms(fn, 30), 3) for name, fn in calls.items()}
 
 
 def main(argv: list[str] | None = None) -> dict[str, Any]:

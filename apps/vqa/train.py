@@ -163,6 +163,7 @@ def train(args: argparse.Namespace) -> dict[str, Any]:
     model = VqaModel(cfg)
     ckpt_path = args.data / "ckpt" / ("qat.pt" if args.qat else "last.pt")
     resume = ckpt_path.exists() and not args.restart
+    saved = torch.load(ckpt_path, map_location="cpu", weights_only=False) if resume else None
     qat_extra: dict[str, Any] = {}
     if args.qat:
         float_path = args.data / "ckpt" / "last.pt"
@@ -172,7 +173,6 @@ def train(args: argparse.Namespace) -> dict[str, Any]:
         cfg = VqaConfig(**base["config"])
         model = VqaModel(cfg)
         model.load_state_dict(base["model"])
-        saved = torch.load(ckpt_path, map_location="cpu", weights_only=False) if resume else None
         model = _qat_model(model, saved, None if resume else train_set)
         from engine.quant import QuantConfig
 
@@ -181,12 +181,11 @@ def train(args: argparse.Namespace) -> dict[str, Any]:
     steps_per_epoch = math.ceil(len(train_set) / args.batch)
     total = steps_per_epoch * args.epochs
     state: dict[str, Any] = {"epoch": 0, "step": 0, "history": [], "seconds": 0.0}
-    if resume:
-        ckpt = torch.load(ckpt_path, map_location="cpu", weights_only=False)
-        if not args.qat:
-            model.load_state_dict(ckpt["model"])
-        opt.load_state_dict(ckpt["optimizer"])
-        state = ckpt["state"]
+    if saved is not None:
+        if not args.qat:  # a QAT model got its weights in _qat_model
+            model.load_state_dict(saved["model"])
+        opt.load_state_dict(saved["optimizer"])
+        state = saved["state"]
         print(f"resumed at epoch {state['epoch']}, step {state['step']}")
 
     def lr_at(step: int) -> float:

@@ -26,7 +26,13 @@ import torch.nn.functional as F
 from torch import nn
 from torch.ao.quantization.fx import _decomposed  # noqa: F401  (registers quantized_decomposed)
 
-from engine.quant.observers import MinMaxObserver, QParams, fake_quantize, make_observer
+from engine.quant.observers import (
+    MinMaxObserver,
+    QParams,
+    fake_quantize,
+    make_observer,
+    qparams_from_range,
+)
 
 __all__ = ["QuantLayer", "QUANTIZABLE"]
 
@@ -45,6 +51,7 @@ class QuantLayer(nn.Module):
         self.kind = type(inner).__name__
         self.dynamic = config.mode == "dynamic"
         self.per_channel = config.per_channel
+        self.act_symmetric = config.act_symmetric
         self.weight_observer = config.weight_observer
         self.mode = "calibrate"
         self.act_observer = make_observer(
@@ -105,9 +112,7 @@ class QuantLayer(nn.Module):
         if self.training and self.ema is not None:  # QAT: follow the activations slowly
             lo, hi = self.ema
             self.ema = (0.99 * lo + 0.01 * x.detach().amin(), 0.99 * hi + 0.01 * x.detach().amax())
-            from engine.quant.observers import qparams_from_range
-
-            self.act_qp = qparams_from_range(self.ema[0], self.ema[1], self.act_qp.qmin == -127)  # type: ignore[union-attr]
+            self.act_qp = qparams_from_range(self.ema[0], self.ema[1], self.act_symmetric)
         assert self.act_qp is not None
         return fake_quantize(x, self.act_qp)
 

@@ -1,16 +1,5 @@
-"""Timing helper shared by the benchmarks."""
+"""Timing helper shared by the benchmarks (the engine's, so recipes time the same way)."""
 
-import statistics
-import time
+from engine.stats import median_ms
 
-
-def median_ms(fn, runs: int, warmup: int = 1) -> float:
-    """Median wall time of ``fn()`` in milliseconds over ``runs`` calls, after ``warmup``."""
-    for _ in range(warmup):
-        fn()
-    times = []
-    for _ in range(runs):
-        t0 = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - t0)
-    return statistics.median(times) * 1000
+__all__ = ["median_ms"]
