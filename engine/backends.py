@@ -4,8 +4,9 @@ the manifest's input/output order."""
 
 from __future__ import annotations
 
+import contextlib
 import io
-from typing import Protocol
+from typing import Any, Protocol
 
 import numpy as np
 
@@ -82,17 +83,24 @@ class TorchBackend:
 
     def run(self, inputs: list[np.ndarray]) -> list[np.ndarray]:
         torch = self.torch
-        with torch.inference_mode():
-            args = [torch.from_numpy(np.ascontiguousarray(x)).to(self.device) for x in inputs]
+        return self.run_tensors([torch.from_numpy(np.ascontiguousarray(x)) for x in inputs])
+
+    def run_tensors(self, inputs: list[Any], stream: Any = None) -> list[np.ndarray]:
+        """Tensors (on the host or already on this device) in manifest order; with
+        a CUDA ``stream``, the forward pass is queued on it (engine.overlap)."""
+        torch = self.torch
+        ctx = torch.cuda.stream(stream) if stream is not None else contextlib.nullcontext()
+        with torch.inference_mode(), ctx:
+            args = [x.to(self.device) for x in inputs]
             args = [
                 a.to(torch.bfloat16) if i in self.bf16_inputs else a for i, a in enumerate(args)
             ]
             out = self.module(*args)
-        outs = out if isinstance(out, (tuple, list)) else [out]
-        # NumPy has no bfloat16: such outputs come back as float32 (exact widening).
-        return [
-            (o.float() if o.dtype == torch.bfloat16 else o).detach().cpu().numpy() for o in outs
-        ]
+            outs = out if isinstance(out, (tuple, list)) else [out]
+            # NumPy has no bfloat16: such outputs come back as float32 (exact widening).
+            return [
+                (o.float() if o.dtype == torch.bfloat16 else o).detach().cpu().numpy() for o in outs
+            ]
 
 
 def _check_device(device: str) -> None:

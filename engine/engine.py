@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import itertools
+import queue
 import threading
 import time
 from concurrent.futures import Future
@@ -17,6 +18,7 @@ import numpy as np
 from engine.artifact import Manifest, TensorSpec, read_manifest
 from engine.backends import Backend, load_backend
 from engine.batching import BatchPolicy, QueuedRequest, length_bucket, plan
+from engine.overlap import Staged, Stager
 from engine.sessions import (
     SessionError,
     SessionEvicted,
@@ -129,6 +131,18 @@ class _Request:
     lengths: dict[str, int] = field(default_factory=dict)
 
 
+@dataclass
+class _Job:
+    """A batch whose inputs are on their way to the device (overlap mode)."""
+
+    live: list[_Pending]
+    requests: list[_Request]
+    rows: list[int]
+    model: _Model
+    staged: Staged
+    started: float
+
+
 class InferenceEngine:
     """Run a converted model.
 
@@ -166,6 +180,10 @@ class InferenceEngine:
         self._closed = False
         self._worker: threading.Thread | None = None
         self._overlap: dict[str, Any] = {"active": False}
+        self._stager: Stager | None = None
+        self._jobs: queue.Queue[_Job | None] | None = None
+        self._computer: threading.Thread | None = None
+        self._stream: Any = None  # the compute stream of overlap mode
         self.sessions = SessionPool(session_pool_bytes, session_idle_timeout_s)
         self._open: dict[int, StreamSession] = {}
         self._checkpoint = "kv_cache"
@@ -265,20 +283,44 @@ class InferenceEngine:
     def enable_overlap(
         self, compute_stream: Any = None, copy_stream: Any = None, buffer_size: int = 2
     ) -> bool:
-        """Overlap host-to-device copies with compute (pinned buffers, two CUDA
-        streams).  Accepted everywhere and reported in ``stats()``; returns
-        whether it is active.
-
-        NOTE: the CUDA copy/compute overlap itself is not built yet (it needs a
-        GPU to develop and test), so this reports inactive on every device and
-        says why, rather than claiming an overlap that does not happen.
+        """Overlap host-to-device copies with compute on CUDA: batch n+1's inputs
+        go through ``buffer_size`` pinned buffers to the GPU on ``copy_stream``
+        while batch n computes on ``compute_stream`` (``torch.cuda.Stream``;
+        new streams when None).  Requests then run on two threads, one that
+        forms and stages batches and one that computes.  Accepted on every
+        device and reported in ``stats()["overlap"]``; returns whether it is
+        active (on the CPU there is no copy to hide, so it stays inactive).
         """
+        if buffer_size < 1:
+            raise ValueError(f"buffer_size must be at least 1, got {buffer_size}")
         self._overlap = {"active": False, "buffer_size": buffer_size}
-        if self.device.startswith("cuda"):
-            self._overlap["reason"] = "CUDA copy/compute overlap is not implemented yet"
-        else:
+        if not self.device.startswith("cuda"):
             self._overlap["reason"] = "no CUDA device: host and device memory are the same"
-        return False
+            return False
+        if not hasattr(self.backend, "run_tensors"):
+            self._overlap["reason"] = f"the {self.backend.name} backend takes host arrays only"
+            return False
+        from engine.overlap import DeviceStager
+
+        stager = DeviceStager(self.device, copy_stream, compute_stream, buffer_size)
+        self._start_overlap(stager, buffer_size, stager.compute_stream)
+        return True
+
+    def _start_overlap(self, stager: Stager, buffer_size: int, stream: Any = None) -> None:
+        """Run batches as a copy/compute pipeline through ``stager`` (the CUDA one
+        from :meth:`enable_overlap`, or :class:`engine.overlap.HostStager`, which
+        runs the same two threads without a GPU)."""
+        with self._lock:
+            if self._stager is not None:
+                raise RuntimeError("overlap is already enabled")
+            self._stager = stager
+            self._stream = stream
+            self._jobs = queue.Queue(maxsize=buffer_size)
+            self._overlap = {"active": True, "buffer_size": buffer_size, "staged_batches": 0}
+            self._computer = threading.Thread(
+                target=self._compute_loop, name="engine-compute", daemon=True
+            )
+            self._computer.start()
 
     # -- requests -------------------------------------------------------------------
 
@@ -305,7 +347,7 @@ class InferenceEngine:
         self, inputs: Mapping[str, Any] | Sequence[Any] | Any, deadline_ms: float | None = None
     ) -> dict[str, np.ndarray]:
         """Run one request and wait for it; raises :class:`InputError` for bad inputs."""
-        if self.batching:
+        if self.batching or self._stager is not None:
             return self.infer_async(inputs, deadline_ms).result()
         arrays = self._prepare(inputs)
         t0 = time.monotonic()
@@ -414,7 +456,23 @@ class InferenceEngine:
                 self._stats.record_error()
             for batch in decision.batches:
                 pending = [by_id[i] for i in batch]
-                self._execute(pending, pending[0].model or model)
+                if self._stager is not None:
+                    self._stage(pending, pending[0].model or model)
+                else:
+                    self._execute(pending, pending[0].model or model)
+
+    def _fail(self, live: list[_Pending], exc: BaseException) -> None:
+        for p in live:
+            p.future.set_exception(exc)
+            self._stats.record_error()
+
+    def _finish(
+        self, live: list[_Pending], outs: list[dict[str, np.ndarray]], started: float
+    ) -> None:
+        done = time.monotonic()
+        for p, out in zip(live, outs):
+            self._stats.record(started - p.meta.arrival_s, done - started, len(live))
+            p.future.set_result(out)
 
     def _execute(self, batch: list[_Pending], model: _Model) -> None:
         started = time.monotonic()
@@ -424,19 +482,55 @@ class InferenceEngine:
         try:
             outs = self._run([_Request(p.arrays) for p in live], model)
         except Exception as exc:
-            for p in live:
-                p.future.set_exception(exc)
-                self._stats.record_error()
+            self._fail(live, exc)
             return
-        done = time.monotonic()
-        for p, out in zip(live, outs):
-            self._stats.record(started - p.meta.arrival_s, done - started, len(live))
-            p.future.set_result(out)
+        self._finish(live, outs, started)
+
+    def _stage(self, batch: list[_Pending], model: _Model) -> None:
+        """Overlap mode, batching thread: assemble the batch and start its copy,
+        then hand it to the compute thread (blocks while ``buffer_size`` wait)."""
+        assert self._stager is not None and self._jobs is not None
+        started = time.monotonic()
+        live = [p for p in batch if p.future.set_running_or_notify_cancel()]
+        if not live:
+            return
+        requests = [_Request(p.arrays) for p in live]
+        try:
+            feeds, rows = self._assemble(requests, model)
+            staged = self._stager.stage(feeds)
+        except Exception as exc:
+            self._fail(live, exc)
+            return
+        self._overlap["staged_batches"] += 1
+        self._jobs.put(_Job(live, requests, rows, model, staged, started))
+
+    def _compute_loop(self) -> None:
+        assert self._stager is not None and self._jobs is not None
+        while (job := self._jobs.get()) is not None:
+            try:
+                tensors = self._stager.ready(job.staged)
+                backend: Any = job.model.backend
+                outputs = backend.run_tensors(tensors, self._stream)
+                outs = self._split(outputs, job.model.manifest.outputs, job.requests, job.rows,
+                                   len(job.requests) > 1)  # fmt: skip
+            except Exception as exc:
+                self._fail(job.live, exc)
+                continue
+            self._finish(job.live, outs, job.started)
 
     # -- batch assembly ----------------------------------------------------------------
 
     def _run(self, requests: list[_Request], model: _Model) -> list[dict[str, np.ndarray]]:
         """Pad, stack, derive callback inputs, run once, unstack and unpad."""
+        feeds, rows = self._assemble(requests, model)
+        outputs = model.backend.run(feeds)
+        return self._split(outputs, model.manifest.outputs, requests, rows, len(requests) > 1)
+
+    def _assemble(
+        self, requests: list[_Request], model: _Model
+    ) -> tuple[list[np.ndarray], list[int]]:
+        """The batch's inputs in manifest order (padded, stacked, callback-derived)
+        and each request's row count."""
         manifest = model.manifest
         specs = {s.name: s for s in manifest.inputs}
         given = [n for n in specs if n in requests[0].arrays]
@@ -465,8 +559,7 @@ class InferenceEngine:
         missing = [n for n in specs if n not in feeds]
         if missing:
             raise InputError(f"inputs {missing} are missing (neither given nor derived)")
-        outputs = model.backend.run([feeds[s.name] for s in manifest.inputs])
-        return self._split(outputs, manifest.outputs, requests, rows, len(requests) > 1)
+        return [feeds[s.name] for s in manifest.inputs], rows
 
     @staticmethod
     def _split(
@@ -520,6 +613,10 @@ class InferenceEngine:
             self._cond.notify_all()
         if self._worker is not None:
             self._worker.join()
+        if self._jobs is not None and self._computer is not None:
+            self._jobs.put(None)  # after every staged batch: they all finish
+            self._computer.join()
+            self._computer = None
 
     def __enter__(self) -> InferenceEngine:
         return self

@@ -15,6 +15,7 @@ from engine import (
     BatchPolicy,
     DeadlineExceeded,
     InferenceEngine,
+    InputError,
     QueuedRequest,
     QueueFull,
     convert,
@@ -280,12 +281,76 @@ def test_stats_prometheus_and_overlap(per_frame):
     assert stats["requests"] == 5 and stats["latency"]["total"]["p50_ms"] > 0
     assert set(stats["latency"]) == {"queue", "compute", "total"}
     assert engine.enable_overlap(buffer_size=4) is False
-    assert engine.stats()["overlap"]["active"] is False
+    overlap = engine.stats()["overlap"]
+    assert overlap["active"] is False and "no CUDA device" in overlap["reason"]
+    with pytest.raises(ValueError, match="buffer_size"):
+        engine.enable_overlap(buffer_size=0)
     registry = CollectorRegistry()
     registry.register(engine.prometheus())
     text = generate_latest(registry).decode()
     assert "engine_requests_total 5.0" in text and "engine_queue_depth 0.0" in text
     engine.close()
+
+
+def _overlap_run(engine, requests):
+    """Requests from many threads, then the engine closed (every request answered)."""
+    results = [None] * len(requests)
+
+    def client(i):
+        results[i] = engine.infer({"x": requests[i]})["output_0"]
+
+    threads = [threading.Thread(target=client, args=(i,)) for i in range(len(requests))]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    stats = engine.stats()
+    engine.close()
+    return results, stats
+
+
+@pytest.mark.parametrize("batch", [1, 8])
+def test_the_copy_compute_pipeline_equals_the_plain_engine(per_frame, batch):
+    """The two-thread pipeline of enable_overlap, run with the host stager (the
+    CUDA stager's streams need a GPU: test_overlap_on_cuda)."""
+    from engine.overlap import HostStager
+
+    model, path = per_frame
+    requests = _requests(24, seed=5)
+    policy = BatchPolicy(max_batch_size=batch, max_queue_delay_ms=10)
+    plain, _ = _overlap_run(InferenceEngine(path, policy=policy, backend="torch"), requests)
+    engine = InferenceEngine(path, policy=policy, backend="torch")
+    engine._start_overlap(HostStager(), buffer_size=2)
+    with pytest.raises(RuntimeError, match="already"):
+        engine._start_overlap(HostStager(), buffer_size=2)
+    bad = engine.infer_async({"x": np.zeros((1, 5, 3), np.float32)})  # wrong feature size
+    with pytest.raises(InputError):
+        bad.result(timeout=10)
+    piped, stats = _overlap_run(engine, requests)
+    assert stats["overlap"]["active"] and stats["overlap"]["staged_batches"] >= 24 // batch
+    assert stats["requests"] == 24 and stats["errors"] == 0
+    for a, b in zip(plain, piped):
+        # Same program; batches may group differently, so allow float rounding only.
+        np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6)
+    engine.close()  # closing twice is harmless
+
+
+@pytest.mark.cuda
+def test_overlap_on_cuda(per_frame):
+    model, path = per_frame
+    requests = _requests(32, seed=6)
+    policy = BatchPolicy(max_batch_size=8, max_queue_delay_ms=10)
+    engine = InferenceEngine(path, device="cuda:0", policy=policy)
+    assert engine.enable_overlap(buffer_size=3) is True
+    results, stats = _overlap_run(engine, requests)
+    assert stats["overlap"]["active"] and stats["errors"] == 0
+    model64 = PerFrame().double()
+    model64.load_state_dict(model.state_dict())
+    for x, y in zip(requests, results):
+        ref = model64(torch.from_numpy(x).double()).detach().numpy()
+        eager = model(torch.from_numpy(x)).detach().numpy()
+        assert y.shape == ref.shape
+        assert np.abs(y - ref).max() <= 4 * np.abs(eager - ref).max() + 1e-5
 
 
 # -- seed APIs and multi-stage pipelines -----------------------------------------------
