@@ -190,6 +190,8 @@ def test_all_is_exact_and_resolves(module):
         "engine.pipeline",
         "engine.sessions",
         "engine.kv_cache",
+        "engine.overlap",
+        "engine.prune",
         "kernels.paged_attention",
         "engine.quant.observers",
         "engine.quant.modules",
@@ -206,6 +208,9 @@ def test_all_is_exact_and_resolves(module):
         "apps.asr.model",
         "apps.asr.export",
         "apps.asr.evaluate",
+        "apps.vqa.model",
+        "apps.vqa.parse",
+        "apps.vqa.train",
     ],
 )
 def test_every_module_declares_a_resolvable_all(module):

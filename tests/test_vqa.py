@@ -9,11 +9,13 @@ import random
 import numpy as np
 import pytest
 import torch
+import torch.nn.functional as F
 
 from apps.vqa.model import VqaConfig, VqaModel
 from apps.vqa.scenes import (
     ANSWERS,
     COLOURS,
+    SHAPES,
     TEMPLATES,
     all_template_texts,
     answer,
@@ -102,6 +104,57 @@ def test_template_texts_are_spoken_forms():
     texts = all_template_texts()
     assert len(texts) == sum(len(f) for _, f in TEMPLATES.values()) * 6
     assert all("?" not in t and "{" not in t for t in texts)
+
+
+@pytest.mark.parametrize("size", [75, 150])
+def test_cell_targets_put_each_object_in_its_cell_with_its_shape_and_centre(size):
+    from apps.vqa.parse import cell_targets
+
+    rng = random.Random(size)
+    scenes = [make_scene(rng, size) for _ in range(8)]
+    images = torch.stack([torch.from_numpy(np.array(render(s))).permute(2, 0, 1) for s in scenes])
+    stride = 8
+    grid = -(-size // stride)
+    colour, shape, centre, nearest, farthest = cell_targets(images, grid, stride)
+    assert colour.shape == shape.shape == (8, grid * grid) and centre.shape == (8, grid * grid, 2)
+    assert ((colour > 0).sum(1) == 6).all() and ((shape >= 0) == (colour > 0)).all()
+    names = list(COLOURS)
+    for b, scene in enumerate(scenes):
+        for o in scene.objects:  # the generator's geometry, not the pixels
+            (cell,) = (colour[b] == names.index(o.colour) + 1).nonzero()[:, 0].tolist()
+            row, col = divmod(cell, grid)
+            assert (
+                abs(row * stride - o.y) <= stride / 2 + 1
+                and abs(col * stride - o.x) <= stride / 2 + 1
+            )
+            assert shape[b, cell] == SHAPES.index(o.shape)
+            x, y = ((centre[b, cell] + 1) * (size - 1) / 2).tolist()
+            assert abs(x + 0.5 - o.x) < 1 and abs(y + 0.5 - o.y) < 1  # pixel centres sit at +0.5
+            dist = sorted(math.hypot(p.x - o.x, p.y - o.y) for p in scene.objects if p is not o)
+            for kind, got, gap in (("closest", nearest, dist[1] - dist[0]),
+                                   ("furthest", farthest, dist[-1] - dist[-2])):  # fmt: skip
+                if gap > 1.5:  # a nearer tie is below what pixel centroids resolve
+                    assert got[b, cell] == SHAPES.index(answer(scene, kind, o.colour))
+    assert ((nearest >= 0) == (colour > 0)).all() and ((farthest >= 0) == (colour > 0)).all()
+
+
+def test_cell_targets_refuse_other_images_and_the_loss_is_zero_when_perfect():
+    from apps.vqa.parse import CELL_OUTPUTS, cell_targets, parse_loss
+
+    with pytest.raises(ValueError, match="uint8"):
+        cell_targets(torch.rand(1, 3, 75, 75), 10, 8)
+    with pytest.raises(ValueError, match="palette"):
+        cell_targets(torch.full((1, 3, 75, 75), 255, dtype=torch.uint8), 10, 8)
+    image = torch.from_numpy(np.array(render(make_scene(random.Random(3))))).permute(2, 0, 1)
+    targets = cell_targets(image[None], 10, 8)
+    hot = [F.one_hot(t.clamp(min=0), n) * 50.0 for t, n in zip(targets[:2], (7, 2))]
+    hot += [targets.centre] + [F.one_hot(t.clamp(min=0), 2) * 50.0 for t in targets[3:]]
+    logits = torch.cat(hot, -1)
+    assert logits.shape[-1] == CELL_OUTPUTS
+    loss, accuracy = parse_loss(logits, targets)
+    assert float(loss) < 1e-6 and float(accuracy) == 1.0
+    loss, accuracy = parse_loss(-logits, targets)  # every class wrong
+    assert float(loss) > 50 and float(accuracy) == 0.0
 
 
 # -- tokenizer ---------------------------------------------------------------------

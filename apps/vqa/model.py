@@ -3,7 +3,7 @@
 Two stages, exported separately so an image is encoded once per image, not
 once per question:
 
-- :class:`ImageStage`: image ``[B, 3, S, S]`` -> a small CNN (stride 16) with
+- :class:`ImageStage`: image ``[B, 3, S, S]`` -> a small CNN (stride 8) with
   learned 2-D (row + column) position embeddings and self-attention layers over
   the image tokens -> every fuser layer's cross-attention keys and values,
   ``kv [B, layers, 2, tokens, d]``.  This is what the pipeline caches per image.
@@ -20,6 +20,8 @@ from dataclasses import asdict, dataclass
 import torch
 import torch.nn.functional as F
 from torch import nn
+
+from apps.vqa.parse import CELL_OUTPUTS
 
 __all__ = ["VqaConfig", "ImageStage", "QuestionStage", "VqaModel", "param_count"]
 
@@ -40,6 +42,11 @@ class VqaConfig:
 
     def to_dict(self) -> dict:
         return asdict(self)
+
+    @property
+    def stride(self) -> int:
+        """Pixels between neighbouring image tokens."""
+        return 2**self.strides
 
     @property
     def grid(self) -> int:
@@ -138,10 +145,13 @@ class ImageStage(nn.Module):
             x = block(x)
         return self.norm(x)
 
-    def forward(self, image: torch.Tensor) -> torch.Tensor:
-        x = self.tokens(image)
-        kv = [torch.stack(proj(x).chunk(2, -1), 1) for proj in self.kv]  # [B, 2, T, d] each
+    def project(self, tokens: torch.Tensor) -> torch.Tensor:
+        """Image tokens ``[B, T, d]`` -> every fuser layer's ``kv [B, layers, 2, T, d]``."""
+        kv = [torch.stack(proj(tokens).chunk(2, -1), 1) for proj in self.kv]  # [B, 2, T, d] each
         return torch.stack(kv, 1)
+
+    def forward(self, image: torch.Tensor) -> torch.Tensor:
+        return self.project(self.tokens(image))
 
 
 class CrossAttention(nn.Module):
@@ -210,16 +220,29 @@ class QuestionStage(nn.Module):
 
 
 class VqaModel(nn.Module):
-    """Both stages: ``forward(images [B, 3, S, S], tokens [B, Q, L]) -> [B, Q, answers]``."""
+    """Both stages: ``forward(images [B, 3, S, S], tokens [B, Q, L]) -> [B, Q, answers]``.
+
+    ``cells`` is a training-only head on the image tokens (scene parsing, see
+    :mod:`apps.vqa.parse`); the exported stages leave it out.
+    """
 
     def __init__(self, cfg: VqaConfig) -> None:
         super().__init__()
         self.cfg = cfg
         self.image = ImageStage(cfg)
         self.question = QuestionStage(cfg)
+        self.cells = nn.Linear(cfg.d_model, CELL_OUTPUTS)
 
     def forward(self, images: torch.Tensor, tokens: torch.Tensor) -> torch.Tensor:
         return self.question(tokens, self.image(images))
+
+    def forward_with_cells(
+        self, images: torch.Tensor, tokens: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Answer logits ``[B, Q, answers]`` and per-token parse logits
+        ``[B, grid^2, CELL_OUTPUTS]`` from one image pass (training)."""
+        x = self.image.tokens(images)
+        return self.question(tokens, self.image.project(x)), self.cells(x)
 
 
 def param_count(model: nn.Module) -> int:

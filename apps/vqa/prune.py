@@ -21,7 +21,7 @@ import numpy as np
 import torch
 
 from apps.vqa.model import FeedForward, VqaModel
-from apps.vqa.train import Split, accuracy, load_checkpoint, load_split, recalibrate
+from apps.vqa.train import Split, accuracy, load_checkpoint, load_split, objective, recalibrate
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -36,17 +36,16 @@ def ffn_pairs(model: torch.nn.Module) -> list[tuple[str, str]]:
 
 
 def finetune(model: VqaModel, split: Split, steps: int, lr: float, batch: int = 32) -> VqaModel:
-    """A few steps of the training objective (cosine-decayed ``lr``), then BN recalibration."""
+    """A few steps of the training objective (:func:`apps.vqa.train.objective`,
+    cosine-decayed ``lr``), then BN recalibration."""
     opt = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=1e-2)
     gen = torch.Generator().manual_seed(0)
     model.train()
     for step in range(steps):
         idx = torch.randint(0, len(split), (batch,), generator=gen)
-        images, tokens, answers = split.batch(idx)
         for group in opt.param_groups:
             group["lr"] = lr * 0.5 * (1 + np.cos(np.pi * step / max(1, steps)))
-        logits = model(images, tokens)
-        loss = torch.nn.functional.cross_entropy(logits.flatten(0, 1), answers.flatten())
+        loss = objective(model, split, idx)[0]
         opt.zero_grad()
         loss.backward()
         opt.step()

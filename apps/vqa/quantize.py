@@ -74,7 +74,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     model, tok, _ = load_checkpoint(args.checkpoint or args.data / "ckpt" / "last.pt")
     train, test = load_split(args.data / "train.npz", tok), load_split(args.data / "test.npz", tok)
     folded = fold_batchnorm(model)
-    config = QuantConfig(mode=args.mode, observer=args.observer)
+    # The scene-parsing head only trains the image tokens; no stage exports it.
+    config = QuantConfig(mode=args.mode, observer=args.observer, skip=("cells",))
     result: dict[str, Any] = {"mode": args.mode, "observer": args.observer, "qat": args.qat}
     result["float"] = accuracy(folded, test)
     if args.qat:

@@ -28,6 +28,7 @@ import torch
 from tqdm import tqdm
 
 from apps.vqa.model import VqaConfig, VqaModel, param_count
+from apps.vqa.parse import CellTargets, cell_targets, parse_loss
 from apps.vqa.scenes import ANSWERS, TEMPLATES
 from dsstream.tokenizer import WordTokenizer
 
@@ -38,6 +39,7 @@ __all__ = [
     "load_split",
     "recalibrate",
     "accuracy",
+    "objective",
     "load_checkpoint",
     "load_qat_checkpoint",
     "train",
@@ -59,6 +61,10 @@ class Split:
 
     def __len__(self) -> int:
         return len(self.images)
+
+    def cell_targets(self, idx: torch.Tensor | slice, cfg: VqaConfig) -> CellTargets:
+        """Scene-parsing targets of these scenes (:func:`apps.vqa.parse.cell_targets`)."""
+        return cell_targets(self.images[idx], cfg.grid, cfg.stride)
 
     def batch(self, idx: torch.Tensor | slice) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         images = self.images[idx].float() / 255.0
@@ -115,6 +121,27 @@ def load_checkpoint(path: Path) -> tuple[VqaModel, WordTokenizer, dict[str, Any]
     return model.eval(), tok, ckpt
 
 
+def objective(
+    model: VqaModel, split: Split, idx: torch.Tensor, aux: float = 1.0
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, float]:
+    """The training loss on scenes ``idx``: answer cross-entropy plus ``aux`` times
+    the scene-parsing loss (:mod:`apps.vqa.parse`).  Returns the loss, the answer
+    logits ``[B, Q, answers]``, the answers ``[B, Q]`` and the parse head's
+    neighbour-shape accuracy."""
+    images, tokens, answers = split.batch(idx)
+    logits, cells = model.forward_with_cells(images, tokens)
+    loss = torch.nn.functional.cross_entropy(logits.flatten(0, 1), answers.flatten())
+    parse, parsed = parse_loss(cells, split.cell_targets(idx, model.cfg))
+    return loss + aux * parse, logits, answers, float(parsed)
+
+
+def _quant_config() -> Any:
+    from engine.quant import QuantConfig
+
+    # The scene-parsing head (training only, never exported) stays in float.
+    return QuantConfig(skip=("cells",))
+
+
 def _qat_model(model: VqaModel, saved: dict[str, Any] | None, calib: Split | None) -> VqaModel:
     """``model`` (float weights) with BN folded and fake quantizers: restored from a
     QAT checkpoint (``saved``) or calibrated on ``calib``."""
@@ -126,7 +153,7 @@ def _qat_model(model: VqaModel, saved: dict[str, Any] | None, calib: Split | Non
         qmodel.load_state_dict(saved["model"])
         return load_qat_state(qmodel, saved["qat"])
     assert calib is not None
-    qmodel = prepare(fold_batchnorm(model), QuantConfig())
+    qmodel = prepare(fold_batchnorm(model), _quant_config())
     calibrate(
         qmodel, [calib.batch(slice(i, i + 16))[:2] for i in range(0, min(256, len(calib)), 16)]
     )
@@ -174,9 +201,7 @@ def train(args: argparse.Namespace) -> dict[str, Any]:
         model = VqaModel(cfg)
         model.load_state_dict(base["model"])
         model = _qat_model(model, saved, None if resume else train_set)
-        from engine.quant import QuantConfig
-
-        qat_extra = {"quant_config": saved["quant_config"] if saved else QuantConfig().to_dict()}
+        qat_extra = {"quant_config": saved["quant_config"] if saved else _quant_config().to_dict()}
     opt = torch.optim.AdamW(model.parameters(), lr=args.lr, weight_decay=1e-2)
     steps_per_epoch = math.ceil(len(train_set) / args.batch)
     total = steps_per_epoch * args.epochs
@@ -214,18 +239,17 @@ def train(args: argparse.Namespace) -> dict[str, Any]:
                    initial=done_in_epoch, total=steps_per_epoch)  # fmt: skip
         model.train()
         for b in bar:
-            images, tokens, answers = train_set.batch(order[b * args.batch : (b + 1) * args.batch])
             for group in opt.param_groups:
                 group["lr"] = lr_at(state["step"])
-            logits = model(images, tokens)
-            loss = torch.nn.functional.cross_entropy(logits.flatten(0, 1), answers.flatten())
+            batch = order[b * args.batch : (b + 1) * args.batch]
+            loss, logits, answers, parsed = objective(model, train_set, batch, args.aux)
             opt.zero_grad()
             loss.backward()
             torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
             opt.step()
             state["step"] += 1
             acc = float((logits.argmax(-1) == answers).float().mean())
-            bar.set_postfix(loss=f"{loss.item():.3f}", acc=f"{acc:.3f}")
+            bar.set_postfix(loss=f"{loss.item():.3f}", acc=f"{acc:.3f}", relations=f"{parsed:.3f}")
             now = time.monotonic()
             if now - last_ckpt > args.checkpoint_minutes * 60:
                 state["seconds"] += now - last_ckpt
@@ -261,6 +285,12 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     parser.add_argument("--fuser-layers", type=int, default=3)
     parser.add_argument("--image-layers", type=int, default=2)
     parser.add_argument("--gated", action="store_true", help="Flamingo-style tanh gates")
+    parser.add_argument(
+        "--aux",
+        type=float,
+        default=1.0,
+        help="weight of the scene-parsing objective on the image tokens (0: off)",
+    )
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--checkpoint-minutes", type=float, default=5.0)
     parser.add_argument("--max-minutes", type=float, default=0.0)
