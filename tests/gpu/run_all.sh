@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Every GPU test and kernel benchmark, for a machine with a CUDA GPU (the H200
 # some tasks are lent).  Under 8 minutes there: build the CUDA C++ kernels, run
-# the tests marked cuda, then the GPU kernel benchmarks.  Results also go to
+# the tests marked cuda, then the GPU kernel and copy/compute overlap benchmarks.  Results also go to
 # $OUT (when set) as gpu-tests.txt and gpu-bench.txt.
 set -euo pipefail
 cd "$(dirname "$0")/../.."
@@ -16,5 +16,5 @@ mkdir -p "$OUT"
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv | tee "$OUT/gpu.txt"
 "$PY" -m kernels.build | tee "$OUT/build.txt"
 "$PY" -m pytest -q -m cuda tests -p no:cacheprovider 2>&1 | tee "$OUT/gpu-tests.txt"
-"$PY" -m pytest -q tests/bench/bench_kernels_gpu.py -o python_files='bench_*.py' -s \
+"$PY" -m pytest -q tests/bench/bench_kernels_gpu.py tests/bench/bench_overlap_gpu.py -o python_files='bench_*.py' -s \
     -p no:cacheprovider 2>&1 | tee "$OUT/gpu-bench.txt"
