@@ -15,7 +15,7 @@ from dsstream.pipelines.defaults import SAMPLES_DIR, default_registry
 
 VQA = Path(SAMPLES_DIR) / "vqa"
 # Accuracy of the shipped model on the shipped sample questions (samples/vqa/MODEL.md).
-CARD_SAMPLE_ACCURACY = 0.5
+CARD_SAMPLE_ACCURACY = 1.0
 
 pytestmark = pytest.mark.skipif(
     not (VQA / "fuser.ds").exists(), reason="the sample VQA model is not in samples/vqa"
