@@ -125,11 +125,8 @@ def _requests(n, seed=0):
             for _ in range(n)]  # fmt: skip
 
 
-def test_concurrent_requests_are_batched_and_equal_unbatched(per_frame):
-    model, path = per_frame
-    requests = _requests(64)
-    engine = InferenceEngine(path, policy=BatchPolicy(max_batch_size=16, max_queue_delay_ms=20))
-    assert engine.batching
+def _from_threads(engine, requests):
+    """Requests from many threads, then the engine closed (every request answered)."""
     results = [None] * len(requests)
 
     def client(i):
@@ -142,6 +139,15 @@ def test_concurrent_requests_are_batched_and_equal_unbatched(per_frame):
         t.join()
     stats = engine.stats()
     engine.close()
+    return results, stats
+
+
+def test_concurrent_requests_are_batched_and_equal_unbatched(per_frame):
+    model, path = per_frame
+    requests = _requests(64)
+    engine = InferenceEngine(path, policy=BatchPolicy(max_batch_size=16, max_queue_delay_ms=20))
+    assert engine.batching
+    results, stats = _from_threads(engine, requests)
     assert stats["requests"] == 64 and stats["errors"] == 0
     assert max(stats["batch_size_histogram"]) > 1  # really batched
     model64 = PerFrame().double()
@@ -292,23 +298,6 @@ def test_stats_prometheus_and_overlap(per_frame):
     engine.close()
 
 
-def _overlap_run(engine, requests):
-    """Requests from many threads, then the engine closed (every request answered)."""
-    results = [None] * len(requests)
-
-    def client(i):
-        results[i] = engine.infer({"x": requests[i]})["output_0"]
-
-    threads = [threading.Thread(target=client, args=(i,)) for i in range(len(requests))]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join()
-    stats = engine.stats()
-    engine.close()
-    return results, stats
-
-
 @pytest.mark.parametrize("batch", [1, 8])
 def test_the_copy_compute_pipeline_equals_the_plain_engine(per_frame, batch):
     """The two-thread pipeline of enable_overlap, run with the host stager (the
@@ -318,7 +307,7 @@ def test_the_copy_compute_pipeline_equals_the_plain_engine(per_frame, batch):
     model, path = per_frame
     requests = _requests(24, seed=5)
     policy = BatchPolicy(max_batch_size=batch, max_queue_delay_ms=10)
-    plain, _ = _overlap_run(InferenceEngine(path, policy=policy, backend="torch"), requests)
+    plain, _ = _from_threads(InferenceEngine(path, policy=policy, backend="torch"), requests)
     engine = InferenceEngine(path, policy=policy, backend="torch")
     engine._start_overlap(HostStager(), buffer_size=2)
     with pytest.raises(RuntimeError, match="already"):
@@ -326,7 +315,7 @@ def test_the_copy_compute_pipeline_equals_the_plain_engine(per_frame, batch):
     bad = engine.infer_async({"x": np.zeros((1, 5, 3), np.float32)})  # wrong feature size
     with pytest.raises(InputError):
         bad.result(timeout=10)
-    piped, stats = _overlap_run(engine, requests)
+    piped, stats = _from_threads(engine, requests)
     assert stats["overlap"]["active"] and stats["overlap"]["staged_batches"] >= 24 // batch
     assert stats["requests"] == 24 and stats["errors"] == 0
     for a, b in zip(plain, piped):
@@ -342,7 +331,7 @@ def test_overlap_on_cuda(per_frame):
     policy = BatchPolicy(max_batch_size=8, max_queue_delay_ms=10)
     engine = InferenceEngine(path, device="cuda:0", policy=policy)
     assert engine.enable_overlap(buffer_size=3) is True
-    results, stats = _overlap_run(engine, requests)
+    results, stats = _from_threads(engine, requests)
     assert stats["overlap"]["active"] and stats["errors"] == 0
     model64 = PerFrame().double()
     model64.load_state_dict(model.state_dict())
