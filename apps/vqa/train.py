@@ -1,10 +1,13 @@
 """Recipe step 2: train the VQA model on the prepared scenes.
 
-    python -m apps.vqa.train [--data cache/vqa] [--epochs 12] [--max-minutes 0]
+    python -m apps.vqa.train [--data cache/vqa] [--epochs 20] [--max-minutes 0]
 
 Batches hold whole scenes with all their questions, so each image is encoded
-once per step.  A progress bar shows loss and accuracy; a checkpoint is written
-every ``--checkpoint-minutes`` and after each epoch (atomic replace) and a run
+once per step.  The loss is the answers' cross-entropy plus ``--aux`` (default
+1) times the scene-parsing loss on the image tokens (:mod:`apps.vqa.parse`),
+which is what lets the fuser learn to find objects at all.  A progress bar
+shows loss and accuracy; a checkpoint is written every
+``--checkpoint-minutes`` and after each epoch (atomic replace) and a run
 resumes from it; seeds make runs repeatable.
 
 ``--qat`` fine-tunes the trained model (``ckpt/last.pt``, BatchNorm folded into
