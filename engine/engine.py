@@ -133,13 +133,14 @@ class _Request:
 
 @dataclass
 class _Job:
-    """A batch whose inputs are on their way to the device (overlap mode)."""
+    """A formed batch: its inputs assembled (and, in overlap mode, on their way
+    to the device), waiting for the forward pass."""
 
     live: list[_Pending]
     requests: list[_Request]
     rows: list[int]
     model: _Model
-    staged: Staged
+    feeds: list[np.ndarray] | Staged
     started: float
 
 
@@ -456,10 +457,13 @@ class InferenceEngine:
                 self._stats.record_error()
             for batch in decision.batches:
                 pending = [by_id[i] for i in batch]
-                if self._stager is not None:
-                    self._stage(pending, pending[0].model or model)
+                job = self._begin(pending, pending[0].model or model)
+                if job is None:
+                    continue
+                if self._jobs is not None:  # overlap: the compute thread runs it
+                    self._jobs.put(job)  # blocks while buffer_size batches wait
                 else:
-                    self._execute(pending, pending[0].model or model)
+                    self._complete(job)
 
     def _fail(self, live: list[_Pending], exc: BaseException) -> None:
         for p in live:
@@ -474,56 +478,59 @@ class InferenceEngine:
             self._stats.record(started - p.meta.arrival_s, done - started, len(live))
             p.future.set_result(out)
 
-    def _execute(self, batch: list[_Pending], model: _Model) -> None:
+    def _begin(self, batch: list[_Pending], model: _Model) -> _Job | None:
+        """Batching thread: the batch's live requests with their inputs assembled
+        and, in overlap mode, their copy to the device started."""
         started = time.monotonic()
         live = [p for p in batch if p.future.set_running_or_notify_cancel()]
         if not live:
-            return
-        try:
-            outs = self._run([_Request(p.arrays) for p in live], model)
-        except Exception as exc:
-            self._fail(live, exc)
-            return
-        self._finish(live, outs, started)
-
-    def _stage(self, batch: list[_Pending], model: _Model) -> None:
-        """Overlap mode, batching thread: assemble the batch and start its copy,
-        then hand it to the compute thread (blocks while ``buffer_size`` wait)."""
-        assert self._stager is not None and self._jobs is not None
-        started = time.monotonic()
-        live = [p for p in batch if p.future.set_running_or_notify_cancel()]
-        if not live:
-            return
+            return None
         requests = [_Request(p.arrays) for p in live]
         try:
             feeds, rows = self._assemble(requests, model)
-            staged = self._stager.stage(feeds)
+            if self._stager is not None:
+                self._overlap["staged_batches"] += 1
+                return _Job(live, requests, rows, model, self._stager.stage(feeds), started)
         except Exception as exc:
             self._fail(live, exc)
+            return None
+        return _Job(live, requests, rows, model, feeds, started)
+
+    def _complete(self, job: _Job) -> None:
+        """Run a job's forward pass and answer its requests."""
+        try:
+            outs = self._outputs(job.requests, job.rows, job.model, job.feeds)
+        except Exception as exc:
+            self._fail(job.live, exc)
             return
-        self._overlap["staged_batches"] += 1
-        self._jobs.put(_Job(live, requests, rows, model, staged, started))
+        self._finish(job.live, outs, job.started)
 
     def _compute_loop(self) -> None:
-        assert self._stager is not None and self._jobs is not None
+        assert self._jobs is not None
         while (job := self._jobs.get()) is not None:
-            try:
-                tensors = self._stager.ready(job.staged)
-                backend: Any = job.model.backend
-                outputs = backend.run_tensors(tensors, self._stream)
-                outs = self._split(outputs, job.model.manifest.outputs, job.requests, job.rows,
-                                   len(job.requests) > 1)  # fmt: skip
-            except Exception as exc:
-                self._fail(job.live, exc)
-                continue
-            self._finish(job.live, outs, job.started)
+            self._complete(job)
 
     # -- batch assembly ----------------------------------------------------------------
 
     def _run(self, requests: list[_Request], model: _Model) -> list[dict[str, np.ndarray]]:
         """Pad, stack, derive callback inputs, run once, unstack and unpad."""
         feeds, rows = self._assemble(requests, model)
-        outputs = model.backend.run(feeds)
+        return self._outputs(requests, rows, model, feeds)
+
+    def _outputs(
+        self,
+        requests: list[_Request],
+        rows: list[int],
+        model: _Model,
+        feeds: list[np.ndarray] | Staged,
+    ) -> list[dict[str, np.ndarray]]:
+        """The forward pass over assembled (or staged) inputs, split per request."""
+        if isinstance(feeds, Staged):
+            assert self._stager is not None
+            backend: Any = model.backend  # a TorchBackend: enable_overlap checked
+            outputs = backend.run_tensors(self._stager.ready(feeds), self._stream)
+        else:
+            outputs = model.backend.run(feeds)
         return self._split(outputs, model.manifest.outputs, requests, rows, len(requests) > 1)
 
     def _assemble(

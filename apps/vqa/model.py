@@ -23,7 +23,17 @@ from torch import nn
 
 from apps.vqa.parse import CELL_OUTPUTS
 
-__all__ = ["VqaConfig", "ImageStage", "QuestionStage", "VqaModel", "param_count"]
+__all__ = [
+    "VqaConfig",
+    "ImageStage",
+    "QuestionStage",
+    "VqaModel",
+    "TRAINING_HEADS",
+    "param_count",
+]
+
+#: Modules only training uses (never exported); quantization leaves them in float.
+TRAINING_HEADS = ("cells",)
 
 
 @dataclass(frozen=True)

@@ -22,7 +22,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from apps.vqa.model import VqaModel
+from apps.vqa.model import TRAINING_HEADS, VqaModel
 from apps.vqa.train import Split, accuracy, load_checkpoint, load_split
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -74,8 +74,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     model, tok, _ = load_checkpoint(args.checkpoint or args.data / "ckpt" / "last.pt")
     train, test = load_split(args.data / "train.npz", tok), load_split(args.data / "test.npz", tok)
     folded = fold_batchnorm(model)
-    # The scene-parsing head only trains the image tokens; no stage exports it.
-    config = QuantConfig(mode=args.mode, observer=args.observer, skip=("cells",))
+    config = QuantConfig(mode=args.mode, observer=args.observer, skip=TRAINING_HEADS)
     result: dict[str, Any] = {"mode": args.mode, "observer": args.observer, "qat": args.qat}
     result["float"] = accuracy(folded, test)
     if args.qat:

@@ -30,8 +30,8 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from apps.vqa.model import VqaConfig, VqaModel, param_count
-from apps.vqa.parse import CellTargets, cell_targets, parse_loss
+from apps.vqa.model import TRAINING_HEADS, VqaConfig, VqaModel, param_count
+from apps.vqa.parse import cell_targets, parse_loss
 from apps.vqa.scenes import ANSWERS, TEMPLATES
 from dsstream.tokenizer import WordTokenizer
 
@@ -64,10 +64,6 @@ class Split:
 
     def __len__(self) -> int:
         return len(self.images)
-
-    def cell_targets(self, idx: torch.Tensor | slice, cfg: VqaConfig) -> CellTargets:
-        """Scene-parsing targets of these scenes (:func:`apps.vqa.parse.cell_targets`)."""
-        return cell_targets(self.images[idx], cfg.grid, cfg.stride)
 
     def batch(self, idx: torch.Tensor | slice) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         images = self.images[idx].float() / 255.0
@@ -134,15 +130,15 @@ def objective(
     images, tokens, answers = split.batch(idx)
     logits, cells = model.forward_with_cells(images, tokens)
     loss = torch.nn.functional.cross_entropy(logits.flatten(0, 1), answers.flatten())
-    parse, parsed = parse_loss(cells, split.cell_targets(idx, model.cfg))
+    targets = cell_targets(split.images[idx], model.cfg.grid, model.cfg.stride)
+    parse, parsed = parse_loss(cells, targets)
     return loss + aux * parse, logits, answers, float(parsed)
 
 
 def _quant_config() -> Any:
     from engine.quant import QuantConfig
 
-    # The scene-parsing head (training only, never exported) stays in float.
-    return QuantConfig(skip=("cells",))
+    return QuantConfig(skip=TRAINING_HEADS)
 
 
 def _qat_model(model: VqaModel, saved: dict[str, Any] | None, calib: Split | None) -> VqaModel:
