@@ -9,7 +9,7 @@ import pytest
 import soundfile as sf
 
 from apps.asr.lm import SHARED, evaluation_sentences
-from apps.asr.prepare import main, plan, select_sentences
+from apps.asr.prepare import main, plan, plan_releases, select_sentences, sentence_count
 from apps.asr.voices import Voice, catalogue, split_voices
 
 needs_shared = pytest.mark.skipif(not (SHARED / "text").is_dir(), reason="needs ../shared/data")
@@ -32,6 +32,28 @@ def test_whole_voices_are_held_out():
     assert train.isdisjoint(valid) and train | valid == {v.speaker for v in voices}
     assert {s.split("-")[0] for s in valid} == {"espeak", "flite"}  # some of each engine
     assert split_voices(voices, held_out=0.25, seed=1) == (train, valid)
+
+
+def test_a_later_release_keeps_the_earlier_split_and_sentences():
+    first = [Voice("espeak-ng", f"en-us+m{i}", 1.0, 50) for i in range(20)]
+    first += [Voice("festival", "kal_diphone")]
+    second = [Voice("festival", n, release=2) for n in ("ked_diphone", "rab_diphone", "us1")]
+    second += [Voice("pico", n, release=2) for n in ("en-US", "en-GB")]
+    before = split_voices(first, seed=4)
+    train, valid = split_voices(first + second, seed=4)
+    assert valid & {v.speaker for v in first} == before[1]  # release 1 unmoved
+    assert train & {v.speaker for v in first} == before[0]
+    assert "festival-kal_diphone" in train  # a lone release-1 voice still trains
+    assert {s.split("-")[0] for s in valid - before[1]} == {"festival", "pico"}
+    sentences = [f"s {i}" for i in range(sentence_count(0.02) + sentence_count(0.01))]
+    jobs = plan_releases(sentences, ["q"], first + second, [0.02, 0.01], seed=1)
+    alone = plan_releases(sentences, ["q"], first + second, [0.02], seed=1)
+    assert jobs[: len(alone)] == alone  # adding release 2 leaves release 1's jobs as they were
+    ids = [u for u, _, _ in jobs]
+    assert len(set(ids)) == len(ids) == sentence_count(0.02) + sentence_count(0.01) + 2
+    texts = [t for _, t, _ in jobs if t != "q"]
+    assert len(set(texts)) == len(texts)  # no sentence spoken twice
+    assert {v.release for _, t, v in jobs[len(alone) :]} == {2}
 
 
 def test_plan_is_deterministic_and_draws_engines_evenly():
@@ -57,6 +79,34 @@ def test_voice_commands():
         "hi there",
     ]
     assert "duration_stretch=0.833" in Voice("flite", "slt", 1.2).command("x", Path("o"))
+    rh = Voice("rhvoice", "slt", 0.9, 40, release=2).command("x", Path("o.wav"))
+    assert rh == ["RHVoice-test", "-p", "slt", "-r", "90", "-t", "80", "-o", "o.wav"]
+    pico = Voice("pico", "en-GB", 1.1, 50, release=2).command("hello", Path("o.wav"))
+    assert pico[:4] == ["pico2wave", "-l", "en-GB", "-w"]
+    assert pico[-1] == "<speed level='110'><pitch level='100'>hello</pitch></speed>"
+
+
+@pytest.mark.parametrize(
+    "voice",
+    [
+        Voice("rhvoice", "slt", 1.1, 60, 2),
+        Voice("pico", "en-US", 0.9, 40, 2),
+        Voice("festival", "us1_mbrola", 1.0, 50, 2),
+    ],  # fmt: skip
+    ids=lambda v: v.engine,
+)
+def test_release_two_engines_speak(voice, tmp_path):
+    from apps.asr.voices import available_engines
+
+    if voice.engine not in available_engines() or (
+        voice.engine == "festival" and not any(v.name == voice.name for v in catalogue())
+    ):
+        pytest.skip(f"{voice.engine} {voice.name} is not installed")
+    from apps.asr.voices import synthesize
+
+    synthesize(voice, "the letter used should be fine in form", tmp_path / "x.wav")
+    audio, rate = sf.read(str(tmp_path / "x.wav"))
+    assert 1.0 < len(audio) / rate < 6.0 and abs(audio).max() > 0.05
 
 
 @needs_shared
@@ -103,6 +153,7 @@ def test_training_runs_is_seeded_and_resumes(tmp_path):
         assert {"cer_greedy", "wer_greedy", "cer_lm", "wer_lm"} <= set(report[part])
     valid = [json.loads(x) for x in (tmp_path / "valid.jsonl").read_text().splitlines()]
     assert set(report["per_voice"]) == {r["speaker"] for r in valid}
+    assert set(report["per_release"]) == {"1"}  # --hours 0.01: release 1 only
     assert (tmp_path / "eval.json").is_file()
     artifact = export_main(["--data", str(tmp_path), "--out", str(tmp_path / "model.ds")])
     assert artifact.is_file()

@@ -36,6 +36,22 @@ def _score_row(name: str, scores: dict) -> str:
     return f"| {name} | " + " | ".join(cells) + " |"
 
 
+RELEASE_NAMES = {
+    "1": "espeak-ng variants, flite, festival kal",
+    "2": "festival diphone/MBROLA/HTS, RHVoice, SVOX Pico",
+}
+
+
+def _by_release(rows: list[dict]) -> str:
+    parts = []
+    for release in sorted({str(r.get("release", 1)) for r in rows}):
+        mine = [r for r in rows if str(r.get("release", 1)) == release]
+        parts.append(f"release {release} ({RELEASE_NAMES.get(release, '?')}): {len(mine)} "
+                     f"utterances, {_hours(mine):.1f} h, {len({r['speaker'] for r in mine})} "
+                     f"voices")  # fmt: skip
+    return "; ".join(parts)
+
+
 def main(argv: list[str] | None = None) -> Path:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--data", type=Path, default=ROOT / "cache" / "asr")
@@ -88,6 +104,11 @@ tensor from min/max over {q.get("calibration", 256)} training utterances.
 |---|---:|---:|---:|---:|
 {table}
 """
+    release_rows = "".join(
+        _score_row(f"held-out voices, release {r} ({sc['n']} utt.)", sc) + "\n"
+        for r, sc in report.get("per_release", {}).items()
+        if len(report.get("per_release", {})) > 1
+    )
     history = "\n".join(
         f"| {h['epoch']} | {h['step']} | {h['loss']:.3f} | {_pct(h['valid_cer'])} |"
         for h in state["history"]
@@ -112,10 +133,11 @@ synthesized speech only. Made by `python -m apps.asr.prepare`,
 ## Data
 
 - Train: {len(train)} utterances, {_hours(train):.1f} h, {len({r["speaker"] for r in train})} voices
-  (espeak-ng variants, flite, festival; rate and pitch varied) with speed, gain,
+  ({_by_release(train)}; rate and pitch varied) with speed, gain,
   noise, babble, reverberation, telephone-band and SpecAugment augmentation.
 - Held-out voices (validation): {len(valid)} utterances, {_hours(valid):.1f} h,
-  {len({r["speaker"] for r in valid})} voices never seen in training.
+  {len({r["speaker"] for r in valid})} voices never seen in training
+  ({_by_release(valid)}).
 
 ## Training
 
@@ -130,7 +152,7 @@ synthesized speech only. Made by `python -m apps.asr.prepare`,
 | set | CER greedy | WER greedy | CER with LM | WER with LM |
 |---|---:|---:|---:|---:|
 {_score_row(f"held-out voices ({held['n']} utt.)", held)}
-{_score_row(f"LJ001 real speech ({lj.get('n', 0)} clips)", lj)}
+{release_rows}{_score_row(f"LJ001 real speech ({lj.get('n', 0)} clips)", lj)}
 
 The LM is `lm.arpa` (see LM.md), beam 32, alpha 0.5, beta 1.0. For reference,
 CMU pocketsphinx with its 27 MB LM gets 27.7% WER on a sample of LJ Speech.

@@ -2,9 +2,9 @@
 
     python -m apps.asr.evaluate [--data cache/asr] [--lm samples/asr/lm.arpa]
 
-CER and WER, greedy and with the LM (beam search + KenLM), per held-out voice,
-and on the real speech of ../shared/data/speech/lj001.  Writes
-``<data>/eval.json``.
+CER and WER, greedy and with the LM (beam search + KenLM), per held-out voice
+and per voice release (apps.asr.voices), and on the real speech of
+../shared/data/speech/lj001.  Writes ``<data>/eval.json``.
 """
 
 from __future__ import annotations
@@ -73,13 +73,18 @@ def evaluate(
         decoder = CTCDecoder(beam_width=beam, language_model=lm, alpha=alpha, beta=beta)
     rows = read_manifest(data / "valid.jsonl")[:limit]
     by_voice: dict[str, list[int]] = defaultdict(list)
+    by_release: dict[str, list[int]] = defaultdict(list)
     for i, row in enumerate(rows):
         by_voice[row["speaker"]].append(i)
+        by_release[str(row.get("release", 1))].append(i)
     mats = [_logp(model, fbank, load_wave(r["path"])) for r in rows]
     refs = [r["text"] for r in rows]
-    report: dict[str, Any] = {"held_out_voices": score(refs, mats, decoder), "per_voice": {}}
-    for voice, idx in sorted(by_voice.items()):
-        report["per_voice"][voice] = score([refs[i] for i in idx], [mats[i] for i in idx], decoder)
+    report: dict[str, Any] = {"held_out_voices": score(refs, mats, decoder)}
+    for key, groups in (("per_release", by_release), ("per_voice", by_voice)):
+        report[key] = {
+            name: score([refs[i] for i in idx], [mats[i] for i in idx], decoder)
+            for name, idx in sorted(groups.items())
+        }
     if (SHARED / "speech" / "lj001").is_dir() and lj_limit:
         pairs = lj_set(lj_limit)
         lj_mats = [_logp(model, fbank, load_wave(p)) for p, _ in pairs]
@@ -101,9 +106,12 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     report = evaluate(model, Fbank(fbank_cfg), args.data, args.lm, args.beam, args.alpha,
                       args.beta, args.limit, args.lj_limit)  # fmt: skip
     (args.data / "eval.json").write_text(json.dumps(report, indent=2))
-    held = report["held_out_voices"]
-    print(f"held-out voices: CER {held['cer_greedy']:.2%} greedy"
-          + (f", WER {held['wer_lm']:.2%} with LM" if "wer_lm" in held else ""))  # fmt: skip
+    for name, held in [
+        ("", report["held_out_voices"]),
+        *((f" (release {r})", s) for r, s in report["per_release"].items()),
+    ]:
+        print(f"held-out voices{name}: CER {held['cer_greedy']:.2%} greedy"
+              + (f", WER {held['wer_lm']:.2%} with LM" if "wer_lm" in held else ""))  # fmt: skip
     if "lj001" in report:
         lj = report["lj001"]
         print(f"LJ001 real speech: WER {lj['wer_greedy']:.2%} greedy"

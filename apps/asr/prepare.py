@@ -1,11 +1,15 @@
 """Recipe step 1: sentences and synthesized speech for the sample ASR model.
 
-    python -m apps.asr.prepare [--hours 10] [--workers 2] [--out cache/asr]
+    python -m apps.asr.prepare [--hours 10 6] [--workers 2] [--out cache/asr]
 
 Sentences come from ../shared/data/text (never from the evaluation speech),
 normalized to the model's vocabulary; each is spoken by a seeded choice among
-the installed voices (espeak-ng voices and variants, flite, festival) at a
-seeded rate and pitch.  Whole voices are held out for validation.  Audio is
+the installed voices at a seeded rate and pitch.  The voices come in releases
+(apps.asr.voices): release 1 is espeak-ng's voices and variants, flite and
+festival's kal; release 2 the more natural festival diphone, MBROLA and HTS
+voices, RHVoice and SVOX Pico.  ``--hours`` gives each release's hours of
+speech, in order, with its own sentences, none spoken twice.  Whole voices
+are held out for validation.  Audio is
 resampled to 16 kHz mono FLAC under ``<out>/audio``; ``<out>/train.jsonl``
 and ``<out>/valid.jsonl`` list id, path, text, voice and duration.  Reruns
 skip what exists, so an interrupted run resumes.  Augmentation happens at
@@ -51,22 +55,54 @@ def select_sentences(shared: Path, count: int, seed: int, min_words: int = 3,
     return sentences[:count]
 
 
-def plan(sentences: list[str], voices: list[Voice], seed: int) -> list[tuple[str, str, Voice]]:
+def plan(
+    sentences: list[str], voices: list[Voice], seed: int, first: int = 0, by: str = "engine"
+) -> list[tuple[str, str, Voice]]:
     """(utterance id, text, voice) for every sentence, deterministically.
 
-    The engine is drawn first, uniformly, then a voice of it: espeak-ng has
-    hundreds of voice variants, flite and festival a handful of more natural
-    voices, and real speech is closer to the latter.
+    ``by="engine"`` draws the engine first, uniformly, then a voice of it:
+    espeak-ng has hundreds of voice variants, flite and festival a handful of
+    more natural voices, and real speech is closer to the latter.
+    ``by="speaker"`` draws a speaker uniformly (release 2, where every voice
+    is a natural one and an engine may have only two).  Ids count from ``first``.
     """
-    rng = random.Random(seed + 1)
-    by_engine: dict[str, list[Voice]] = {}
+    rng = random.Random(seed + 1 + first)
+    groups: dict[str, list[Voice]] = {}
     for v in voices:
-        by_engine.setdefault(v.engine, []).append(v)
-    engines = sorted(by_engine)
+        groups.setdefault(v.engine if by == "engine" else v.speaker, []).append(v)
+    keys = sorted(groups)
     return [
-        (f"u{i:07d}", text, rng.choice(by_engine[rng.choice(engines)]))
+        (f"u{first + i:07d}", text, rng.choice(groups[rng.choice(keys)]))
         for i, text in enumerate(sentences)
     ]
+
+
+DRAW_BY = {1: "engine", 2: "speaker"}  # release -> how plan() draws its voices
+
+
+def plan_releases(
+    sentences: list[str], extra: list[str], voices: list[Voice], hours: list[float], seed: int
+) -> list[tuple[str, str, Voice]]:
+    """Jobs of every release with hours: release r speaks its slice of ``sentences``
+    (release 1's first, each release's count from its hours) followed by ``extra``
+    (the VQA templates), its ids continuing after the previous release's."""
+    jobs: list[tuple[str, str, Voice]] = []
+    start = 0
+    for release, h in enumerate(hours, start=1):
+        mine = [v for v in voices if v.release == release]
+        count = sentence_count(h)
+        if not mine or count == 0:
+            start += count
+            continue
+        texts = sentences[start : start + count] + extra
+        jobs += plan(texts, mine, seed, first=len(jobs), by=DRAW_BY.get(release, "speaker"))
+        start += count
+    return jobs
+
+
+def sentence_count(hours: float) -> int:
+    mean_words = 11.0
+    return int(hours * 3600 * WORDS_PER_SECOND / mean_words)
 
 
 def _render(job: tuple[str, str, Voice, str]) -> dict | None:
@@ -94,12 +130,15 @@ def _render(job: tuple[str, str, Voice, str]) -> dict | None:
         sf.write(str(out), (audio / max(peak, 1.0)).numpy(), RATE, subtype="PCM_16")
     info = __import__("soundfile").info(str(out))
     return {"id": uid, "path": str(out), "text": text, "voice": voice.id,
-            "speaker": voice.speaker, "duration": round(info.duration, 3)}  # fmt: skip
+            "speaker": voice.speaker, "release": voice.release,
+            "duration": round(info.duration, 3)}  # fmt: skip
 
 
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--hours", type=float, default=10.0, help="target hours of speech")
+    parser.add_argument("--hours", type=float, nargs="+", default=[10.0, 6.0],
+                        help="hours of speech per voice release, in order (a release "
+                             "without hours is left out)")  # fmt: skip
     parser.add_argument("--workers", type=int, default=2)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--out", type=Path, default=ROOT / "cache" / "asr")
@@ -113,13 +152,14 @@ def main(argv: list[str] | None = None) -> None:
 
     voices = catalogue(args.seed)
     if not voices:
-        raise SystemExit("no synthesizer found: apt-get install espeak-ng flite festival")
+        raise SystemExit(
+            "no synthesizer found: apt-get install espeak-ng flite festival (see docs/asr.md)"
+        )
     train_speakers, valid_speakers = split_voices(voices, seed=args.seed)
-    mean_words = 11.0
-    count = int(args.hours * 3600 * WORDS_PER_SECOND / mean_words)
-    sentences = select_sentences(args.shared, count, args.seed)
-    sentences += [t for t in all_template_texts() for _ in range(args.templates)]
-    jobs = [(u, t, v, str(args.out / "audio")) for u, t, v in plan(sentences, voices, args.seed)]
+    sentences = select_sentences(args.shared, sum(map(sentence_count, args.hours)), args.seed)
+    templates = [t for t in all_template_texts() for _ in range(args.templates)]
+    planned = plan_releases(sentences, templates, voices, args.hours, args.seed)
+    jobs = [(u, t, v, str(args.out / "audio")) for u, t, v in planned]
     print(f"{len(voices)} voice settings of {len(train_speakers) + len(valid_speakers)} voices "
           f"({len(valid_speakers)} held out); {len(jobs)} utterances")  # fmt: skip
     rows = []

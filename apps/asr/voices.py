@@ -26,6 +26,15 @@ ESPEAK_VARIANTS = ["m1", "m2", "m3", "m4", "m5", "m6", "m7", "f1", "f2", "f3", "
                    "grandpa"]  # fmt: skip
 FLITE_VOICES = ["kal", "kal16", "awb", "rms", "slt"]
 FESTIVAL_VOICES = ["kal_diphone"]
+# Release 2: more natural voices (diphone, MBROLA, HTS and SVOX Pico), from
+# festvox-*, mbrola-*, rhvoice-english and (Debian non-free) libttspico-utils.
+# A later release never moves a voice of an earlier one between training and
+# validation (see split_voices), so a model trained on release 1 can go on.
+FESTIVAL_VOICES_2 = ["ked_diphone", "rab_diphone", "don_diphone", "us1_mbrola", "us2_mbrola",
+                     "us3_mbrola", "en1_mbrola", "cmu_us_slt_arctic_hts"]  # fmt: skip
+RHVOICE_VOICES = ["alan", "bdl", "clb", "slt", "evgeniy-eng"]
+PICO_VOICES = ["en-US", "en-GB"]
+FIXED_RATE = {"cmu_us_slt_arctic_hts"}  # festival's HTS engine ignores Duration_Stretch
 
 
 class SynthesisError(RuntimeError):
@@ -37,7 +46,8 @@ class Voice:
     engine: str  # "espeak-ng", "flite" or "festival"
     name: str  # engine voice (espeak: base+variant)
     rate: float = 1.0  # speaking rate factor
-    pitch: int = 50  # espeak pitch 0-99 (others: unused)
+    pitch: int = 50  # 0-99, 50 is the voice's own (espeak-ng, RHVoice, Pico; others: unused)
+    release: int = 1  # the catalogue release that added the voice (see split_voices)
 
     @property
     def id(self) -> str:
@@ -61,6 +71,13 @@ class Voice:
             stretch = f"{1.0 / self.rate:.3f}"
             scheme = f"(voice_{self.name}) (Parameter.set 'Duration_Stretch {stretch})"
             return ["text2wave", "-o", str(out), "-eval", scheme]
+        if self.engine == "rhvoice":  # text on stdin; rate and pitch in percent
+            return ["RHVoice-test", "-p", self.name, "-r", str(int(round(100 * self.rate))),
+                    "-t", str(2 * self.pitch), "-o", str(out)]  # fmt: skip
+        if self.engine == "pico":  # rate and pitch as Pico markup, in percent
+            markup = (f"<speed level='{int(round(100 * self.rate))}'>"
+                      f"<pitch level='{2 * self.pitch}'>{text}</pitch></speed>")  # fmt: skip
+            return ["pico2wave", "-l", self.name, "-w", str(out), markup]
         raise SynthesisError(f"unknown engine {self.engine!r}")
 
 
@@ -70,43 +87,64 @@ def available_engines() -> list[str]:
         ("espeak-ng", "espeak-ng"),
         ("flite", "flite"),
         ("festival", "text2wave"),
+        ("rhvoice", "RHVoice-test"),
+        ("pico", "pico2wave"),
     ):
         if shutil.which(binary):
             found.append(engine)
     return found
 
 
+def _festival_voice_installed(name: str) -> bool:
+    return any(Path("/usr/share/festival/voices").glob(f"*/{name}"))
+
+
 def catalogue(seed: int = 0, settings_per_voice: int = 3) -> list[Voice]:
-    """Every voice of the installed engines, each at a few seeded rate/pitch settings."""
+    """Every voice of the installed engines, each at a few seeded rate/pitch settings.
+
+    Release 1 comes first and draws its settings first, so installing the
+    engines of release 2 leaves release 1's voices and settings unchanged.
+    """
     rng = random.Random(seed)
     engines = available_engines()
-    names: list[tuple[str, str]] = []
+    names: list[tuple[str, str, int]] = []
     if "espeak-ng" in engines:
-        names += [("espeak-ng", f"{b}+{v}") for b in ESPEAK_BASES for v in ESPEAK_VARIANTS]
+        names += [("espeak-ng", f"{b}+{v}", 1) for b in ESPEAK_BASES for v in ESPEAK_VARIANTS]
     if "flite" in engines:
-        names += [("flite", v) for v in FLITE_VOICES]
+        names += [("flite", v, 1) for v in FLITE_VOICES]
     if "festival" in engines:
-        names += [("festival", v) for v in FESTIVAL_VOICES]
+        names += [("festival", v, 1) for v in FESTIVAL_VOICES]
+        names += [("festival", v, 2) for v in FESTIVAL_VOICES_2 if _festival_voice_installed(v)]
+    if "rhvoice" in engines:
+        names += [("rhvoice", v, 2) for v in RHVOICE_VOICES]
+    if "pico" in engines:
+        names += [("pico", v, 2) for v in PICO_VOICES]
     voices = []
-    for engine, name in names:
+    for engine, name, release in names:
         for _ in range(settings_per_voice if engine == "espeak-ng" else settings_per_voice * 4):
-            voices.append(Voice(engine, name, round(rng.uniform(0.8, 1.25), 2),
-                                rng.randint(25, 75)))  # fmt: skip
+            rate, pitch = round(rng.uniform(0.8, 1.25), 2), rng.randint(25, 75)
+            if name in FIXED_RATE:
+                rate = 1.0
+            voices.append(Voice(engine, name, rate, pitch, release))
     return voices
 
 
 def split_voices(
     voices: list[Voice], held_out: float = 0.1, seed: int = 0
 ) -> tuple[set[str], set[str]]:
-    """(training speakers, validation speakers): whole speakers held out, per engine."""
+    """(training speakers, validation speakers): whole speakers held out, per engine.
+
+    Each (release, engine) group is split on its own, in catalogue order, so a
+    later release adds held-out voices without moving an earlier release's.
+    """
     rng = random.Random(seed)
     train, valid = set(), set()
-    by_engine: dict[str, list[str]] = {}
+    by_group: dict[tuple[int, str], list[str]] = {}
     for v in voices:
-        by_engine.setdefault(v.engine, [])
-        if v.speaker not in by_engine[v.engine]:
-            by_engine[v.engine].append(v.speaker)
-    for speakers in by_engine.values():
+        group = by_group.setdefault((v.release, v.engine), [])
+        if v.speaker not in group:
+            group.append(v.speaker)
+    for speakers in by_group.values():
         speakers = sorted(speakers)
         rng.shuffle(speakers)
         k = max(1, round(len(speakers) * held_out)) if len(speakers) > 1 else 0
@@ -120,7 +158,8 @@ def synthesize(voice: Voice, text: str, out: Path, timeout_s: float = 60) -> Non
     cmd = voice.command(text, out)
     try:
         result = subprocess.run(
-            cmd, input=text if voice.engine == "festival" else None, capture_output=True,
+            cmd, input=text if voice.engine in ("festival", "rhvoice") else None,
+            capture_output=True,
             text=True, timeout=timeout_s,
         )  # fmt: skip
     except FileNotFoundError:
