@@ -153,7 +153,9 @@ def test_training_runs_is_seeded_and_resumes(tmp_path):
         assert {"cer_greedy", "wer_greedy", "cer_lm", "wer_lm"} <= set(report[part])
     valid = [json.loads(x) for x in (tmp_path / "valid.jsonl").read_text().splitlines()]
     assert set(report["per_voice"]) == {r["speaker"] for r in valid}
-    assert set(report["per_release"]) == {"1"}  # --hours 0.01: release 1 only
+    assert set(report["per_release"]) == {str(r["release"]) for r in valid}
+    train_rows = [json.loads(x) for x in (tmp_path / "train.jsonl").read_text().splitlines()]
+    assert {r["release"] for r in train_rows + valid} == {1}  # --hours 0.01: release 1 only
     assert (tmp_path / "eval.json").is_file()
     artifact = export_main(["--data", str(tmp_path), "--out", str(tmp_path / "model.ds")])
     assert artifact.is_file()
