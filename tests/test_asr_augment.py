@@ -1,0 +1,112 @@
+"""Training-time augmentation: each transform against a plain reference or the
+property it must have, and the whole chain seeded and bounded."""
+
+import numpy as np
+import pytest
+import torch
+
+from apps.asr import augment
+from apps.asr.augment import (
+    AugmentConfig,
+    augment_wave,
+    coloured_noise,
+    reverb,
+    spec_augment,
+    telephone,
+)
+
+RATE = 16000
+
+
+def _sine(freq: float, seconds: float = 1.0) -> np.ndarray:
+    t = np.arange(int(seconds * RATE)) / RATE
+    return (0.5 * np.sin(2 * np.pi * freq * t)).astype(np.float32)
+
+
+def _band_power(x: np.ndarray, lo: float, hi: float) -> float:
+    spec = np.abs(np.fft.rfft(x)) ** 2
+    f = np.fft.rfftfreq(len(x), 1 / RATE)
+    return float(spec[(f >= lo) & (f < hi)].mean())
+
+
+def test_all_is_exported():
+    assert set(augment.__all__) == {
+        "AugmentConfig", "augment_wave", "coloured_noise", "reverb", "spec_augment", "telephone",
+    }  # fmt: skip
+
+
+@pytest.mark.parametrize("n", [1, 7, 4096, 50_001])
+def test_fft_convolution_equals_direct_convolution(n):
+    rng = np.random.default_rng(n)
+    x, h = rng.standard_normal(n), rng.standard_normal(2400)
+    np.testing.assert_allclose(augment._convolve(x, h), np.convolve(x, h)[:n], atol=1e-9)
+
+
+def test_reverb_is_the_decaying_response_applied():
+    wave = np.random.default_rng(0).standard_normal(RATE).astype(np.float32) * 0.1
+    out = reverb(wave, 0.3, np.random.default_rng(1))
+    rng = np.random.default_rng(1)  # the same draws, convolved directly
+    t = np.arange(int(0.3 * RATE)) / RATE
+    ir = rng.standard_normal(len(t)) * np.exp(-6.9 * t / 0.3)
+    ir[0] = 1.0
+    ref = np.convolve(wave, ir / np.sqrt(np.sum(ir**2)))[: len(wave)]
+    assert out.dtype == np.float32 and out.shape == wave.shape
+    np.testing.assert_allclose(out, ref, atol=1e-5)
+
+
+@pytest.mark.parametrize("alpha", [0.0, 1.0, 2.0])
+def test_coloured_noise_has_its_spectral_slope(alpha):
+    noise = coloured_noise(4 * RATE + 123, alpha, np.random.default_rng(2))
+    assert noise.shape == (4 * RATE + 123,) and abs(noise.std() - 1.0) < 1e-3
+    # One octave up, the power per hertz falls by 2**alpha (0, 3 or 6 dB).
+    ratio = _band_power(noise, 1000, 2000) / _band_power(noise, 2000, 4000)
+    assert ratio == pytest.approx(2**alpha, rel=0.15)
+
+
+def test_telephone_keeps_the_voice_band_and_removes_the_rest():
+    low, high = _sine(1000), _sine(6000)
+    assert _band_power(telephone(low), 900, 1100) == pytest.approx(
+        _band_power(low, 900, 1100), rel=0.1
+    )
+    assert _band_power(telephone(high), 5900, 6100) < 1e-3 * _band_power(high, 5900, 6100)
+    assert telephone(low).shape == low.shape
+
+
+def test_nothing_configured_leaves_the_wave_alone():
+    wave = _sine(440) * 0.5
+    cfg = AugmentConfig(speed=(1.0,), gain_db=(0.0, 0.0), noise_prob=0.0, reverb_prob=0.0,
+                        telephone_prob=0.0)  # fmt: skip
+    np.testing.assert_array_equal(augment_wave(wave, np.random.default_rng(0), cfg, []), wave)
+
+
+def test_speed_perturbation_changes_the_duration():
+    cfg = AugmentConfig(speed=(1.1,), gain_db=(0.0, 0.0), noise_prob=0.0, reverb_prob=0.0,
+                        telephone_prob=0.0)  # fmt: skip
+    out = augment_wave(_sine(440), np.random.default_rng(0), cfg, [])
+    assert len(out) == pytest.approx(RATE / 1.1, abs=2)
+
+
+def test_the_chain_is_seeded_bounded_and_varied():
+    cfg = AugmentConfig(noise_prob=1.0, reverb_prob=1.0, telephone_prob=0.5, gain_db=(0.0, 20.0))
+    wave = _sine(300, 2.0)
+    babble = [_sine(f, 3.0) for f in (200, 500, 700)]
+    outs = [augment_wave(wave, np.random.default_rng(s), cfg, babble) for s in range(8)]
+    again = augment_wave(wave, np.random.default_rng(3), cfg, babble)
+    np.testing.assert_array_equal(outs[3], again)
+    for out in outs:
+        assert out.dtype == np.float32 and np.isfinite(out).all() and np.abs(out).max() <= 1.0
+    assert len({round(float(np.abs(o).sum()), 3) for o in outs}) == len(outs)
+
+
+def test_spec_augment_masks_bands_and_spans_only():
+    feats = torch.randn(200, 80) + 5.0  # no zero before masking
+    cfg = AugmentConfig(freq_masks=2, freq_width=12, time_masks=2, time_width=0.05)
+    out = spec_augment(feats, np.random.default_rng(4), cfg)
+    assert (feats != 0).all()  # the input is not modified
+    zero = out == 0
+    full_cols, full_rows = zero.all(dim=0), zero.all(dim=1)
+    assert full_cols.sum() <= 2 * 12 and full_rows.sum() <= 2 * int(0.05 * 200)
+    # Every zero lies in a fully masked band or span; everything else is kept.
+    assert (zero == (full_cols[None, :] | full_rows[:, None])).all()
+    keep = ~zero
+    assert torch.equal(out[keep], feats[keep])
