@@ -9,7 +9,15 @@ import pytest
 import soundfile as sf
 
 from apps.asr.lm import SHARED, evaluation_sentences
-from apps.asr.prepare import main, plan, plan_releases, select_sentences, sentence_count
+from apps.asr.prepare import (
+    _render,
+    main,
+    plan,
+    plan_releases,
+    rendered_text,
+    select_sentences,
+    sentence_count,
+)
 from apps.asr.voices import Voice, catalogue, split_voices
 
 needs_shared = pytest.mark.skipif(not (SHARED / "text").is_dir(), reason="needs ../shared/data")
@@ -124,7 +132,25 @@ def test_tiny_synthesis_run(tmp_path):
     stamp = Path(rows[0]["path"]).stat().st_mtime_ns
     main(["--hours", "0.01", "--workers", "1", "--templates", "0", "--out", str(tmp_path)])
     assert Path(rows[0]["path"]).stat().st_mtime_ns == stamp
+    assert rendered_text(Path(rows[0]["path"])) == rows[0]["text"]
     assert catalogue()  # the installed engines give voices
+
+
+@pytest.mark.skipif(not shutil.which("espeak-ng"), reason="espeak-ng is not installed")
+def test_a_file_is_reused_only_for_its_own_sentence(tmp_path):
+    voice = Voice("espeak-ng", "en-us+m1")
+    first = _render(("u0000001", "hello there my friend", voice, str(tmp_path)))
+    path = Path(first["path"])
+    stamp = path.stat().st_mtime_ns
+    assert _render(("u0000001", "hello there my friend", voice, str(tmp_path))) == first
+    assert path.stat().st_mtime_ns == stamp  # same sentence: reused
+    other = _render(("u0000001", "a different and longer sentence now", voice, str(tmp_path)))
+    assert other["path"] == first["path"] and other["duration"] > first["duration"]
+    assert rendered_text(path) == "a different and longer sentence now"
+    path.write_bytes(b"not audio")  # unreadable: made again
+    assert rendered_text(path) is None
+    again = _render(("u0000001", "hello there my friend", voice, str(tmp_path)))
+    assert again == first and not list(tmp_path.rglob("*.part"))
 
 
 @needs_shared

@@ -79,7 +79,7 @@ def evaluate(
         by_release[str(row.get("release", 1))].append(i)
     mats = [_logp(model, fbank, load_wave(r["path"])) for r in rows]
     refs = [r["text"] for r in rows]
-    report: dict[str, Any] = {"held_out_voices": score(refs, mats, decoder)}
+    report: dict[str, Any] = {"held_out_voices": score(refs, mats, decoder)} if rows else {}
     for key, groups in (("per_release", by_release), ("per_voice", by_voice)):
         report[key] = {
             name: score([refs[i] for i in idx], [mats[i] for i in idx], decoder)
@@ -101,15 +101,15 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     parser.add_argument("--beta", type=float, default=1.0)
     parser.add_argument("--limit", type=int, default=2000, help="validation utterances")
     parser.add_argument("--lj-limit", type=int, default=186, help="LJ001 clips")
+    parser.add_argument("--checkpoint", type=Path, help="default: <data>/ckpt/last.pt")
+    parser.add_argument("--report", type=Path, help="default: <data>/eval.json")
     args = parser.parse_args(argv)
-    model, fbank_cfg, _ = load_checkpoint(args.data / "ckpt" / "last.pt")
+    model, fbank_cfg, _ = load_checkpoint(args.checkpoint or args.data / "ckpt" / "last.pt")
     report = evaluate(model, Fbank(fbank_cfg), args.data, args.lm, args.beam, args.alpha,
                       args.beta, args.limit, args.lj_limit)  # fmt: skip
-    (args.data / "eval.json").write_text(json.dumps(report, indent=2))
-    for name, held in [
-        ("", report["held_out_voices"]),
-        *((f" (release {r})", s) for r, s in report["per_release"].items()),
-    ]:
+    (args.report or args.data / "eval.json").write_text(json.dumps(report, indent=2))
+    held_out = [("", report["held_out_voices"])] if "held_out_voices" in report else []
+    for name, held in held_out + [(f" (release {r})", s) for r, s in report["per_release"].items()]:
         print(f"held-out voices{name}: CER {held['cer_greedy']:.2%} greedy"
               + (f", WER {held['wer_lm']:.2%} with LM" if "wer_lm" in held else ""))  # fmt: skip
     if "lj001" in report:

@@ -1,6 +1,6 @@
 """Recipe step 1: sentences and synthesized speech for the sample ASR model.
 
-    python -m apps.asr.prepare [--hours 10 6] [--workers 2] [--out cache/asr]
+    python -m apps.asr.prepare [--hours 10 12] [--workers 2] [--out cache/asr]
 
 Sentences come from ../shared/data/text (never from the evaluation speech),
 normalized to the model's vocabulary; each is spoken by a seeded choice among
@@ -12,7 +12,8 @@ speech, in order, with its own sentences, none spoken twice.  Whole voices
 are held out for validation.  Audio is
 resampled to 16 kHz mono FLAC under ``<out>/audio``; ``<out>/train.jsonl``
 and ``<out>/valid.jsonl`` list id, path, text, voice and duration.  Reruns
-skip what exists, so an interrupted run resumes.  Augmentation happens at
+reuse a file made from the same sentence (stored in its FLAC comment), so an
+interrupted run resumes.  Augmentation happens at
 training time.
 
 The spoken forms of the VQA question templates (every paraphrase with every
@@ -105,6 +106,18 @@ def sentence_count(hours: float) -> int:
     return int(hours * 3600 * WORDS_PER_SECOND / mean_words)
 
 
+def rendered_text(path: Path) -> str | None:
+    """The sentence a rendered file was made from (its FLAC comment), or None when
+    the file is missing or unreadable.  (Files are written whole: see _render.)"""
+    import soundfile as sf
+
+    try:
+        with sf.SoundFile(str(path)) as f:
+            return f.comment
+    except (RuntimeError, sf.LibsndfileError):
+        return None
+
+
 def _render(job: tuple[str, str, Voice, str]) -> dict | None:
     uid, text, voice, out_dir = job
     import soundfile as sf
@@ -112,7 +125,9 @@ def _render(job: tuple[str, str, Voice, str]) -> dict | None:
     import torchaudio
 
     out = Path(out_dir) / voice.speaker.replace("+", "_") / f"{uid}.flac"
-    if not out.is_file():
+    # Reuse only a file made from this very sentence: ids follow plan order, so a
+    # rerun with other hours may give an id to another text.
+    if rendered_text(out) != text:
         out.parent.mkdir(parents=True, exist_ok=True)
         with tempfile.TemporaryDirectory() as tmp:
             wav = Path(tmp) / "x.wav"
@@ -127,8 +142,12 @@ def _render(job: tuple[str, str, Voice, str]) -> dict | None:
         peak = float(audio.abs().max())
         if peak < 1e-4:
             return None  # silence: the synthesizer skipped the text
-        sf.write(str(out), (audio / max(peak, 1.0)).numpy(), RATE, subtype="PCM_16")
-    info = __import__("soundfile").info(str(out))
+        part = out.with_suffix(".part")
+        with sf.SoundFile(str(part), "w", RATE, 1, "PCM_16", format="FLAC") as f:
+            f.comment = text
+            f.write((audio / max(peak, 1.0)).numpy())
+        part.replace(out)  # whole files only, even if the run is interrupted
+    info = sf.info(str(out))
     return {"id": uid, "path": str(out), "text": text, "voice": voice.id,
             "speaker": voice.speaker, "release": voice.release,
             "duration": round(info.duration, 3)}  # fmt: skip
@@ -136,7 +155,7 @@ def _render(job: tuple[str, str, Voice, str]) -> dict | None:
 
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--hours", type=float, nargs="+", default=[10.0, 6.0],
+    parser.add_argument("--hours", type=float, nargs="+", default=[10.0, 12.0],
                         help="hours of speech per voice release, in order (a release "
                              "without hours is left out)")  # fmt: skip
     parser.add_argument("--workers", type=int, default=2)
