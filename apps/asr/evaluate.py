@@ -99,7 +99,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     parser.add_argument("--beam", type=int, default=32)
     parser.add_argument("--alpha", type=float, default=0.5)
     parser.add_argument("--beta", type=float, default=1.0)
-    parser.add_argument("--limit", type=int, default=2000, help="validation utterances")
+    parser.add_argument("--limit", type=int, default=5000, help="validation utterances")
     parser.add_argument("--lj-limit", type=int, default=186, help="LJ001 clips")
     parser.add_argument("--checkpoint", type=Path, help="default: <data>/ckpt/last.pt")
     parser.add_argument("--report", type=Path, help="default: <data>/eval.json")
