@@ -174,14 +174,18 @@ def test_training_runs_is_seeded_and_resumes(tmp_path):
     from apps.asr.evaluate import main as evaluate_main
     from apps.asr.export import main as export_main
 
+    train_rows = [json.loads(x) for x in (tmp_path / "train.jsonl").read_text().splitlines()]
+    valid = [json.loads(x) for x in (tmp_path / "valid.jsonl").read_text().splitlines()]
+    assert {r["release"] for r in train_rows + valid} == {1}  # --hours 0.01: release 1 only
+    if not valid:  # so few sentences may all go to training voices: score one anyway
+        valid = train_rows[:1]
+        (tmp_path / "valid.jsonl").write_text(json.dumps(valid[0]) + "\n")
     report = evaluate_main(["--data", str(tmp_path), "--lj-limit", "2", "--beam", "4"])
     for part in ("held_out_voices", "lj001"):
         assert {"cer_greedy", "wer_greedy", "cer_lm", "wer_lm"} <= set(report[part])
-    valid = [json.loads(x) for x in (tmp_path / "valid.jsonl").read_text().splitlines()]
+    assert report["held_out_voices"]["n"] == len(valid)
     assert set(report["per_voice"]) == {r["speaker"] for r in valid}
-    assert set(report["per_release"]) == {str(r["release"]) for r in valid}
-    train_rows = [json.loads(x) for x in (tmp_path / "train.jsonl").read_text().splitlines()]
-    assert {r["release"] for r in train_rows + valid} == {1}  # --hours 0.01: release 1 only
+    assert set(report["per_release"]) == {"1"}
     assert (tmp_path / "eval.json").is_file()
     artifact = export_main(["--data", str(tmp_path), "--out", str(tmp_path / "model.ds")])
     assert artifact.is_file()

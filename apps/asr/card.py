@@ -46,10 +46,10 @@ def _by_release(rows: list[dict]) -> str:
     parts = []
     for release in sorted({str(r.get("release", 1)) for r in rows}):
         mine = [r for r in rows if str(r.get("release", 1)) == release]
-        parts.append(f"release {release} ({RELEASE_NAMES.get(release, '?')}): {len(mine)} "
+        parts.append(f"\n  - release {release} ({RELEASE_NAMES.get(release, '?')}): {len(mine)} "
                      f"utterances, {_hours(mine):.1f} h, {len({r['speaker'] for r in mine})} "
                      f"voices")  # fmt: skip
-    return "; ".join(parts)
+    return "".join(parts)
 
 
 def main(argv: list[str] | None = None) -> Path:
@@ -109,6 +109,16 @@ tensor from min/max over {q.get("calibration", 256)} training utterances.
         for r, sc in report.get("per_release", {}).items()
         if len(report.get("per_release", {})) > 1
     )
+    data_note = ""
+    if len(state.get("data", [])) > 1:
+        data_note = (
+            "The training set grew during the run: "
+            + "; ".join(
+                f"from epoch {d['epoch']}, {d['utterances']} utterances ({d['hours']:.1f} h)"
+                for d in state["data"]
+            )
+            + ".\n"
+        )
     history = "\n".join(
         f"| {h['epoch']} | {h['step']} | {h['loss']:.3f} | {_pct(h['valid_cer'])} |"
         for h in state["history"]
@@ -133,17 +143,18 @@ synthesized speech only. Made by `python -m apps.asr.prepare`,
 ## Data
 
 - Train: {len(train)} utterances, {_hours(train):.1f} h, {len({r["speaker"] for r in train})} voices
-  ({_by_release(train)}; rate and pitch varied) with speed, gain,
-  noise, babble, reverberation, telephone-band and SpecAugment augmentation.
+  (rate and pitch varied) with speed, gain, noise, babble, reverberation,
+  telephone-band and SpecAugment augmentation:{_by_release(train)}
 - Held-out voices (validation): {len(valid)} utterances, {_hours(valid):.1f} h,
-  {len({r["speaker"] for r in valid})} voices never seen in training
-  ({_by_release(valid)}).
+  {len({r["speaker"] for r in valid})} voices never seen in training:{_by_release(valid)}
 
 ## Training
 
 {state["epoch"]} epochs, {state["step"]} steps on 2 CPU cores.
 
-| epoch | step | train loss | held-out CER (greedy) |
+Each epoch is scored on the first 200 held-out utterances (release 1 voices).
+{data_note}
+| epoch | step | train loss | held-out CER (greedy, 200 utt.) |
 |---:|---:|---:|---:|
 {history}
 
@@ -171,8 +182,9 @@ Speech 1.1, public domain), through the streaming pipeline
 
 Trained on synthetic voices only and far from converged: the held-out CER is
 still falling epoch over epoch, and real speech (LJ001) is much harder than
-unseen synthetic voices. More epochs are the first lever (the recipe resumes),
-then more voices and hours, then a larger model.
+unseen synthetic voices. What limits real speech, what has been measured to
+help (the natural voices of release 2) and what would help next is in
+docs/asr.md ("What limits real speech").
 """
     out = args.samples / "asr" / "MODEL.md"
     out.write_text(card)

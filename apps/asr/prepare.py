@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import multiprocessing
 import random
 import tempfile
 from concurrent.futures import ProcessPoolExecutor
@@ -182,7 +183,9 @@ def main(argv: list[str] | None = None) -> None:
     print(f"{len(voices)} voice settings of {len(train_speakers) + len(valid_speakers)} voices "
           f"({len(valid_speakers)} held out); {len(jobs)} utterances")  # fmt: skip
     rows = []
-    with ProcessPoolExecutor(args.workers) as pool:
+    # Spawned, not forked: a fork of a process whose OpenMP or other threads hold
+    # a lock (torch has run in it, as in a test session) can hang in the child.
+    with ProcessPoolExecutor(args.workers, mp_context=multiprocessing.get_context("spawn")) as pool:
         for row in tqdm(pool.map(_render, jobs, chunksize=16), total=len(jobs), unit=" utt"):
             if row is not None:
                 rows.append(row)

@@ -197,6 +197,15 @@ def _start_qat(args: argparse.Namespace, last: Path, rows: list[dict[str, Any]])
     return qmodel, fbank_cfg, config, saved["state"]["step"], ModelConfig(**saved["config"])
 
 
+def _note_data(state: dict[str, Any], rows: list[dict[str, Any]]) -> None:
+    """Record in the run's state when the training set changes (e.g. a new voice
+    release prepared mid-run), so the model card can say what each epoch saw."""
+    seen = state.setdefault("data", [])
+    if not seen or seen[-1]["utterances"] != len(rows):
+        hours = round(sum(r["duration"] for r in rows) / 3600, 2)
+        seen.append({"epoch": state["epoch"], "utterances": len(rows), "hours": hours})
+
+
 def train(args: argparse.Namespace) -> dict[str, Any]:
     torch.manual_seed(args.seed)
     torch.set_num_threads(args.threads)
@@ -251,6 +260,7 @@ def train(args: argparse.Namespace) -> dict[str, Any]:
         print(f"resumed at epoch {state['epoch']}, step {state['step']}")
     else:
         fbank_cfg = feature_stats(train_rows, Fbank(FbankConfig()))
+    _note_data(state, train_rows)
     warmup = args.warmup
 
     def lr_at(step: int) -> float:
