@@ -43,9 +43,11 @@ RELEASE_NAMES = {
 
 
 def _by_release(rows: list[dict]) -> str:
+    groups: dict[str, list[dict]] = {}
+    for r in rows:  # manifests made before release 2 have no "release": all are 1
+        groups.setdefault(str(r.get("release", 1)), []).append(r)
     parts = []
-    for release in sorted({str(r.get("release", 1)) for r in rows}):
-        mine = [r for r in rows if str(r.get("release", 1)) == release]
+    for release, mine in sorted(groups.items()):
         parts.append(f"\n  - release {release} ({RELEASE_NAMES.get(release, '?')}): {len(mine)} "
                      f"utterances, {_hours(mine):.1f} h, {len({r['speaker'] for r in mine})} "
                      f"voices")  # fmt: skip
@@ -104,10 +106,11 @@ tensor from min/max over {q.get("calibration", 256)} training utterances.
 |---|---:|---:|---:|---:|
 {table}
 """
+    per_release = report.get("per_release", {})
     release_rows = "".join(
         _score_row(f"held-out voices, release {r} ({sc['n']} utt.)", sc) + "\n"
-        for r, sc in report.get("per_release", {}).items()
-        if len(report.get("per_release", {})) > 1
+        for r, sc in per_release.items()
+        if len(per_release) > 1
     )
     data_note = ""
     if len(state.get("data", [])) > 1:

@@ -38,6 +38,7 @@ from apps.asr.voices import SynthesisError, Voice, catalogue, split_voices, synt
 ROOT = Path(__file__).resolve().parents[2]
 RATE = 16000
 WORDS_PER_SECOND = 2.6  # measured over the catalogue's voices at rate 1.0
+MEAN_WORDS = 11.0  # per selected sentence
 
 
 def select_sentences(shared: Path, count: int, seed: int, min_words: int = 3,
@@ -91,20 +92,17 @@ def plan_releases(
     jobs: list[tuple[str, str, Voice]] = []
     start = 0
     for release, h in enumerate(hours, start=1):
-        mine = [v for v in voices if v.release == release]
         count = sentence_count(h)
-        if not mine or count == 0:
-            start += count
-            continue
-        texts = sentences[start : start + count] + extra
-        jobs += plan(texts, mine, seed, first=len(jobs), by=DRAW_BY.get(release, "speaker"))
-        start += count
+        texts, start = sentences[start : start + count], start + count
+        mine = [v for v in voices if v.release == release]
+        if mine and texts:
+            by = DRAW_BY.get(release, "speaker")
+            jobs += plan(texts + extra, mine, seed, first=len(jobs), by=by)
     return jobs
 
 
 def sentence_count(hours: float) -> int:
-    mean_words = 11.0
-    return int(hours * 3600 * WORDS_PER_SECOND / mean_words)
+    return int(hours * 3600 * WORDS_PER_SECOND / MEAN_WORDS)
 
 
 def rendered_text(path: Path) -> str | None:
@@ -115,7 +113,7 @@ def rendered_text(path: Path) -> str | None:
     try:
         with sf.SoundFile(str(path)) as f:
             return f.comment
-    except (RuntimeError, sf.LibsndfileError):
+    except RuntimeError:  # soundfile's LibsndfileError included
         return None
 
 
