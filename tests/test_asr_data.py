@@ -158,6 +158,8 @@ def test_a_file_is_reused_only_for_its_own_sentence(tmp_path):
 def test_training_runs_is_seeded_and_resumes(tmp_path):
     import math
 
+    import torch
+
     from apps.asr.train import decode_greedy, encode
     from apps.asr.train import main as train_main
 
@@ -215,10 +217,27 @@ def test_training_runs_is_seeded_and_resumes(tmp_path):
     init = tmp_path / "ckpt" / "pruned-50.pt"
     tuned = train_main([*common, "--init", str(init), "--ckpt-name", "ft.pt", "--epochs", "1"])
     assert tuned["init"] == str(init) and (tmp_path / "ckpt" / "ft.pt").is_file()
+    # Going on without dropout, the last epoch annealing the learning rate to zero.
+    annealed = train_main([*common, "--epochs", "3", "--anneal-epochs", "1", "--dropout", "0"])
+    assert [h["epoch"] for h in annealed["history"]] == [0, 1, 2]
+    assert annealed["anneal"]["from_step"] == resumed["step"] and annealed["anneal"]["steps"] > 0
+    assert annealed["changes"] == [{"step": resumed["step"], "dropout": 0.0}]
+    saved = torch.load(tmp_path / "ckpt" / "last.pt", weights_only=False)
+    assert saved["config"]["dropout"] == 0.0
     assert encode("it's a") == [11, 22, 2, 21, 1, 3]
-    import torch
-
     logp = torch.full((6, 29), -9.0)
     for t, tok in enumerate([3, 3, 0, 1, 4, 4]):
         logp[t, tok] = 0.0
     assert decode_greedy(logp) == "a b"
+
+
+def test_learning_rate_warms_up_decays_and_anneals_to_zero():
+    from apps.asr.train import lr_at
+
+    assert lr_at(0, 1e-3, 100) == pytest.approx(1e-5)
+    assert lr_at(99, 1e-3, 100) == pytest.approx(1e-3)  # the peak ends the warm-up
+    assert lr_at(399, 1e-3, 100) == pytest.approx(5e-4)  # then 1/sqrt(step)
+    anneal = {"from_step": 399, "steps": 200}
+    assert lr_at(398, 1e-3, 100, anneal) == lr_at(398, 1e-3, 100)  # before: unchanged
+    assert lr_at(499, 1e-3, 100, anneal) == pytest.approx(2.5e-4)  # half way: half
+    assert lr_at(599, 1e-3, 100, anneal) == 0.0 and lr_at(700, 1e-3, 100, anneal) == 0.0

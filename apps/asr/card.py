@@ -122,6 +122,14 @@ tensor from min/max over {q.get("calibration", 256)} training utterances.
             )
             + ".\n"
         )
+    for change in state.get("changes", []):
+        data_note += f"From step {change['step']}, dropout {change['dropout']:g}.\n"
+    if "anneal" in state:
+        a = state["anneal"]
+        data_note += (
+            f"From step {a['from_step']}, the learning rate fell linearly to zero"
+            f" over {a['steps']} steps.\n"
+        )
     history = "\n".join(
         f"| {h['epoch']} | {h['step']} | {h['loss']:.3f} | {_pct(h['valid_cer'])} |"
         for h in state["history"]

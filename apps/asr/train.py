@@ -21,6 +21,7 @@ import math
 import random
 import time
 from dataclasses import asdict, replace
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -197,6 +198,20 @@ def _start_qat(args: argparse.Namespace, last: Path, rows: list[dict[str, Any]])
     return qmodel, fbank_cfg, config, saved["state"]["step"], ModelConfig(**saved["config"])
 
 
+def lr_at(step: int, peak: float, warmup: int, anneal: dict[str, int] | None = None) -> float:
+    """Linear warm-up to ``peak`` over ``warmup`` steps, then inverse-square-root
+    decay; with ``anneal`` ({"from_step", "steps"}) the rate falls linearly from
+    its value at ``from_step`` to zero over ``steps`` steps."""
+
+    def noam(s: int) -> float:
+        return peak * min((s + 1) / warmup, math.sqrt(warmup / (s + 1)))
+
+    if anneal is None or step < anneal["from_step"]:
+        return noam(step)
+    left = 1.0 - (step - anneal["from_step"]) / anneal["steps"]
+    return noam(anneal["from_step"]) * max(left, 0.0)
+
+
 def _note_data(state: dict[str, Any], rows: list[dict[str, Any]]) -> None:
     """Record in the run's state when the training set changes (e.g. a new voice
     release prepared mid-run), so the model card can say what each epoch saw."""
@@ -260,11 +275,16 @@ def train(args: argparse.Namespace) -> dict[str, Any]:
         print(f"resumed at epoch {state['epoch']}, step {state['step']}")
     else:
         fbank_cfg = feature_stats(train_rows, Fbank(FbankConfig()))
+    if args.dropout is not None and not args.qat and args.dropout != cfg.dropout:
+        # An underfitting model learns faster without dropout (and dropout's
+        # random masks took ~20% of a CPU training step).
+        cfg = replace(cfg, dropout=args.dropout)
+        for module in model.modules():  # in place: the optimizer holds these parameters
+            if isinstance(module, torch.nn.Dropout):
+                module.p = args.dropout
+        state.setdefault("changes", []).append({"step": state["step"], "dropout": args.dropout})
     _note_data(state, train_rows)
-    warmup = args.warmup
-
-    def lr_at(step: int) -> float:
-        return args.lr * min((step + 1) / warmup, math.sqrt(warmup / (step + 1)))
+    schedule = partial(lr_at, peak=args.lr, warmup=args.warmup)
 
     ctc = torch.nn.CTCLoss(blank=0, zero_infinity=True)
     data = SpeechSet(train_rows, fbank_cfg, None if args.no_augment else AugmentConfig(), args.seed)
@@ -287,10 +307,16 @@ def train(args: argparse.Namespace) -> dict[str, Any]:
             data, batch_sampler=batches[done_in_epoch:], collate_fn=collate,
             num_workers=args.workers, persistent_workers=False,
         )  # fmt: skip
+        if args.anneal_epochs and state["epoch"] >= args.epochs - args.anneal_epochs:
+            # Fixed once, in the state, so a resumed run keeps the same schedule.
+            state.setdefault("anneal", {
+                "from_step": state["step"] - done_in_epoch,
+                "steps": len(batches) * (args.epochs - state["epoch"]),
+            })  # fmt: skip
         bar = tqdm(loader, total=len(batches) - done_in_epoch, desc=f"epoch {state['epoch']}")
         for feats, lengths, labels, label_lengths, _ in bar:
             for group in opt.param_groups:
-                group["lr"] = lr_at(state["step"])
+                group["lr"] = schedule(state["step"], anneal=state.get("anneal"))
             logp = model(feats, lengths)
             loss = ctc(logp.transpose(0, 1), labels, lengths // 4, label_lengths)
             opt.zero_grad()
@@ -335,6 +361,11 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     parser.add_argument("--threads", type=int, default=2, help="torch compute threads")
     parser.add_argument("--checkpoint-minutes", type=float, default=10.0)
     parser.add_argument("--max-minutes", type=float, default=0.0, help="stop (and save) after")
+    parser.add_argument(
+        "--anneal-epochs", type=int, default=0,
+        help="the last N epochs take the learning rate linearly to zero",
+    )  # fmt: skip
+    parser.add_argument("--dropout", type=float, help="change the run's dropout (default: keep it)")
     parser.add_argument("--no-augment", action="store_true")
     parser.add_argument("--restart", action="store_true", help="ignore an existing checkpoint")
     parser.add_argument("--seed", type=int, default=0)
