@@ -224,6 +224,12 @@ def test_training_runs_is_seeded_and_resumes(tmp_path):
     assert annealed["changes"] == [{"step": resumed["step"], "dropout": 0.0}]
     saved = torch.load(tmp_path / "ckpt" / "last.pt", weights_only=False)
     assert saved["config"]["dropout"] == 0.0
+    with pytest.raises(SystemExit, match="annealed to zero at epoch 3"):
+        train_main([*common, "--epochs", "4"])  # past the annealing: a rate of zero
+    again = train_main([*common, "--epochs", "4", "--anneal-epochs", "1"])  # a warm restart
+    assert again["past_anneals"] == [annealed["anneal"]]
+    steps = annealed["anneal"]["steps"]  # one epoch each time
+    assert again["anneal"] == {"from_step": annealed["step"], "steps": steps, "to_epoch": 4}
     assert encode("it's a") == [11, 22, 2, 21, 1, 3]
     logp = torch.full((6, 29), -9.0)
     for t, tok in enumerate([3, 3, 0, 1, 4, 4]):

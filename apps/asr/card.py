@@ -124,8 +124,8 @@ tensor from min/max over {q.get("calibration", 256)} training utterances.
         )
     for change in state.get("changes", []):
         data_note += f"From step {change['step']}, dropout {change['dropout']:g}.\n"
-    if "anneal" in state:
-        a = state["anneal"]
+    anneals = state.get("past_anneals", []) + ([state["anneal"]] if "anneal" in state else [])
+    for a in anneals:
         data_note += (
             f"From step {a['from_step']}, the learning rate fell linearly to zero"
             f" over {a['steps']} steps.\n"
@@ -191,11 +191,11 @@ Speech 1.1, public domain), through the streaming pipeline
 
 ## Limits
 
-Trained on synthetic voices only and far from converged: the held-out CER is
-still falling epoch over epoch, and real speech (LJ001) is much harder than
-unseen synthetic voices. What limits real speech, what has been measured to
-help (the natural voices of release 2) and what would help next is in
-docs/asr.md ("What limits real speech").
+Trained on synthetic voices only: voices it never heard score far worse than
+its training voices, and real speech (LJ001) is much harder than unseen
+synthetic voices. What limits real speech, what has been measured to help (the
+natural voices of release 2; more steps helped the synthetic voices, not LJ001)
+and what would help next is in docs/asr.md ("What limits real speech").
 """
     out = args.samples / "asr" / "MODEL.md"
     out.write_text(card)

@@ -212,6 +212,31 @@ def lr_at(step: int, peak: float, warmup: int, anneal: dict[str, int] | None = N
     return noam(anneal["from_step"]) * max(left, 0.0)
 
 
+def _plan_anneal(
+    state: dict[str, Any], args: argparse.Namespace, batches: int, done_in_epoch: int
+) -> None:
+    """Start, keep or renew the annealing in ``state`` at the start of an epoch.
+
+    It is fixed in the state when it starts, so a resumed run keeps the same
+    schedule.  Training past its end would run at a rate of zero: that takes a
+    new ``--anneal-epochs``, which anneals again from the inverse-square-root
+    rate at that step (a warm restart)."""
+    anneal = state.get("anneal")
+    if anneal is not None and state["epoch"] >= anneal["to_epoch"]:
+        if not args.anneal_epochs:
+            raise SystemExit(
+                f"the learning rate annealed to zero at epoch {anneal['to_epoch']}; "
+                "to train further, anneal again: --anneal-epochs N"
+            )
+        state.setdefault("past_anneals", []).append(state.pop("anneal"))
+    if args.anneal_epochs and state["epoch"] >= args.epochs - args.anneal_epochs:
+        state.setdefault("anneal", {
+            "from_step": state["step"] - done_in_epoch,
+            "steps": batches * (args.epochs - state["epoch"]),
+            "to_epoch": args.epochs,
+        })  # fmt: skip
+
+
 def _note_data(state: dict[str, Any], rows: list[dict[str, Any]]) -> None:
     """Record in the run's state when the training set changes (e.g. a new voice
     release prepared mid-run), so the model card can say what each epoch saw."""
@@ -307,12 +332,7 @@ def train(args: argparse.Namespace) -> dict[str, Any]:
             data, batch_sampler=batches[done_in_epoch:], collate_fn=collate,
             num_workers=args.workers, persistent_workers=False,
         )  # fmt: skip
-        if args.anneal_epochs and state["epoch"] >= args.epochs - args.anneal_epochs:
-            # Fixed once, in the state, so a resumed run keeps the same schedule.
-            state.setdefault("anneal", {
-                "from_step": state["step"] - done_in_epoch,
-                "steps": len(batches) * (args.epochs - state["epoch"]),
-            })  # fmt: skip
+        _plan_anneal(state, args, len(batches), done_in_epoch)
         bar = tqdm(loader, total=len(batches) - done_in_epoch, desc=f"epoch {state['epoch']}")
         for feats, lengths, labels, label_lengths, _ in bar:
             for group in opt.param_groups:
