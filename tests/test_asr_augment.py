@@ -13,7 +13,9 @@ from apps.asr.augment import (
     reverb,
     spec_augment,
     telephone,
+    vtlp,
 )
+from dsstream.frontend import Fbank, FbankConfig
 
 RATE = 16000
 
@@ -32,6 +34,7 @@ def _band_power(x: np.ndarray, lo: float, hi: float) -> float:
 def test_all_is_exported():
     assert set(augment.__all__) == {
         "AugmentConfig", "augment_wave", "coloured_noise", "reverb", "spec_augment", "telephone",
+        "vtlp",
     }  # fmt: skip
 
 
@@ -110,3 +113,71 @@ def test_spec_augment_masks_bands_and_spans_only():
     assert (zero == (full_cols[None, :] | full_rows[:, None])).all()
     keep = ~zero
     assert torch.equal(out[keep], feats[keep])
+
+
+def _mel_centres_hz(cfg: FbankConfig) -> np.ndarray:
+    def mel(f):
+        return 2595.0 * np.log10(1.0 + f / 700.0)
+
+    m = np.linspace(mel(cfg.f_min), mel(cfg.f_max), cfg.n_mels + 2)[1:-1]
+    return 700.0 * (10 ** (m / 2595.0) - 1.0)
+
+
+def test_vtlp_of_one_is_the_identity_and_a_peak_moves_by_alpha():
+    cfg = FbankConfig(mean=tuple(np.linspace(-3, 1, 80)), std=tuple(np.linspace(1, 2, 80)))
+    feats = torch.randn(50, 80, dtype=torch.float64)
+    torch.testing.assert_close(vtlp(feats, 1.0, cfg), feats)
+    centres = _mel_centres_hz(cfg)
+    k = 40
+    logmel = torch.zeros(3, 80, dtype=torch.float64)
+    logmel[:, k] = 10.0  # one band lit, in the log-mel domain
+    mean, std = torch.tensor(cfg.mean).double(), torch.tensor(cfg.std).double()
+    for alpha in (0.9, 1.1):
+        out = vtlp((logmel - mean) / std, alpha, cfg) * std + mean
+        peak = int(out[0].argmax())
+        assert abs(centres[peak] - alpha * centres[k]) < 0.5 * (centres[k + 1] - centres[k - 1])
+        assert peak != k
+
+
+@pytest.mark.parametrize("alpha", [0.9, 1.1])
+def test_vtlp_approximates_the_spectrum_of_faster_speech(alpha):
+    """Playing speech alpha times faster scales every frequency by alpha; its
+    long-term log-mel spectrum is what vtlp predicts from the original."""
+    pytest.importorskip("soundfile")
+    import soundfile as sf
+
+    from dsstream.pipelines.defaults import SAMPLES_DIR
+
+    wave, rate = sf.read(
+        SAMPLES_DIR / "asr" / "clips" / "heldout-espeak-david.flac", dtype="float32"
+    )
+    fbank = Fbank(FbankConfig())
+    faster = augment_wave(wave, np.random.default_rng(0), AugmentConfig(
+        speed=(alpha,), noise_prob=0.0, reverb_prob=0.0, telephone_prob=0.0, gain_db=(0.0, 0.0),
+    ), [])  # fmt: skip
+    with torch.no_grad():
+        original = fbank(torch.from_numpy(wave)[None])[0]
+        target = fbank(torch.from_numpy(faster)[None])[0].mean(0)
+    warped = vtlp(original, alpha, fbank.config).mean(0)
+    band = slice(5, 75)  # inside the band edges, where vtlp clamps
+    before = (original.mean(0) - target)[band].abs().mean()
+    after = (warped - target)[band].abs().mean()
+    assert after < 0.5 * before, (float(before), float(after))
+
+
+def test_training_examples_get_vtlp_when_asked():
+    from apps.asr.train import SpeechSet, load_wave
+    from dsstream.pipelines.defaults import SAMPLES_DIR
+
+    row = {"path": str(SAMPLES_DIR / "asr" / "clips" / "heldout-espeak-david.flac"), "text": "x"}
+    plain = dict(speed=(1.0,), noise_prob=0.0, reverb_prob=0.0, telephone_prob=0.0,
+                 gain_db=(0.0, 0.0), freq_masks=0, time_masks=0)  # fmt: skip
+    without = SpeechSet([row], FbankConfig(), AugmentConfig(**plain), seed=0)[0][0]
+    warped = SpeechSet([row], FbankConfig(), AugmentConfig(**plain, vtlp_prob=1.0), seed=0)[0][0]
+    assert warped.shape == without.shape and not torch.allclose(warped, without)
+    # The example's own stream: the waveform chain's draws, one for vtlp, then alpha.
+    rng = np.random.default_rng([0, 0, 0])
+    wave = load_wave(row["path"])
+    augment_wave(wave, rng, AugmentConfig(**plain), [wave])
+    rng.random()
+    torch.testing.assert_close(warped, vtlp(without, rng.uniform(0.9, 1.1), FbankConfig()))

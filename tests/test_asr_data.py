@@ -226,8 +226,9 @@ def test_training_runs_is_seeded_and_resumes(tmp_path):
     assert saved["config"]["dropout"] == 0.0
     with pytest.raises(SystemExit, match="annealed to zero at epoch 3"):
         train_main([*common, "--epochs", "4"])  # past the annealing: a rate of zero
-    again = train_main([*common, "--epochs", "4", "--anneal-epochs", "1"])  # a warm restart
-    assert again["past_anneals"] == [annealed["anneal"]]
+    again = train_main([*common, "--epochs", "4", "--anneal-epochs", "1", "--vtlp", "0.5"])
+    assert again["past_anneals"] == [annealed["anneal"]]  # a warm restart
+    assert again["changes"][-1] == {"step": annealed["step"], "vtlp": 0.5}
     steps = annealed["anneal"]["steps"]  # one epoch each time
     assert again["anneal"] == {"from_step": annealed["step"], "steps": steps, "to_epoch": 4}
     assert encode("it's a") == [11, 22, 2, 21, 1, 3]

@@ -4,7 +4,7 @@ Waveform: speed perturbation, gain, additive noise (coloured noise, or babble
 made from other utterances), simple reverberation (an exponentially decaying
 noise impulse response), and a telephone-band path (8 kHz, mu-law, back to
 16 kHz) so 8 kHz callers are recognized.  Features: SpecAugment (time and
-frequency masks).
+frequency masks) and, when asked for, vocal tract length perturbation.
 """
 
 from __future__ import annotations
@@ -15,7 +15,17 @@ import numpy as np
 import torch
 import torchaudio
 
-__all__ = ["AugmentConfig", "augment_wave", "coloured_noise", "reverb", "spec_augment", "telephone"]
+from dsstream.frontend import FbankConfig
+
+__all__ = [
+    "AugmentConfig",
+    "augment_wave",
+    "coloured_noise",
+    "reverb",
+    "spec_augment",
+    "telephone",
+    "vtlp",
+]
 
 RATE = 16000
 
@@ -34,6 +44,11 @@ class AugmentConfig:
     freq_width: int = 12  # mel bins
     time_masks: int = 2
     time_width: float = 0.05  # fraction of the utterance per mask
+    # Vocal tract length perturbation: the spectrum stretched by a factor drawn
+    # from ``vtlp_range`` (formants move, pitch and tempo stay), so each voice
+    # also trains as a range of nearby voices.  Off by default.
+    vtlp_prob: float = 0.0
+    vtlp_range: tuple[float, float] = (0.9, 1.1)
 
 
 def _fft_size(n: int) -> int:
@@ -109,6 +124,30 @@ def augment_wave(
     wave = wave * 10 ** (rng.uniform(*cfg.gain_db) / 20)
     peak = np.max(np.abs(wave)) + 1e-9
     return (wave / peak if peak > 1.0 else wave).astype(np.float32)
+
+
+def _hz_to_mel(f: np.ndarray) -> np.ndarray:  # the HTK scale torchaudio's MelSpectrogram uses
+    return 2595.0 * np.log10(1.0 + f / 700.0)
+
+
+def vtlp(feats: torch.Tensor, alpha: float, fbank: FbankConfig) -> torch.Tensor:
+    """Features ``[T, mels]`` (normalized as ``fbank`` makes them) of the same speech
+    from a vocal tract ``alpha`` times shorter: the log-mel spectrum read at
+    ``f / alpha`` for each band centre ``f`` (clamped to the band), interpolated
+    between bands.  ``alpha`` > 1 moves formants up."""
+    m = fbank.n_mels
+    lo, hi = _hz_to_mel(np.array([fbank.f_min, fbank.f_max]))
+    centres_mel = np.linspace(lo, hi, m + 2)[1:-1]
+    centres_hz = 700.0 * (10 ** (centres_mel / 2595.0) - 1.0)
+    src = np.interp(_hz_to_mel(centres_hz / alpha), centres_mel, np.arange(m, dtype=np.float64))
+    left = np.floor(src).astype(np.int64)
+    right = np.minimum(left + 1, m - 1)
+    w = torch.from_numpy(src - left).to(feats.dtype)
+    mean = torch.tensor(fbank.mean or [0.0] * m, dtype=feats.dtype)
+    std = torch.tensor(fbank.std or [1.0] * m, dtype=feats.dtype)
+    logmel = feats * std + mean  # interpolate log energies, not per-band z-scores
+    warped = logmel[:, left] * (1 - w) + logmel[:, right] * w
+    return (warped - mean) / std
 
 
 def spec_augment(feats: torch.Tensor, rng: np.random.Generator, cfg: AugmentConfig) -> torch.Tensor:

@@ -122,8 +122,9 @@ tensor from min/max over {q.get("calibration", 256)} training utterances.
             )
             + ".\n"
         )
-    for change in state.get("changes", []):
-        data_note += f"From step {change['step']}, dropout {change['dropout']:g}.\n"
+    for change in state.get("changes", []):  # e.g. {"step": 8876, "dropout": 0.0}
+        what = ", ".join(f"{k} {v:g}" for k, v in change.items() if k != "step")
+        data_note += f"From step {change['step']}, {what}.\n"
     anneals = state.get("past_anneals", []) + ([state["anneal"]] if "anneal" in state else [])
     for a in anneals:
         data_note += (

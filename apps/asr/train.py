@@ -29,7 +29,7 @@ import numpy as np
 import soundfile as sf
 import torch
 
-from apps.asr.augment import AugmentConfig, augment_wave, spec_augment
+from apps.asr.augment import AugmentConfig, augment_wave, spec_augment, vtlp
 from apps.asr.model import AsrModel, ModelConfig
 from dsstream.decoding import ENGLISH_CHARS
 from dsstream.frontend import Fbank, FbankConfig
@@ -102,6 +102,9 @@ class SpeechSet(torch.utils.data.Dataset):
         with torch.no_grad():
             feats = self._fbank(torch.from_numpy(wave)[None])[0]
         if self.augment is not None:
+            # Drawn only when enabled, so runs without it keep their random streams.
+            if self.augment.vtlp_prob and rng.random() < self.augment.vtlp_prob:
+                feats = vtlp(feats, rng.uniform(*self.augment.vtlp_range), self.fbank_cfg)
             feats = spec_augment(feats, rng, self.augment)
         return feats, torch.tensor(encode(row["text"]), dtype=torch.long), row["text"]
 
@@ -312,7 +315,11 @@ def train(args: argparse.Namespace) -> dict[str, Any]:
     schedule = partial(lr_at, peak=args.lr, warmup=args.warmup)
 
     ctc = torch.nn.CTCLoss(blank=0, zero_infinity=True)
-    data = SpeechSet(train_rows, fbank_cfg, None if args.no_augment else AugmentConfig(), args.seed)
+    augment = AugmentConfig(vtlp_prob=args.vtlp)
+    if state.get("vtlp", 0.0) != args.vtlp:  # what each step trained with, for the card
+        state["vtlp"] = args.vtlp
+        state.setdefault("changes", []).append({"step": state["step"], "vtlp": args.vtlp})
+    data = SpeechSet(train_rows, fbank_cfg, None if args.no_augment else augment, args.seed)
     started = time.monotonic()
     last_save = started
     from tqdm import tqdm
@@ -386,6 +393,10 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         help="the last N epochs take the learning rate linearly to zero",
     )  # fmt: skip
     parser.add_argument("--dropout", type=float, help="change the run's dropout (default: keep it)")
+    parser.add_argument(
+        "--vtlp", type=float, default=0.0,
+        help="probability of vocal tract length perturbation per utterance",
+    )  # fmt: skip
     parser.add_argument("--no-augment", action="store_true")
     parser.add_argument("--restart", action="store_true", help="ignore an existing checkpoint")
     parser.add_argument("--seed", type=int, default=0)
