@@ -130,6 +130,10 @@ def _hz_to_mel(f: np.ndarray) -> np.ndarray:  # the HTK scale torchaudio's MelSp
     return 2595.0 * np.log10(1.0 + f / 700.0)
 
 
+def _mel_to_hz(m: np.ndarray) -> np.ndarray:
+    return 700.0 * (10 ** (m / 2595.0) - 1.0)
+
+
 def vtlp(feats: torch.Tensor, alpha: float, fbank: FbankConfig) -> torch.Tensor:
     """Features ``[T, mels]`` (normalized as ``fbank`` makes them) of the same speech
     from a vocal tract ``alpha`` times shorter: the log-mel spectrum read at
@@ -138,8 +142,9 @@ def vtlp(feats: torch.Tensor, alpha: float, fbank: FbankConfig) -> torch.Tensor:
     m = fbank.n_mels
     lo, hi = _hz_to_mel(np.array([fbank.f_min, fbank.f_max]))
     centres_mel = np.linspace(lo, hi, m + 2)[1:-1]
-    centres_hz = 700.0 * (10 ** (centres_mel / 2595.0) - 1.0)
-    src = np.interp(_hz_to_mel(centres_hz / alpha), centres_mel, np.arange(m, dtype=np.float64))
+    src = np.interp(
+        _hz_to_mel(_mel_to_hz(centres_mel) / alpha), centres_mel, np.arange(m, dtype=np.float64)
+    )
     left = np.floor(src).astype(np.int64)
     right = np.minimum(left + 1, m - 1)
     w = torch.from_numpy(src - left).to(feats.dtype)

@@ -105,7 +105,9 @@ class ChunkedAttention(nn.Module):
         scale = 1.0 / math.sqrt(self.d // self.heads)
         scores = (self._split(q) @ self._split(k).transpose(-1, -2)) * scale
         scores = scores.masked_fill(blocked[:, None], float("-inf"))
-        ctx = scores.softmax(-1) @ self._split(v)
+        return self._merge(scores.softmax(-1) @ self._split(v))
+
+    def _merge(self, ctx):  # [B, heads, T, d/heads] -> output projection [B, T, d]
         b, _, t, _ = ctx.shape
         return self.drop(self.out(ctx.transpose(1, 2).reshape(b, t, self.d)))
 
@@ -124,8 +126,7 @@ class ChunkedAttention(nn.Module):
         ctx = nn.functional.scaled_dot_product_attention(
             self._split(q), self._split(k), self._split(v), attn_mask=~blocked[:, None]
         )
-        b, _, t, _ = ctx.shape
-        return self.drop(self.out(ctx.transpose(1, 2).reshape(b, t, self.d)))
+        return self._merge(ctx)
 
 
 class CausalConvModule(nn.Module):

@@ -315,11 +315,11 @@ def train(args: argparse.Namespace) -> dict[str, Any]:
     schedule = partial(lr_at, peak=args.lr, warmup=args.warmup)
 
     ctc = torch.nn.CTCLoss(blank=0, zero_infinity=True)
-    augment = AugmentConfig(vtlp_prob=args.vtlp)
-    if state.get("vtlp", 0.0) != args.vtlp:  # what each step trained with, for the card
-        state["vtlp"] = args.vtlp
-        state.setdefault("changes", []).append({"step": state["step"], "vtlp": args.vtlp})
-    data = SpeechSet(train_rows, fbank_cfg, None if args.no_augment else augment, args.seed)
+    changes = state.setdefault("changes", [])  # what each step trained with, for the card
+    if args.vtlp != next((c["vtlp"] for c in reversed(changes) if "vtlp" in c), 0.0):
+        changes.append({"step": state["step"], "vtlp": args.vtlp})
+    augment = None if args.no_augment else AugmentConfig(vtlp_prob=args.vtlp)
+    data = SpeechSet(train_rows, fbank_cfg, augment, args.seed)
     started = time.monotonic()
     last_save = started
     from tqdm import tqdm
