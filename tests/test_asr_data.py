@@ -92,6 +92,28 @@ def test_voice_commands():
     pico = Voice("pico", "en-GB", 1.1, 50, release=2).command("hello", Path("o.wav"))
     assert pico[:4] == ["pico2wave", "-l", "en-GB", "-w"]
     assert pico[-1] == "<speed level='110'><pitch level='100'>hello</pitch></speed>"
+    # An MBROLA database speaks English through espeak-ng's mb-<db>-en voice.
+    mb = Voice("mbrola", "de3", 0.9, 30, release=3).command("hi", Path("o.wav"))
+    assert mb == ["espeak-ng", "-v", "mb-de3-en", "-s", "148", "-p", "30", "-w", "o.wav", "hi"]
+
+
+def test_installing_a_later_release_leaves_earlier_voices_unchanged(monkeypatch):
+    import apps.asr.voices as voices
+
+    monkeypatch.setattr(voices, "_festival_voice_installed", lambda name: True)
+    monkeypatch.setattr(voices, "_mbrola_voice_installed", lambda name: name != "gr2")
+    engines = ["espeak-ng", "flite", "festival", "rhvoice", "pico"]
+    monkeypatch.setattr(voices, "available_engines", lambda: engines)
+    before = voices.catalogue(seed=2)
+    monkeypatch.setattr(voices, "available_engines", lambda: engines + ["mbrola"])
+    after = voices.catalogue(seed=2)
+    assert after[: len(before)] == before  # same voices, same rate and pitch draws
+    added = after[len(before) :]
+    assert {v.release for v in added} == {3} and {v.engine for v in added} == {"mbrola"}
+    assert {v.name for v in added} == set(voices.MBROLA_VOICES) - {"gr2"}  # installed ones
+    assert len(added) == 12 * len({v.name for v in added})  # natural voices: 12 settings each
+    train, valid = voices.split_voices(after, seed=0)
+    assert len(valid & {v.speaker for v in added}) == 1  # one whole new voice held out
 
 
 @pytest.mark.parametrize(
@@ -100,14 +122,16 @@ def test_voice_commands():
         Voice("rhvoice", "slt", 1.1, 60, 2),
         Voice("pico", "en-US", 0.9, 40, 2),
         Voice("festival", "us1_mbrola", 1.0, 50, 2),
+        Voice("mbrola", "de1", 1.1, 60, 3),
     ],  # fmt: skip
     ids=lambda v: v.engine,
 )
-def test_release_two_engines_speak(voice, tmp_path):
+def test_natural_voice_engines_speak(voice, tmp_path):
     from apps.asr.voices import available_engines
 
     if voice.engine not in available_engines() or (
-        voice.engine == "festival" and not any(v.name == voice.name for v in catalogue())
+        voice.engine in ("festival", "mbrola")
+        and not any(v.name == voice.name for v in catalogue())
     ):
         pytest.skip(f"{voice.engine} {voice.name} is not installed")
     from apps.asr.voices import synthesize

@@ -39,6 +39,7 @@ def _score_row(name: str, scores: dict) -> str:
 RELEASE_NAMES = {
     "1": "espeak-ng variants, flite, festival kal",
     "2": "festival diphone/MBROLA/HTS, RHVoice, SVOX Pico",
+    "3": "MBROLA German, Greek, Romanian voices speaking English",
 }
 
 

@@ -34,6 +34,12 @@ FESTIVAL_VOICES_2 = ["ked_diphone", "rab_diphone", "don_diphone", "us1_mbrola", 
                      "us3_mbrola", "en1_mbrola", "cmu_us_slt_arctic_hts"]  # fmt: skip
 RHVOICE_VOICES = ["alan", "bdl", "clb", "slt", "evgeniy-eng"]
 PICO_VOICES = ["en-US", "en-GB"]
+# Release 3: human-recorded MBROLA diphone voices of other languages (six
+# German speakers, three of them women, one Greek, one Romanian) speaking
+# English through espeak-ng's phoneme mappings: accented, but new timbres.
+# MBROLA's English voices are left out here: us1 is a held-out voice of
+# release 2, so speaking through it would leak that voice into training.
+MBROLA_VOICES = ["de1", "de2", "de3", "de4", "de5", "de6", "gr2", "ro1"]
 FIXED_RATE = {"cmu_us_slt_arctic_hts"}  # festival's HTS engine ignores Duration_Stretch
 
 
@@ -43,10 +49,10 @@ class SynthesisError(RuntimeError):
 
 @dataclass(frozen=True)
 class Voice:
-    engine: str  # "espeak-ng", "flite" or "festival"
+    engine: str  # "espeak-ng", "flite", "festival", "rhvoice", "pico" or "mbrola"
     name: str  # engine voice (espeak: base+variant)
     rate: float = 1.0  # speaking rate factor
-    pitch: int = 50  # 0-99, 50 is the voice's own (espeak-ng, RHVoice, Pico; others: unused)
+    pitch: int = 50  # 0-99, 50 is the voice's own (espeak-ng, MBROLA, RHVoice, Pico)
     release: int = 1  # the catalogue release that added the voice (see split_voices)
 
     @property
@@ -59,9 +65,10 @@ class Voice:
         return f"{self.engine}-{self.name}"
 
     def command(self, text: str, out: Path) -> list[str]:
-        if self.engine == "espeak-ng":
+        if self.engine in ("espeak-ng", "mbrola"):  # mbrola: espeak-ng's mb-<db>-en voice
             wpm = str(int(round(165 * self.rate)))
-            return ["espeak-ng", "-v", self.name, "-s", wpm, "-p", str(self.pitch),
+            name = f"mb-{self.name}-en" if self.engine == "mbrola" else self.name
+            return ["espeak-ng", "-v", name, "-s", wpm, "-p", str(self.pitch),
                     "-w", str(out), text]  # fmt: skip
         if self.engine == "flite":
             stretch = f"{1.0 / self.rate:.3f}"
@@ -89,8 +96,9 @@ def available_engines() -> list[str]:
         ("festival", "text2wave"),
         ("rhvoice", "RHVoice-test"),
         ("pico", "pico2wave"),
+        ("mbrola", "mbrola"),
     ):
-        if shutil.which(binary):
+        if shutil.which(binary) and (engine != "mbrola" or shutil.which("espeak-ng")):
             found.append(engine)
     return found
 
@@ -99,11 +107,16 @@ def _festival_voice_installed(name: str) -> bool:
     return any(Path("/usr/share/festival/voices").glob(f"*/{name}"))
 
 
+def _mbrola_voice_installed(name: str) -> bool:
+    return (Path("/usr/share/mbrola") / name / name).is_file()
+
+
 def catalogue(seed: int = 0, settings_per_voice: int = 3) -> list[Voice]:
     """Every voice of the installed engines, each at a few seeded rate/pitch settings.
 
-    Release 1 comes first and draws its settings first, so installing the
-    engines of release 2 leaves release 1's voices and settings unchanged.
+    Each release comes after the earlier ones and draws its settings after
+    theirs, so installing a later release's engines leaves the earlier
+    releases' voices and settings unchanged.
     """
     rng = random.Random(seed)
     engines = available_engines()
@@ -119,6 +132,8 @@ def catalogue(seed: int = 0, settings_per_voice: int = 3) -> list[Voice]:
         names += [("rhvoice", v, 2) for v in RHVOICE_VOICES]
     if "pico" in engines:
         names += [("pico", v, 2) for v in PICO_VOICES]
+    if "mbrola" in engines:
+        names += [("mbrola", v, 3) for v in MBROLA_VOICES if _mbrola_voice_installed(v)]
     voices = []
     for engine, name, release in names:
         for _ in range(settings_per_voice if engine == "espeak-ng" else settings_per_voice * 4):
