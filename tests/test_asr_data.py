@@ -141,6 +141,17 @@ def test_natural_voice_engines_speak(voice, tmp_path):
     assert 1.0 < len(audio) / rate < 6.0 and abs(audio).max() > 0.05
 
 
+def test_a_missing_synthesizer_names_its_package(tmp_path, monkeypatch):
+    from apps.asr.voices import SynthesisError, synthesize
+
+    monkeypatch.setenv("PATH", str(tmp_path))  # no synthesizer on the path
+    for voice, package in ((Voice("festival", "kal_diphone"), "festival"),
+                           (Voice("pico", "en-US", release=2), "libttspico-utils"),
+                           (Voice("mbrola", "de1", release=3), "espeak-ng")):  # fmt: skip
+        with pytest.raises(SynthesisError, match=f"apt-get install {package}"):
+            synthesize(voice, "hello", tmp_path / "x.wav")
+
+
 @needs_shared
 @pytest.mark.skipif(not shutil.which("espeak-ng"), reason="espeak-ng is not installed")
 def test_tiny_synthesis_run(tmp_path):

@@ -41,6 +41,9 @@ PICO_VOICES = ["en-US", "en-GB"]
 # release 2, so speaking through it would leak that voice into training.
 MBROLA_VOICES = ["de1", "de2", "de3", "de4", "de5", "de6", "gr2", "ro1"]
 FIXED_RATE = {"cmu_us_slt_arctic_hts"}  # festival's HTS engine ignores Duration_Stretch
+# The Debian packages that give each synthesis command (for the error message).
+PACKAGES = {"text2wave": "festival", "RHVoice-test": "rhvoice rhvoice-english",
+            "pico2wave": "libttspico-utils"}  # fmt: skip
 
 
 class SynthesisError(RuntimeError):
@@ -179,7 +182,7 @@ def synthesize(voice: Voice, text: str, out: Path, timeout_s: float = 60) -> Non
         )  # fmt: skip
     except FileNotFoundError:
         raise SynthesisError(
-            f"{cmd[0]} is not installed (apt-get install {voice.engine})"
+            f"{cmd[0]} is not installed (apt-get install {PACKAGES.get(cmd[0], cmd[0])})"
         ) from None
     except subprocess.TimeoutExpired:
         raise SynthesisError(f"{voice.id} timed out on {text[:40]!r}") from None
