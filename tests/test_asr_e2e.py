@@ -30,7 +30,7 @@ REFS = dict(
     line.split("\t") for line in (CLIPS / "transcripts.tsv").read_text().strip().splitlines()
 )
 # Word error rate of each shipped clip with the shipped model and LM (MODEL.md).
-CARD_WER = {"heldout-espeak-david.flac": 6 / 12, "LJ001-0011.flac": 10 / 15}
+CARD_WER = {"heldout-espeak-david.flac": 3 / 12, "LJ001-0011.flac": 12 / 15}
 
 pytestmark = pytest.mark.skipif(
     not (SAMPLES_DIR / "asr" / "model.ds").exists(),
@@ -94,8 +94,8 @@ async def test_rates_encodings_and_stereo(registry):
             await client.end()
             two = text_of([e async for e in client.events()])
     assert two == base  # both channels equal: the downmix is the mono signal
-    assert wer([REFS[name]], [hi]) <= CARD_WER[name] + one_word
-    assert wer([REFS[name]], [tel]) <= CARD_WER[name] + 2 * one_word
+    assert wer([REFS[name]], [hi]) <= CARD_WER[name] + one_word + 1e-9
+    assert wer([REFS[name]], [tel]) <= CARD_WER[name] + 2 * one_word + 1e-9  # 8 kHz
 
 
 def test_hotwords_change_what_they_should(registry):
@@ -109,7 +109,9 @@ def test_hotwords_change_what_they_should(registry):
         {"phrase": w, "boost": 8.0} for w in missed]).text  # fmt: skip
     recovered = [w for w in missed if w in boosted.split()]
     assert recovered, (plain, boosted)
-    assert wer([REFS[name]], [boosted]) < wer([REFS[name]], [plain])
+    # Never worse overall.  (Not always better: with the epoch-43 model the boost
+    # that recovers "sherlock" also tips "seized" to "seased" in the beam.)
+    assert wer([REFS[name]], [boosted]) <= wer([REFS[name]], [plain])
 
 
 def test_in_process_transcribe_equals_the_server(registry):

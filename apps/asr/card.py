@@ -49,9 +49,10 @@ def _by_release(rows: list[dict]) -> str:
         groups.setdefault(str(r.get("release", 1)), []).append(r)
     parts = []
     for release, mine in sorted(groups.items()):
+        voices = len({r["speaker"] for r in mine})
         parts.append(f"\n  - release {release} ({RELEASE_NAMES.get(release, '?')}): {len(mine)} "
-                     f"utterances, {_hours(mine):.1f} h, {len({r['speaker'] for r in mine})} "
-                     f"voices")  # fmt: skip
+                     f"utterances, {_hours(mine):.1f} h, {voices} "
+                     f"voice{'s' if voices != 1 else ''}")  # fmt: skip
     return "".join(parts)
 
 
@@ -196,8 +197,9 @@ Speech 1.1, public domain), through the streaming pipeline
 Trained on synthetic voices only: voices it never heard score far worse than
 its training voices, and real speech (LJ001) is much harder than unseen
 synthetic voices. What limits real speech, what has been measured to help (the
-natural voices of release 2; more steps helped the synthetic voices, not LJ001)
-and what would help next is in docs/asr.md ("What limits real speech").
+natural voices of release 2; more steps and the accented voices of release 3
+helped the synthetic voices, LJ001 by about a point) and what would help next
+is in docs/asr.md ("What limits real speech").
 """
     out = args.samples / "asr" / "MODEL.md"
     out.write_text(card)
