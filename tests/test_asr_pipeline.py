@@ -293,6 +293,18 @@ def test_options_are_validated_and_reported(runtime):
     pipe.end()
 
 
+def test_sessions_with_hotwords_search_a_wider_beam(runtime):
+    from dsstream.options import AsrOptions, Hotword
+
+    pipe = runtime.pipeline()
+    widths = []
+    for hotwords in ((), (Hotword("holmes", 5.0),)):
+        pipe.begin(AsrOptions(hotwords=hotwords))
+        widths.append(pipe.decoder.search.cfg.beam_width)
+        pipe.end()
+    assert widths == [4, 16]  # runtime's beam 4; AsrConfig.hotword_beam_width
+
+
 def test_model_state_is_released_at_the_end(runtime):
     before = runtime.engine.sessions.stats()["sessions"]
     pipes = [runtime.stream() for _ in range(3)]

@@ -345,6 +345,7 @@ class NativeBeamSearch:
         from dsstream.decoding import _native  # type: ignore[attr-defined]
 
         self.vocab = vocab
+        self.cfg = config
         self.parts = vocab.token_parts()
         trie = hotwords if hotwords is not None and len(hotwords) else None
         self.core = _native.Core(
