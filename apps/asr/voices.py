@@ -92,18 +92,16 @@ class Voice:
 
 
 def available_engines() -> list[str]:
-    found = []
-    for engine, binary in (
-        ("espeak-ng", "espeak-ng"),
-        ("flite", "flite"),
-        ("festival", "text2wave"),
-        ("rhvoice", "RHVoice-test"),
-        ("pico", "pico2wave"),
-        ("mbrola", "mbrola"),
-    ):
-        if shutil.which(binary) and (engine != "mbrola" or shutil.which("espeak-ng")):
-            found.append(engine)
-    return found
+    """The engines whose programs are all on the PATH."""
+    needs = {
+        "espeak-ng": ["espeak-ng"],
+        "flite": ["flite"],
+        "festival": ["text2wave"],
+        "rhvoice": ["RHVoice-test"],
+        "pico": ["pico2wave"],
+        "mbrola": ["mbrola", "espeak-ng"],  # espeak-ng's front end drives the databases
+    }
+    return [engine for engine, programs in needs.items() if all(map(shutil.which, programs))]
 
 
 def _festival_voice_installed(name: str) -> bool:
