@@ -16,6 +16,7 @@ from dsstream.decoding import (
     greedy_decode,
 )
 from dsstream.decoding.hotwords import HotwordState
+from dsstream.decoding.search import native_available
 from dsstream.evaluation import cer, wer
 from dsstream.lm import build_lm, write_arpa
 
@@ -141,12 +142,30 @@ def test_many_unrelated_hotwords_leave_the_best_hypothesis_alone(lm):
     # Unrelated phrases still spare their own prefixes ("z...") the OOV
     # penalty, so lower n-best entries may differ; the best may not.
     junk = [f"zq{i}xv" for i in range(1000)]
-    with_junk, plain = decoder.decode(x, hotwords=junk), decoder.decode(x)
+    # Streams with hotwords search at least decoder.hotword_beam_width (16).
+    with_junk, plain = decoder.decode(x, hotwords=junk), decoder.decode(x, beam_width=16)
     assert (with_junk.text, with_junk.score, with_junk.words) == (
         plain.text,
         plain.score,
         plain.words,
     )
+
+
+@pytest.mark.parametrize("backend", ["python", "native"])
+def test_streams_with_hotwords_search_a_wider_beam(backend):
+    if backend == "native" and not native_available():
+        pytest.skip("native decoder not built")
+    decoder = CTCDecoder(beam_width=4, backend=backend)
+
+    def width(decoder: CTCDecoder, **kwargs) -> int:
+        return decoder.begin(**kwargs).search.cfg.beam_width
+
+    assert width(decoder) == 4 and width(decoder, hotwords=[]) == 4
+    assert width(decoder, hotwords=["holmes"]) == 16  # the default hotword_beam_width
+    assert width(decoder, hotwords=["holmes"], beam_width=32) == 32  # never narrower
+    assert width(CTCDecoder(beam_width=4, hotword_beam_width=None), hotwords=["x"]) == 4
+    with pytest.raises(ValueError, match="hotword_beam_width"):
+        CTCDecoder(hotword_beam_width=0)
 
 
 def test_hotword_trie_credit_is_given_while_spelling_and_taken_back():

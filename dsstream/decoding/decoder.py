@@ -156,6 +156,11 @@ class CTCDecoder:
     :class:`Vocabulary` or token list) for another model.  ``decode(logits)``
     takes ``[frames, vocab]`` logits or log-probabilities (normalized with a
     log-softmax either way).  ``frame_shift_s`` converts frames to seconds.
+    Streams with hotwords search a beam of at least ``hotword_beam_width``
+    (None: the configured beam): a partial match's credit lifts its
+    hypotheses, and in a narrow beam they crowd out the ones that win once
+    the credit is taken back (measured with the sample model: boosting
+    "sprung" turned "seized" into "seased" at beam 8, not at 12 or more).
     """
 
     def __init__(
@@ -169,6 +174,7 @@ class CTCDecoder:
         beta: float | None = None,
         frame_shift_s: float = 0.04,
         hotword_boost: float = 5.0,
+        hotword_beam_width: int | None = 16,
         backend: str = "auto",
         config: DecoderConfig | None = None,
         **overrides: Any,
@@ -193,6 +199,9 @@ class CTCDecoder:
             self.lm = KenLM(language_model, unigrams)
         self.frame_shift_s = frame_shift_s
         self.hotword_boost = hotword_boost
+        if hotword_beam_width is not None and hotword_beam_width < 1:
+            raise ValueError(f"hotword_beam_width must be at least 1, got {hotword_beam_width}")
+        self.hotword_beam_width = hotword_beam_width
         self.backend = _pick_backend(backend)
         self._executor: ThreadPoolExecutor | None = None
         self._pool_lock = threading.Lock()
@@ -202,8 +211,12 @@ class CTCDecoder:
     ) -> DecoderStream:
         """Start a stream; ``overrides`` change config fields for this stream only."""
         config = replace(self.config, **overrides) if overrides else self.config
+        trie = _hotwords(hotwords, self.hotword_boost)
+        if trie is not None and len(trie) and self.hotword_beam_width is not None:
+            width = max(config.beam_width, self.hotword_beam_width)
+            config = replace(config, beam_width=width)
         search_cls = NativeBeamSearch if self.backend == "native" else BeamSearch
-        search = search_cls(self.vocab, config, self.lm, _hotwords(hotwords, self.hotword_boost))
+        search = search_cls(self.vocab, config, self.lm, trie)
         return DecoderStream(self, search, time_offset)
 
     def decode(

@@ -158,11 +158,7 @@ class AsrConfig:
     device: str = "cpu"
     max_batch: int = 64  # streams per acoustic-model forward pass
     beam_width: int = 8
-    # Sessions with hotwords search wider: a partial match's credit lifts its
-    # hypotheses, and in a beam of 8 they crowd out the ones that win once
-    # the credit is taken back (measured: boosting "sprung" turned "seized"
-    # into "seased" at beam 8, not at 12 or more).
-    hotword_beam_width: int = 16
+    hotword_beam_width: int = 16  # sessions with hotwords (see CTCDecoder)
     alpha: float | None = None  # LM weight; None: the artifact's tuned value, else 0.5
     beta: float | None = None  # word insertion bonus; None: artifact's, else 1.0
     vad_threshold: float = 0.5
@@ -208,6 +204,7 @@ class AsrRuntime:
             alpha=_first(config.alpha, spec.alpha, 0.5),
             beta=_first(config.beta, spec.beta, 1.0),
             frame_shift_s=spec.frame_shift_s,
+            hotword_beam_width=config.hotword_beam_width,
         )
         self.vad = SileroVad(config=VadConfig(threshold=config.vad_threshold))
         self.times = StageTimes()
@@ -276,8 +273,6 @@ class AsrPipeline:
         self.overrides: dict[str, Any] = {}
         if options.lm_weight is not None:
             self.overrides["alpha"] = options.lm_weight
-        if self.hotwords:
-            self.overrides["beam_width"] = max(rt.config.beam_width, rt.config.hotword_beam_width)
         self.held: list[np.ndarray] = []  # audio not yet through the VAD and frontend
         self.held_samples = 0
         self.pending = np.zeros((0, spec.fbank.n_mels), np.float32)  # features not yet run
