@@ -109,11 +109,19 @@ def test_installing_a_later_release_leaves_earlier_voices_unchanged(monkeypatch)
     after = voices.catalogue(seed=2)
     assert after[: len(before)] == before  # same voices, same rate and pitch draws
     added = after[len(before) :]
-    assert {v.release for v in added} == {3} and {v.engine for v in added} == {"mbrola"}
-    assert {v.name for v in added} == set(voices.MBROLA_VOICES) - {"gr2"}  # installed ones
+    assert {v.release for v in added} == {3, 4} and {v.engine for v in added} == {"mbrola"}
+    mbrola = set(voices.MBROLA_VOICES + voices.MBROLA_VOICES_4)
+    assert {v.name for v in added} == mbrola - {"gr2"}  # the installed databases
     assert len(added) == 12 * len({v.name for v in added})  # natural voices: 12 settings each
     train, valid = voices.split_voices(after, seed=0)
-    assert len(valid & {v.speaker for v in added}) == 1  # one whole new voice held out
+    for release in (3, 4):  # one whole new voice held out per release
+        assert len(valid & {v.speaker for v in added if v.release == release}) == 1
+    # Installing release 4's databases later leaves release 3's voices and split alone.
+    release3 = set(voices.MBROLA_VOICES) - {"gr2"}
+    monkeypatch.setattr(voices, "_mbrola_voice_installed", lambda name: name in release3)
+    only3 = voices.catalogue(seed=2)
+    assert after[: len(only3)] == only3 and {v.release for v in only3[len(before) :]} == {3}
+    assert voices.split_voices(only3, seed=0)[1] <= valid
 
 
 @pytest.mark.parametrize(

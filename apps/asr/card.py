@@ -40,6 +40,7 @@ RELEASE_NAMES = {
     "1": "espeak-ng variants, flite, festival kal",
     "2": "festival diphone/MBROLA/HTS, RHVoice, SVOX Pico",
     "3": "MBROLA German, Greek, Romanian voices speaking English",
+    "4": "MBROLA Afrikaans, French, Hungarian, Dutch, Polish, Swedish voices speaking English",
 }
 
 

@@ -1,6 +1,6 @@
 """Recipe step 1: sentences and synthesized speech for the sample ASR model.
 
-    python -m apps.asr.prepare [--hours 10 12 5] [--workers 2] [--out cache/asr]
+    python -m apps.asr.prepare [--hours 10 12 5 5] [--workers 2] [--out cache/asr]
 
 Sentences come from ../shared/data/text (never from the evaluation speech),
 normalized to the model's vocabulary; each is spoken by a seeded choice among
@@ -8,7 +8,8 @@ the installed voices at a seeded rate and pitch.  The voices come in releases
 (apps.asr.voices): release 1 is espeak-ng's voices and variants, flite and
 festival's kal; release 2 the more natural festival diphone, MBROLA and HTS
 voices, RHVoice and SVOX Pico; release 3 MBROLA's German, Greek and Romanian
-voices speaking English through espeak-ng.  ``--hours`` gives each release's hours of
+voices speaking English through espeak-ng, and release 4 its Afrikaans,
+French, Hungarian, Dutch, Polish and Swedish ones.  ``--hours`` gives each release's hours of
 speech, in order, with its own sentences, none spoken twice.  Whole voices
 are held out for validation.  Audio is
 resampled to 16 kHz mono FLAC under ``<out>/audio``; ``<out>/train.jsonl``
@@ -155,7 +156,7 @@ def _render(job: tuple[str, str, Voice, str]) -> dict | None:
 
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--hours", type=float, nargs="+", default=[10.0, 12.0, 5.0],
+    parser.add_argument("--hours", type=float, nargs="+", default=[10.0, 12.0, 5.0, 5.0],
                         help="hours of speech per voice release, in order (a release "
                              "without hours is left out)")  # fmt: skip
     parser.add_argument("--workers", type=int, default=2)

@@ -40,6 +40,10 @@ PICO_VOICES = ["en-US", "en-GB"]
 # MBROLA's English voices are left out here: us1 is a held-out voice of
 # release 2, so speaking through it would leak that voice into training.
 MBROLA_VOICES = ["de1", "de2", "de3", "de4", "de5", "de6", "gr2", "ro1"]
+# Release 4: the rest of espeak-ng's mb-<db>-en voices (Debian mbrola-<db>):
+# Afrikaans, French (fr4 a woman), Hungarian, Dutch, Polish (a woman) and
+# Swedish (sw2 a woman) speakers, the same way as release 3.
+MBROLA_VOICES_4 = ["af1", "fr1", "fr4", "hu1", "nl2", "pl1", "sw1", "sw2"]
 FIXED_RATE = {"cmu_us_slt_arctic_hts"}  # festival's HTS engine ignores Duration_Stretch
 # The Debian packages that give each synthesis command (for the error message).
 PACKAGES = {"text2wave": "festival", "RHVoice-test": "rhvoice rhvoice-english",
@@ -135,6 +139,7 @@ def catalogue(seed: int = 0, settings_per_voice: int = 3) -> list[Voice]:
         names += [("pico", v, 2) for v in PICO_VOICES]
     if "mbrola" in engines:
         names += [("mbrola", v, 3) for v in MBROLA_VOICES if _mbrola_voice_installed(v)]
+        names += [("mbrola", v, 4) for v in MBROLA_VOICES_4 if _mbrola_voice_installed(v)]
     voices = []
     for engine, name, release in names:
         for _ in range(settings_per_voice if engine == "espeak-ng" else settings_per_voice * 4):
