@@ -198,8 +198,8 @@ Speech 1.1, public domain), through the streaming pipeline
 Trained on synthetic voices only: voices it never heard score far worse than
 its training voices, and real speech (LJ001) is much harder than unseen
 synthetic voices. What limits real speech, what has been measured to help (the
-natural voices of release 2; more steps and the accented voices of release 3
-helped the synthetic voices, LJ001 by about a point) and what would help next
+natural voices of release 2; more steps and the accented voices of releases 3
+and 4 helped the synthetic voices, not LJ001) and what would help next
 is in docs/asr.md ("What limits real speech").
 """
     out = args.samples / "asr" / "MODEL.md"
