@@ -334,7 +334,7 @@ def test_error_rates():
 # -- the compiled core against the Python reference ------------------------------
 
 native = pytest.mark.skipif(
-    not __import__("dsstream.decoding.search", fromlist=["x"]).native_available(),
+    not native_available(),
     reason="compiled decoder core not built",
 )
 

@@ -270,9 +270,7 @@ class AsrPipeline:
         self.vad = rt.vad.stream()
         self.endpointer = Endpointer(options.endpointing)
         self.hotwords = [(h.phrase, h.boost) for h in options.hotwords]
-        self.overrides: dict[str, Any] = {}
-        if options.lm_weight is not None:
-            self.overrides["alpha"] = options.lm_weight
+        self.overrides = {} if options.lm_weight is None else {"alpha": options.lm_weight}
         self.held: list[np.ndarray] = []  # audio not yet through the VAD and frontend
         self.held_samples = 0
         self.pending = np.zeros((0, spec.fbank.n_mels), np.float32)  # features not yet run
