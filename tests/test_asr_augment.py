@@ -9,7 +9,9 @@ from apps.asr import augment
 from apps.asr.augment import (
     AugmentConfig,
     augment_wave,
+    channel_response,
     coloured_noise,
+    equalize,
     reverb,
     spec_augment,
     telephone,
@@ -33,8 +35,8 @@ def _band_power(x: np.ndarray, lo: float, hi: float) -> float:
 
 def test_all_is_exported():
     assert set(augment.__all__) == {
-        "AugmentConfig", "augment_wave", "coloured_noise", "reverb", "spec_augment", "telephone",
-        "vtlp",
+        "AugmentConfig", "augment_wave", "channel_response", "coloured_noise", "equalize",
+        "reverb", "spec_augment", "telephone", "vtlp",
     }  # fmt: skip
 
 
@@ -73,6 +75,48 @@ def test_telephone_keeps_the_voice_band_and_removes_the_rest():
     )
     assert _band_power(telephone(high), 5900, 6100) < 1e-3 * _band_power(high, 5900, 6100)
     assert telephone(low).shape == low.shape
+
+
+def test_equalize_scales_each_frequency_by_its_gain():
+    n = 16384  # a power of two: bin k is exactly k * 16000 / n Hz
+    freqs = np.fft.rfftfreq(n, 1 / RATE)
+    gain = np.random.default_rng(5).uniform(-30.0, 10.0, len(freqs))
+    t = np.arange(n) / RATE
+    for k in (40, 700, 5000):
+        wave = np.cos(2 * np.pi * freqs[k] * t).astype(np.float32)
+        out = equalize(wave, gain)
+        np.testing.assert_allclose(out, wave * 10 ** (gain[k] / 20), atol=1e-4)
+    wave = np.random.default_rng(6).standard_normal(12345).astype(np.float32)
+    flat = np.zeros(len(np.fft.rfftfreq(16384, 1 / RATE)))
+    np.testing.assert_allclose(equalize(wave, flat), wave, atol=1e-5)
+
+
+def test_channel_response_has_its_cutoffs_and_tilt():
+    cfg = AugmentConfig(highpass_hz=(200.0, 200.0), lowpass_hz=(4000.0, 4000.0),
+                        tilt_db_per_octave=(2.0, 2.0), resonances=0)  # fmt: skip
+    freqs = np.array([50.0, 100.0, 200.0, 1000.0, 2000.0, 4000.0, 8000.0])
+    gain = channel_response(freqs, np.random.default_rng(0), cfg)
+    octaves = np.log2(freqs / 1000.0)
+    # 12 dB per octave beyond each cutoff, plus the tilt everywhere.
+    expected = 2.0 * octaves + np.array([-24.0, -12.0, 0.0, 0.0, 0.0, 0.0, -12.0])
+    np.testing.assert_allclose(gain, expected, atol=1e-9)
+    bumpy = channel_response(freqs, np.random.default_rng(0), AugmentConfig(resonances=3))
+    assert np.isfinite(bumpy).all() and bumpy.min() >= -60.0
+
+
+def test_the_channel_applies_only_when_asked_and_cuts_below_its_high_pass():
+    plain = dict(speed=(1.0,), gain_db=(0.0, 0.0), noise_prob=0.0, reverb_prob=0.0,
+                 telephone_prob=0.0, highpass_hz=(400.0, 400.0), lowpass_hz=(8000.0, 8000.0),
+                 tilt_db_per_octave=(0.0, 0.0), resonances=0)  # fmt: skip
+    wave = _sine(100) + _sine(1000)
+    same = augment_wave(wave, np.random.default_rng(0), AugmentConfig(**plain), [])
+    np.testing.assert_array_equal(same, wave)  # eq_prob 0: untouched, no draw
+    out = augment_wave(wave, np.random.default_rng(0), AugmentConfig(**plain, eq_prob=1.0), [])
+    # Two octaves under the 400 Hz cutoff: -24 dB of power 1/251; 1 kHz kept.
+    assert _band_power(out, 90, 110) == pytest.approx(
+        _band_power(wave, 90, 110) * 10 ** (-24 / 10), rel=0.1
+    )
+    assert _band_power(out, 990, 1010) == pytest.approx(_band_power(wave, 990, 1010), rel=0.05)
 
 
 def test_nothing_configured_leaves_the_wave_alone():

@@ -264,14 +264,20 @@ def test_training_runs_is_seeded_and_resumes(tmp_path):
     annealed = train_main([*common, "--epochs", "3", "--anneal-epochs", "1", "--dropout", "0"])
     assert [h["epoch"] for h in annealed["history"]] == [0, 1, 2]
     assert annealed["anneal"]["from_step"] == resumed["step"] and annealed["anneal"]["steps"] > 0
-    assert annealed["changes"] == [{"step": resumed["step"], "dropout": 0.0}]
+    # The channel augmentation is on from the start (the default), dropout changed later.
+    assert annealed["changes"] == [
+        {"step": 0, "eq": 0.5},
+        {"step": resumed["step"], "dropout": 0.0},
+    ]
     saved = torch.load(tmp_path / "ckpt" / "last.pt", weights_only=False)
     assert saved["config"]["dropout"] == 0.0
     with pytest.raises(SystemExit, match="annealed to zero at epoch 3"):
         train_main([*common, "--epochs", "4"])  # past the annealing: a rate of zero
-    again = train_main([*common, "--epochs", "4", "--anneal-epochs", "1", "--vtlp", "0.5"])
+    again = train_main([*common, "--epochs", "4", "--anneal-epochs", "1", "--vtlp", "0.5",
+                        "--eq", "0"])  # fmt: skip
     assert again["past_anneals"] == [annealed["anneal"]]  # a warm restart
-    assert again["changes"][-1] == {"step": annealed["step"], "vtlp": 0.5}
+    step = annealed["step"]
+    assert again["changes"][-2:] == [{"step": step, "vtlp": 0.5}, {"step": step, "eq": 0.0}]
     steps = annealed["anneal"]["steps"]  # one epoch each time
     assert again["anneal"] == {"from_step": annealed["step"], "steps": steps, "to_epoch": 4}
     assert encode("it's a") == [11, 22, 2, 21, 1, 3]

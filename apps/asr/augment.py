@@ -3,8 +3,10 @@
 Waveform: speed perturbation, gain, additive noise (coloured noise, or babble
 made from other utterances), simple reverberation (an exponentially decaying
 noise impulse response), and a telephone-band path (8 kHz, mu-law, back to
-16 kHz) so 8 kHz callers are recognized.  Features: SpecAugment (time and
-frequency masks) and, when asked for, vocal tract length perturbation.
+16 kHz) so 8 kHz callers are recognized, and, when asked for, a random
+microphone/channel response (high-pass, tilt, resonances, low-pass).
+Features: SpecAugment (time and frequency masks) and, when asked for, vocal
+tract length perturbation.
 """
 
 from __future__ import annotations
@@ -20,7 +22,9 @@ from dsstream.frontend import FbankConfig
 __all__ = [
     "AugmentConfig",
     "augment_wave",
+    "channel_response",
     "coloured_noise",
+    "equalize",
     "reverb",
     "spec_augment",
     "telephone",
@@ -49,6 +53,15 @@ class AugmentConfig:
     # also trains as a range of nearby voices.  Off by default.
     vtlp_prob: float = 0.0
     vtlp_range: tuple[float, float] = (0.9, 1.1)
+    # A random channel (microphone, preamp, codec) colouring the whole signal:
+    # synthetic voices come out of the synthesizer flat, real recordings do not
+    # (LJ Speech has little energy below ~150 Hz).  Off by default.
+    eq_prob: float = 0.0
+    highpass_hz: tuple[float, float] = (50.0, 400.0)  # 12 dB/octave below
+    lowpass_hz: tuple[float, float] = (3500.0, 8000.0)  # 12 dB/octave above
+    tilt_db_per_octave: tuple[float, float] = (-3.0, 3.0)  # about 1 kHz
+    resonances: int = 3  # bumps or dips of +-eq_peak_db, 0.5 to 2 octaves wide
+    eq_peak_db: float = 6.0
 
 
 def _fft_size(n: int) -> int:
@@ -97,6 +110,33 @@ def telephone(wave: np.ndarray) -> np.ndarray:
     return torchaudio.functional.resample(x, 8000, RATE).numpy()
 
 
+def channel_response(freqs: np.ndarray, rng: np.random.Generator, cfg: AugmentConfig) -> np.ndarray:
+    """A random channel's gain in dB at ``freqs`` (Hz): a high-pass and a low-pass
+    (12 dB/octave beyond cutoffs drawn from the config's ranges), a spectral
+    tilt about 1 kHz, and ``cfg.resonances`` Gaussian bumps or dips in
+    log-frequency; floored at -60 dB."""
+    octaves = np.log2(np.maximum(freqs, 1.0) / 1000.0)
+    hp = np.log2(rng.uniform(*cfg.highpass_hz) / 1000.0)
+    lp = np.log2(rng.uniform(*cfg.lowpass_hz) / 1000.0)
+    gain = 12.0 * np.minimum(octaves - hp, 0.0) - 12.0 * np.maximum(octaves - lp, 0.0)
+    gain += rng.uniform(*cfg.tilt_db_per_octave) * octaves
+    for _ in range(cfg.resonances):
+        centre = rng.uniform(np.log2(0.2), np.log2(6.0))  # 200 Hz to 6 kHz
+        width = rng.uniform(0.5, 2.0) / 2.355  # octaves at half height -> sigma
+        gain += rng.uniform(-cfg.eq_peak_db, cfg.eq_peak_db) * np.exp(
+            -0.5 * ((octaves - centre) / width) ** 2
+        )
+    return np.maximum(gain, -60.0)
+
+
+def equalize(wave: np.ndarray, gain_db: np.ndarray) -> np.ndarray:
+    """``wave`` through a zero-phase filter of gain ``gain_db`` at the bins of
+    ``np.fft.rfftfreq(_fft_size(len(wave)), 1 / 16000)``."""
+    size = _fft_size(len(wave))
+    spec = np.fft.rfft(wave, size) * 10 ** (gain_db / 20)
+    return np.fft.irfft(spec, size)[: len(wave)].astype(np.float32)
+
+
 def augment_wave(
     wave: np.ndarray, rng: np.random.Generator, cfg: AugmentConfig, babble: list[np.ndarray]
 ) -> np.ndarray:
@@ -119,6 +159,10 @@ def augment_wave(
         else:
             noise = coloured_noise(len(wave), float(rng.choice([0.0, 1.0, 2.0])), rng)
         wave = _add(wave, noise, rng.uniform(*cfg.snr_db))
+    # Drawn only when enabled, so runs without it keep their random sequence.
+    if cfg.eq_prob and rng.random() < cfg.eq_prob:
+        freqs = np.fft.rfftfreq(_fft_size(len(wave)), 1 / RATE)
+        wave = equalize(wave, channel_response(freqs, rng, cfg))
     if rng.random() < cfg.telephone_prob:
         wave = telephone(wave)
     wave = wave * 10 ** (rng.uniform(*cfg.gain_db) / 20)

@@ -36,6 +36,13 @@ def _score_row(name: str, scores: dict) -> str:
     return f"| {name} | " + " | ".join(cells) + " |"
 
 
+# How the card words a training change (apps.asr.train's "changes").
+_CHANGES = {
+    "dropout": "dropout {:g}",
+    "vtlp": "vocal tract length perturbation on {:.0%} of the utterances",
+    "eq": "a random microphone/channel response on {:.0%} of the utterances",
+}
+
 RELEASE_NAMES = {
     "1": "espeak-ng variants, flite, festival kal",
     "2": "festival diphone/MBROLA/HTS, RHVoice, SVOX Pico",
@@ -126,7 +133,8 @@ tensor from min/max over {q.get("calibration", 256)} training utterances.
             + ".\n"
         )
     for change in state.get("changes", []):  # e.g. {"step": 8876, "dropout": 0.0}
-        what = ", ".join(f"{k} {v:g}" for k, v in change.items() if k != "step")
+        what = ", ".join(_CHANGES.get(k, k + " {:g}").format(v) for k, v in change.items()
+                         if k != "step")  # fmt: skip
         data_note += f"From step {change['step']}, {what}.\n"
     anneals = state.get("past_anneals", []) + ([state["anneal"]] if "anneal" in state else [])
     for a in anneals:
@@ -134,6 +142,8 @@ tensor from min/max over {q.get("calibration", 256)} training utterances.
             f"From step {a['from_step']}, the learning rate fell linearly to zero"
             f" over {a['steps']} steps.\n"
         )
+    with_eq = any(c.get("eq") for c in state.get("changes", []))
+    channel = " microphone/channel response," if with_eq else ""
     history = "\n".join(
         f"| {h['epoch']} | {h['step']} | {h['loss']:.3f} | {_pct(h['valid_cer'])} |"
         for h in state["history"]
@@ -158,7 +168,7 @@ synthesized speech only. Made by `python -m apps.asr.prepare`,
 ## Data
 
 - Train: {len(train)} utterances, {_hours(train):.1f} h, {len({r["speaker"] for r in train})} voices
-  (rate and pitch varied) with speed, gain, noise, babble, reverberation,
+  (rate and pitch varied) with speed, gain, noise, babble, reverberation,{channel}
   telephone-band and SpecAugment augmentation:{_by_release(train)}
 - Held-out voices (validation): {len(valid)} utterances, {_hours(valid):.1f} h,
   {len({r["speaker"] for r in valid})} voices never seen in training:{_by_release(valid)}
@@ -198,8 +208,9 @@ Speech 1.1, public domain), through the streaming pipeline
 Trained on synthetic voices only: voices it never heard score far worse than
 its training voices, and real speech (LJ001) is much harder than unseen
 synthetic voices. What limits real speech, what has been measured to help (the
-natural voices of release 2; more steps and the accented voices of releases 3
-and 4 helped the synthetic voices, not LJ001) and what would help next
+natural voices of release 2 and the random microphone/channel response; more
+steps and the accented voices of releases 3 and 4 helped the synthetic voices,
+not LJ001) and what would help next
 is in docs/asr.md ("What limits real speech").
 """
     out = args.samples / "asr" / "MODEL.md"

@@ -318,7 +318,9 @@ def train(args: argparse.Namespace) -> dict[str, Any]:
     changes = state.setdefault("changes", [])  # what each step trained with, for the card
     if args.vtlp != next((c["vtlp"] for c in reversed(changes) if "vtlp" in c), 0.0):
         changes.append({"step": state["step"], "vtlp": args.vtlp})
-    augment = None if args.no_augment else AugmentConfig(vtlp_prob=args.vtlp)
+    if args.eq != next((c["eq"] for c in reversed(changes) if "eq" in c), 0.0):
+        changes.append({"step": state["step"], "eq": args.eq})
+    augment = None if args.no_augment else AugmentConfig(vtlp_prob=args.vtlp, eq_prob=args.eq)
     data = SpeechSet(train_rows, fbank_cfg, augment, args.seed)
     started = time.monotonic()
     last_save = started
@@ -396,6 +398,11 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     parser.add_argument(
         "--vtlp", type=float, default=0.0,
         help="probability of vocal tract length perturbation per utterance",
+    )  # fmt: skip
+    parser.add_argument(
+        "--eq", type=float, default=0.5,
+        help="probability of a random microphone/channel response per utterance"
+        " (measured to help real speech: docs/asr.md)",
     )  # fmt: skip
     parser.add_argument("--no-augment", action="store_true")
     parser.add_argument("--restart", action="store_true", help="ignore an existing checkpoint")
