@@ -287,6 +287,15 @@ def test_training_runs_is_seeded_and_resumes(tmp_path):
     assert decode_greedy(logp) == "a b"
 
 
+@pytest.mark.parametrize("flag", ["--eq", "--vtlp"])
+def test_augmentation_probabilities_are_checked(flag, tmp_path, capsys):
+    from apps.asr.train import main as train_main
+
+    with pytest.raises(SystemExit):
+        train_main(["--data", str(tmp_path), flag, "1.5"])
+    assert f"{flag} is a probability per utterance, 0 to 1: got 1.5" in capsys.readouterr().err
+
+
 def test_learning_rate_warms_up_decays_and_anneals_to_zero():
     from apps.asr.train import lr_at
 

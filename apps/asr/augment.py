@@ -55,7 +55,8 @@ class AugmentConfig:
     vtlp_range: tuple[float, float] = (0.9, 1.1)
     # A random channel (microphone, preamp, codec) colouring the whole signal:
     # synthetic voices come out of the synthesizer flat, real recordings do not
-    # (LJ Speech has little energy below ~150 Hz).  Off by default.
+    # (LJ Speech has little energy below ~150 Hz).  Off here; the training
+    # recipe turns it on (apps.asr.train --eq, 0.5 by default).
     eq_prob: float = 0.0
     highpass_hz: tuple[float, float] = (50.0, 400.0)  # 12 dB/octave below
     lowpass_hz: tuple[float, float] = (3500.0, 8000.0)  # 12 dB/octave above

@@ -414,7 +414,13 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         action="store_true",
         help="INT8 quantization-aware fine-tuning of ckpt/last.pt into ckpt/qat.pt",
     )
-    return train(parser.parse_args(argv))
+    args = parser.parse_args(argv)
+    for name in ("vtlp", "eq"):
+        if not 0.0 <= getattr(args, name) <= 1.0:
+            parser.error(
+                f"--{name} is a probability per utterance, 0 to 1: got {getattr(args, name)}"
+            )
+    return train(args)
 
 
 if __name__ == "__main__":
