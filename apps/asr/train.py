@@ -43,6 +43,10 @@ PRESETS = {
 }
 
 
+# Command-line flags that give an augmentation's probability per utterance.
+_AUGMENT_PROBABILITIES = ("vtlp", "eq")
+
+
 def encode(text: str) -> list[int]:
     """Characters to token ids; spaces are the word delimiter."""
     return [INDEX["|" if ch == " " else ch] for ch in text if ch == " " or ch in INDEX]
@@ -316,10 +320,10 @@ def train(args: argparse.Namespace) -> dict[str, Any]:
 
     ctc = torch.nn.CTCLoss(blank=0, zero_infinity=True)
     changes = state.setdefault("changes", [])  # what each step trained with, for the card
-    if args.vtlp != next((c["vtlp"] for c in reversed(changes) if "vtlp" in c), 0.0):
-        changes.append({"step": state["step"], "vtlp": args.vtlp})
-    if args.eq != next((c["eq"] for c in reversed(changes) if "eq" in c), 0.0):
-        changes.append({"step": state["step"], "eq": args.eq})
+    for name in _AUGMENT_PROBABILITIES:  # a run starts with each at 0
+        value = getattr(args, name)
+        if value != next((c[name] for c in reversed(changes) if name in c), 0.0):
+            changes.append({"step": state["step"], name: value})
     augment = None if args.no_augment else AugmentConfig(vtlp_prob=args.vtlp, eq_prob=args.eq)
     data = SpeechSet(train_rows, fbank_cfg, augment, args.seed)
     started = time.monotonic()
@@ -415,7 +419,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         help="INT8 quantization-aware fine-tuning of ckpt/last.pt into ckpt/qat.pt",
     )
     args = parser.parse_args(argv)
-    for name in ("vtlp", "eq"):
+    for name in _AUGMENT_PROBABILITIES:
         if not 0.0 <= getattr(args, name) <= 1.0:
             parser.error(
                 f"--{name} is a probability per utterance, 0 to 1: got {getattr(args, name)}"
