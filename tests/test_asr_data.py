@@ -234,6 +234,13 @@ def test_training_runs_is_seeded_and_resumes(tmp_path):
     assert (tmp_path / "eval.json").is_file()
     artifact = export_main(["--data", str(tmp_path), "--out", str(tmp_path / "model.ds")])
     assert artifact.is_file()
+    # Training goes on from the artifact alone (apps.asr.recover: no optimizer moments).
+    from apps.asr.recover import main as recover_main
+
+    recover_main([str(artifact), "--out", str(tmp_path / "ckpt" / "recovered.pt")])
+    more = train_main([*common, "--ckpt-name", "recovered.pt", "--epochs", "3"])
+    assert more["history"][:2] == resumed["history"] and more["history"][2]["epoch"] == 2
+    assert more["changes"][-1] == {"step": resumed["step"], "recovered": "model.ds"}
     # INT8: post-training quantization and quantization-aware fine-tuning, both scored
     # like the float model and exported as streaming INT8 artifacts.
     from apps.asr.quantize import main as quantize_main
@@ -274,12 +281,15 @@ def test_training_runs_is_seeded_and_resumes(tmp_path):
     with pytest.raises(SystemExit, match="annealed to zero at epoch 3"):
         train_main([*common, "--epochs", "4"])  # past the annealing: a rate of zero
     again = train_main([*common, "--epochs", "4", "--anneal-epochs", "1", "--vtlp", "0.5",
-                        "--eq", "0"])  # fmt: skip
+                        "--eq", "0", "--release-weights", "2"])  # fmt: skip
     assert again["past_anneals"] == [annealed["anneal"]]  # a warm restart
     step = annealed["step"]
-    assert again["changes"][-2:] == [{"step": step, "vtlp": 0.5}, {"step": step, "eq": 0.0}]
+    assert again["changes"][-3:] == [{"step": step, "vtlp": 0.5}, {"step": step, "eq": 0.0},
+                                     {"step": step, "release_weights": [2.0]}]  # fmt: skip
     steps = annealed["anneal"]["steps"]  # one epoch each time
-    assert again["anneal"] == {"from_step": annealed["step"], "steps": steps, "to_epoch": 4}
+    assert again["anneal"]["from_step"] == annealed["step"] and again["anneal"]["to_epoch"] == 4
+    # Every utterance twice: about twice the batches (a batch holds up to its frame budget).
+    assert 1.7 * steps <= again["anneal"]["steps"] <= 2 * steps
     assert encode("it's a") == [11, 22, 2, 21, 1, 3]
     logp = torch.full((6, 29), -9.0)
     for t, tok in enumerate([3, 3, 0, 1, 4, 4]):
@@ -306,3 +316,81 @@ def test_learning_rate_warms_up_decays_and_anneals_to_zero():
     assert lr_at(398, 1e-3, 100, anneal) == lr_at(398, 1e-3, 100)  # before: unchanged
     assert lr_at(499, 1e-3, 100, anneal) == pytest.approx(2.5e-4)  # half way: half
     assert lr_at(599, 1e-3, 100, anneal) == 0.0 and lr_at(700, 1e-3, 100, anneal) == 0.0
+
+
+def _release_rows(n_per_release: int = 40) -> list[dict]:
+    return [{"release": r, "duration": 1.0 + (i % 7) / 10, "path": f"r{r}-{i}.flac", "text": "a"}
+            for r in (1, 2, 3) for i in range(n_per_release)]  # fmt: skip
+
+
+def test_release_weights_choose_each_epochs_utterances():
+    from collections import Counter
+
+    from apps.asr.train import epoch_indices, length_batches
+
+    rows = _release_rows()
+    n = len(rows)
+    assert length_batches(rows, 300, 0, 3, list(range(n))) == length_batches(rows, 300, 0, 3)
+    picked = epoch_indices(rows, (0.5, 2.0), seed=0, epoch=3)
+    assert picked == epoch_indices(rows, (0.5, 2.0), seed=0, epoch=3)  # seeded
+    assert picked != epoch_indices(rows, (0.5, 2.0), seed=0, epoch=4)  # another half next epoch
+    copies = Counter(i % n for i in picked)
+    release_1 = [copies[i] for i in range(40)]
+    assert set(release_1) == {0, 1} and 10 <= sum(release_1) <= 30  # about half, once at most
+    assert all(copies[i] == 2 for i in range(40, 80))  # twice: row i and its copy i + n
+    assert sorted(i for i in picked if 40 <= i % n < 80) == [*range(40, 80), *range(n + 40, n + 80)]
+    assert all(copies[i] == 1 for i in range(80, 120))  # past the weights given: once
+    batches = length_batches(rows, 300, 0, 3, picked)
+    assert sorted(i for b in batches for i in b) == sorted(picked)
+    assert epoch_indices(rows, (), 0, 0) == list(range(n))
+
+
+def test_each_copy_of_an_utterance_is_augmented_differently(tmp_path):
+    import numpy as np
+    import torch
+
+    from apps.asr.augment import AugmentConfig
+    from apps.asr.train import SpeechSet
+    from dsstream.frontend import FbankConfig
+
+    rng = np.random.default_rng(0)
+    rows = []
+    for i in range(2):
+        path = tmp_path / f"u{i}.flac"
+        sf.write(path, (0.1 * rng.standard_normal(16000)).astype("float32"), 16000)
+        rows.append({"path": str(path), "text": "a b", "duration": 1.0})
+    data = SpeechSet(rows, FbankConfig(), AugmentConfig(), seed=0)
+    first, again, copy = data[1][0], data[1][0], data[1 + len(rows)][0]
+    assert torch.equal(first, again)  # the same copy, the same augmentation
+    assert not torch.equal(first, copy)  # copy 1 draws its own
+    assert data[3][2] == data[1][2] == "a b"
+
+
+def test_release_weights_are_checked_and_recorded(tmp_path, capsys):
+    import argparse
+
+    from apps.asr.card import _CHANGES
+    from apps.asr.train import _release_weights
+    from apps.asr.train import main as train_main
+
+    rows = _release_rows(2)
+    state: dict = {"step": 7}
+    args = argparse.Namespace(release_weights=[0.5, 1.5])
+    assert _release_weights(args, state, rows) == (0.5, 1.5)
+    assert _release_weights(args, state, rows) == (0.5, 1.5)  # unchanged: recorded once
+    assert state["changes"] == [{"step": 7, "release_weights": [0.5, 1.5]}]
+    state["step"] = 9
+    assert _release_weights(argparse.Namespace(release_weights=[1, 1]), state, rows) == ()
+    assert state["changes"][-1] == {"step": 9, "release_weights": []}
+    with pytest.raises(SystemExit, match="releases 1 to 3"):
+        _release_weights(argparse.Namespace(release_weights=[1, 1, 1, 2]), state, rows)
+    words = _CHANGES["release_weights"]
+    assert (
+        words([0.5, 1.5])
+        == "per epoch release 1 0.5 times, release 2 1.5 times (later releases once)"
+    )
+    assert words([]) == "every voice release once per epoch"
+    for bad in (["-1"], ["0", "0"]):
+        with pytest.raises(SystemExit):
+            train_main(["--data", str(tmp_path), "--release-weights", *bad])
+        assert "--release-weights must be >= 0, not all 0" in capsys.readouterr().err

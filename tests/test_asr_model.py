@@ -1,6 +1,8 @@
 """The sample ASR model: streaming chunk by chunk equals offline with the same
 chunk mask (eager and through the engine), and the frontend streams exactly."""
 
+from pathlib import Path
+
 import numpy as np
 import pytest
 import torch
@@ -141,3 +143,65 @@ def test_bring_your_own_model_wav2vec2(tmp_path):
     assert np.abs(logp - ref).max() < 1e-3
     with pytest.raises(ValueError, match="frontend"):
         export_ctc(model, list(ENGLISH_CHARS.tokens), tmp_path / "x.ds", input_kind="features")
+
+
+def test_a_checkpoint_is_recovered_from_the_streaming_artifact(tmp_path):
+    """The engine folds each LayerNorm's affine into the next Linear; the recovered
+    model is the same function, with the run state the export kept."""
+    from apps.asr.export import main as export_main
+    from apps.asr.recover import checkpoint_from_artifact
+    from apps.asr.recover import main as recover_main
+    from engine.artifact import ArtifactError
+
+    torch.manual_seed(5)
+    model = AsrModel(SMALL)
+    with torch.no_grad():  # non-trivial norms, so that folding them changes the weights
+        for module in model.modules():
+            if isinstance(module, torch.nn.LayerNorm):
+                module.weight.uniform_(0.5, 1.5)
+                module.bias.uniform_(-0.3, 0.3)
+    fb = FbankConfig(mean=tuple([0.5] * 80), std=tuple([2.0] * 80))
+    state = {"epoch": 3, "step": 40, "history": [{"epoch": 2, "step": 40, "loss": 1.0}],
+             "changes": [{"step": 0, "eq": 0.5}], "anneal": {"from_step": 20, "steps": 20,
+             "to_epoch": 3}}  # fmt: skip
+    ckpt = tmp_path / "run.pt"
+    torch.save({"model": model.state_dict(), "config": SMALL.to_dict(),
+                "fbank": fb.to_dict(), "state": state}, ckpt)  # fmt: skip
+    artifact = export_main(["--checkpoint", str(ckpt), "--out", str(tmp_path / "asr.ds")])
+
+    recovered = checkpoint_from_artifact(artifact)
+    assert recovered["state"] == {
+        **state,
+        "changes": [*state["changes"], {"step": 40, "recovered": "asr.ds"}],
+    }
+    assert recovered["config"] == SMALL.to_dict()
+    assert recovered["fbank"] == {k: list(v) if isinstance(v, tuple) else v  # as JSON keeps it
+                                  for k, v in fb.to_dict().items()}  # fmt: skip
+    assert "optimizer" not in recovered
+    again = AsrModel(SMALL)
+    again.load_state_dict(recovered["model"])
+    assert torch.equal(again.blocks[0].att.norm.weight, torch.ones(SMALL.d_model))
+    assert not torch.equal(again.blocks[0].att.norm.weight, model.blocks[0].att.norm.weight)
+    feats = torch.randn(2, 4 * SMALL.chunk * 3, 80)
+    with torch.no_grad():
+        torch.testing.assert_close(again.eval()(feats), model.eval()(feats), rtol=0, atol=1e-4)
+
+    out = tmp_path / "ckpt" / "last.pt"
+    assert recover_main([str(artifact), "--out", str(out)]) == out
+    assert torch.load(out, weights_only=False)["state"]["step"] == 40
+    with pytest.raises(SystemExit):  # never overwrites a run's checkpoint unasked
+        recover_main([str(artifact), "--out", str(out)])
+    assert recover_main([str(artifact), "--out", str(out), "--force"]) == out
+    with pytest.raises(ArtifactError, match="quantized"):
+        checkpoint_from_artifact(Path(__file__).parents[1] / "samples/asr/model-int8.ds")
+    from apps.asr.export import export_ctc
+    from dsstream.decoding import ENGLISH_CHARS
+
+    class Frames(torch.nn.Module):
+        def forward(self, x):
+            return torch.zeros(x.shape[0], x.shape[1], len(ENGLISH_CHARS)) + x[..., :1]
+
+    other = export_ctc(Frames(), list(ENGLISH_CHARS.tokens), tmp_path / "ctc.ds",
+                       input_kind="features", frontend=fb, max_seconds=2)  # fmt: skip
+    with pytest.raises(ArtifactError, match="not a streaming ASR artifact"):
+        checkpoint_from_artifact(other)

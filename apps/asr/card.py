@@ -12,6 +12,7 @@ from __future__ import annotations
 import argparse
 import json
 from pathlib import Path
+from typing import Any
 
 import torch
 
@@ -36,11 +37,20 @@ def _score_row(name: str, scores: dict) -> str:
     return f"| {name} | " + " | ".join(cells) + " |"
 
 
+def _release_weights(weights: list[float]) -> str:
+    if not weights:
+        return "every voice release once per epoch"
+    each = ", ".join(f"release {r} {w:g} times" for r, w in enumerate(weights, 1))
+    return f"per epoch {each} (later releases once)"
+
+
 # How the card words a training change (apps.asr.train's "changes").
-_CHANGES = {
+_CHANGES: dict[str, Any] = {
+    "release_weights": _release_weights,
     "dropout": "dropout {:g}",
     "vtlp": "vocal tract length perturbation on {:.0%} of the utterances",
     "eq": "a random microphone/channel response on {:.0%} of the utterances",
+    "recovered": "training went on from the weights in {} (apps.asr.recover; a fresh optimizer)",
 }
 
 RELEASE_NAMES = {
@@ -133,8 +143,8 @@ tensor from min/max over {q.get("calibration", 256)} training utterances.
             + ".\n"
         )
     for change in state.get("changes", []):  # e.g. {"step": 8876, "dropout": 0.0}
-        what = ", ".join(_CHANGES.get(k, k + " {:g}").format(v) for k, v in change.items()
-                         if k != "step")  # fmt: skip
+        words = [(_CHANGES.get(k, k + " {:g}"), v) for k, v in change.items() if k != "step"]
+        what = ", ".join(w(v) if callable(w) else w.format(v) for w, v in words)
         data_note += f"From step {change['step']}, {what}.\n"
     anneals = state.get("past_anneals", []) + ([state["anneal"]] if "anneal" in state else [])
     for a in anneals:

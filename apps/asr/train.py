@@ -96,9 +96,11 @@ class SpeechSet(torch.utils.data.Dataset):
     def __getitem__(self, i: int):
         if self._fbank is None:  # built in the worker process
             self._fbank = Fbank(self.fbank_cfg)
+        copy, i = divmod(i, len(self.rows))  # see epoch_indices
         row = self.rows[i]
         wave = load_wave(row["path"])
-        rng = np.random.default_rng([self.seed, self.epoch, i])
+        # Copy 0 keeps the stream it always had; further copies get their own.
+        rng = np.random.default_rng([self.seed, self.epoch, i, copy][: 4 if copy else 3])
         if self.augment is not None:
             if len(self._babble) < 8:
                 self._babble.append(wave)
@@ -123,12 +125,36 @@ def collate(items):
     return batch, lengths, torch.cat(labels), torch.tensor([len(x) for x in labels]), list(texts)
 
 
-def length_batches(rows, max_frames: int, seed: int, epoch: int) -> list[list[int]]:
-    """Batches of similar duration under a frame budget, in a seeded order."""
-    order = sorted(range(len(rows)), key=lambda i: rows[i]["duration"])
+def epoch_indices(
+    rows: list[dict[str, Any]], weights: tuple[float, ...], seed: int, epoch: int
+) -> list[int]:
+    """The utterances one epoch trains on, each release weighted.
+
+    ``weights[r - 1]`` is how many times release ``r``'s utterances come per
+    epoch (releases past the end of ``weights`` count once): the whole part
+    of a weight repeats every utterance, the fraction draws a seeded share
+    that changes from epoch to epoch.  Index ``i + k * len(rows)`` is copy
+    ``k`` of row ``i`` (``SpeechSet`` augments each copy differently)."""
+    rng = random.Random(seed * 1000 + epoch + 1)
+    out: list[int] = []
+    for i, row in enumerate(rows):
+        release = int(row.get("release", 1))
+        weight = weights[release - 1] if release <= len(weights) else 1.0
+        copies = int(weight) + (rng.random() < weight - int(weight))
+        out.extend(i + k * len(rows) for k in range(copies))
+    return out
+
+
+def length_batches(
+    rows, max_frames: int, seed: int, epoch: int, indices: list[int] | None = None
+) -> list[list[int]]:
+    """Batches of similar duration under a frame budget, in a seeded order; over
+    ``indices`` (from ``epoch_indices``) when given, else every row once."""
+    n = len(rows)
+    order = sorted(range(n) if indices is None else indices, key=lambda i: rows[i % n]["duration"])
     batches, current, longest = [], [], 0.0
     for i in order:
-        d = rows[i]["duration"] * 100
+        d = rows[i % n]["duration"] * 100
         if current and max(longest, d) * (len(current) + 1) > max_frames:
             batches.append(current)
             current, longest = [], 0.0
@@ -244,6 +270,27 @@ def _plan_anneal(
         })  # fmt: skip
 
 
+def _release_weights(
+    args: argparse.Namespace, state: dict[str, Any], rows: list[dict[str, Any]]
+) -> tuple[float, ...]:
+    """``--release-weights`` checked against the data and recorded in the run's
+    changes when they differ from what the run trained with (empty: all 1)."""
+    weights = tuple(args.release_weights or ())
+    releases = max((int(r.get("release", 1)) for r in rows), default=1)
+    if len(weights) > releases:
+        raise SystemExit(
+            f"--release-weights gives {len(weights)} weights; the training data has "
+            f"releases 1 to {releases}"
+        )
+    if all(w == 1.0 for w in weights):
+        weights = ()
+    changes = state.setdefault("changes", [])
+    before = next((c["release_weights"] for c in reversed(changes) if "release_weights" in c), [])
+    if list(weights) != before:
+        changes.append({"step": state["step"], "release_weights": list(weights)})
+    return weights
+
+
 def _note_data(state: dict[str, Any], rows: list[dict[str, Any]]) -> None:
     """Record in the run's state when the training set changes (e.g. a new voice
     release prepared mid-run), so the model card can say what each epoch saw."""
@@ -301,7 +348,10 @@ def train(args: argparse.Namespace) -> dict[str, Any]:
         model = AsrModel(cfg)
         model.load_state_dict(saved["model"])
         opt = torch.optim.AdamW(model.parameters(), lr=args.lr, weight_decay=1e-2)
-        opt.load_state_dict(saved["optimizer"])
+        if "optimizer" in saved:
+            opt.load_state_dict(saved["optimizer"])
+        else:  # recovered from an artifact (apps.asr.recover): no optimizer moments
+            print("no optimizer state in the checkpoint: starting a fresh optimizer")
         fbank_cfg = FbankConfig(**saved["fbank"])
         state = saved["state"]
         print(f"resumed at epoch {state['epoch']}, step {state['step']}")
@@ -324,6 +374,7 @@ def train(args: argparse.Namespace) -> dict[str, Any]:
         value = getattr(args, name)
         if value != next((c[name] for c in reversed(changes) if name in c), 0.0):
             changes.append({"step": state["step"], name: value})
+    weights = _release_weights(args, state, train_rows)
     augment = None if args.no_augment else AugmentConfig(vtlp_prob=args.vtlp, eq_prob=args.eq)
     data = SpeechSet(train_rows, fbank_cfg, augment, args.seed)
     started = time.monotonic()
@@ -339,7 +390,10 @@ def train(args: argparse.Namespace) -> dict[str, Any]:
 
     while state["epoch"] < args.epochs:
         data.epoch = state["epoch"]
-        batches = length_batches(train_rows, args.batch_frames, args.seed, state["epoch"])
+        indices = None
+        if weights:
+            indices = epoch_indices(train_rows, weights, args.seed, state["epoch"])
+        batches = length_batches(train_rows, args.batch_frames, args.seed, state["epoch"], indices)
         done_in_epoch = state.get("batch_in_epoch", 0)
         loader = torch.utils.data.DataLoader(
             data, batch_sampler=batches[done_in_epoch:], collate_fn=collate,
@@ -408,6 +462,11 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         help="probability of a random microphone/channel response per utterance"
         " (measured to help real speech: docs/asr.md)",
     )  # fmt: skip
+    parser.add_argument(
+        "--release-weights", type=float, nargs="+", metavar="W",
+        help="times per epoch each voice release's utterances come (release 1 first; "
+        "later releases 1); e.g. 0.5 1.5 halves release 1 and adds half of release 2 again",
+    )  # fmt: skip
     parser.add_argument("--no-augment", action="store_true")
     parser.add_argument("--restart", action="store_true", help="ignore an existing checkpoint")
     parser.add_argument("--seed", type=int, default=0)
@@ -419,6 +478,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         help="INT8 quantization-aware fine-tuning of ckpt/last.pt into ckpt/qat.pt",
     )
     args = parser.parse_args(argv)
+    if args.release_weights and (min(args.release_weights) < 0 or not any(args.release_weights)):
+        parser.error(f"--release-weights must be >= 0, not all 0: got {args.release_weights}")
     for name in _AUGMENT_PROBABILITIES:
         if not 0.0 <= getattr(args, name) <= 1.0:
             parser.error(
