@@ -231,9 +231,22 @@ def test_training_runs_is_seeded_and_resumes(tmp_path):
     assert report["held_out_voices"]["n"] == len(valid)
     assert set(report["per_voice"]) == {r["speaker"] for r in valid}
     assert set(report["per_release"]) == {"1"}
-    assert (tmp_path / "eval.json").is_file()
+    assert (tmp_path / "eval.json").is_file() and report["decoder"]["beam_width"] == 4
+    # The decoder settings chosen on LJ001's first clips, then used by evaluate and export.
+    from apps.asr.tune import main as tune_main
+
+    chosen = tune_main(["--data", str(tmp_path), "--beams", "1,4", "--alphas", "0.5,0.8",
+                        "--betas", "1.0", "--lj-dev", "2", "--held-out", "2"])  # fmt: skip
+    assert chosen["beam_width"] in (1, 4) and chosen["lj_dev"] == 2 and len(chosen["grid"]) == 4
+    assert all(r["wer"] >= chosen["dev_wer"] for r in chosen["grid"] if r["beam_width"] == 4)
+    tuned = evaluate_main(["--data", str(tmp_path), "--lj-limit", "3"])
+    assert tuned["decoder"] == {k: chosen[k] for k in ("beam_width", "alpha", "beta")}
+    assert tuned["lj001_test"]["n"] == 1 and tuned["lj001_test"]["first_clip"] == 3
     artifact = export_main(["--data", str(tmp_path), "--out", str(tmp_path / "model.ds")])
     assert artifact.is_file()
+    from engine import read_manifest as read_artifact_manifest
+
+    assert read_artifact_manifest(artifact)[0].extra["decoder"] == tuned["decoder"]
     # Training goes on from the artifact alone (apps.asr.recover: no optimizer moments).
     from apps.asr.recover import main as recover_main
 
@@ -394,3 +407,14 @@ def test_release_weights_are_checked_and_recorded(tmp_path, capsys):
         with pytest.raises(SystemExit):
             train_main(["--data", str(tmp_path), "--release-weights", *bad])
         assert "--release-weights must be >= 0, not all 0" in capsys.readouterr().err
+
+
+def test_the_narrowest_beam_near_the_best_wer_is_chosen():
+    from apps.asr.tune import choose
+
+    rows = [{"beam_width": b, "alpha": a, "beta": 1.0, "wer": w} for b, a, w in (
+        (8, 0.5, 0.66), (8, 0.8, 0.70), (32, 0.5, 0.62), (128, 0.5, 0.60), (128, 0.65, 0.587),
+        (256, 0.65, 0.581))]  # fmt: skip
+    assert choose(rows, 0.01) == rows[4]  # 128 at its best alpha: within 1 point of 256
+    assert choose(rows, 0.0) == rows[5]
+    assert choose(rows, 0.1) == rows[0]  # beam 8 at alpha 0.5, not its worse 0.8

@@ -305,6 +305,28 @@ def test_sessions_with_hotwords_search_a_wider_beam(runtime):
     assert widths == [4, 16]  # runtime's beam 4; AsrConfig.hotword_beam_width
 
 
+def test_decoder_settings_come_from_the_artifact_unless_configured(tiny, tmp_path):
+    """apps.asr.tune's choice travels in the manifest; AsrConfig overrides it."""
+    from apps.asr.export import export_streaming
+    from dsstream.options import AsrOptions
+
+    _, model, fbank = tiny
+    tuned = {"beam_width": 24, "alpha": 0.7, "beta": 1.5}
+    path = export_streaming(model, fbank, tmp_path / "tuned.ds", {"decoder": tuned})
+    for artifact, config, expected in (
+        (path, AsrConfig(), (24, 0.7, 1.5)),
+        (path, AsrConfig(beam_width=6, alpha=0.2), (6, 0.2, 1.5)),
+        (tiny[0], AsrConfig(), (32, 0.5, 1.0)),  # nothing recorded: the defaults
+    ):
+        rt = AsrRuntime(artifact, config=config)
+        pipe = rt.pipeline()
+        pipe.begin(AsrOptions())
+        cfg = pipe.decoder.search.cfg
+        assert (cfg.beam_width, cfg.alpha, cfg.beta) == expected
+        pipe.end()
+        rt.close()
+
+
 def test_model_state_is_released_at_the_end(runtime):
     before = runtime.engine.sessions.stats()["sessions"]
     pipes = [runtime.stream() for _ in range(3)]

@@ -126,6 +126,17 @@ tensor from min/max over {q.get("calibration", 256)} training utterances.
 |---|---:|---:|---:|---:|
 {table}
 """
+    decoder = report.get("decoder", {"beam_width": 32, "alpha": 0.5, "beta": 1.0})
+    decoder_note = f"beam {decoder['beam_width']}, alpha {decoder['alpha']}, beta {decoder['beta']}"
+    lj_test_row = ""
+    if "lj001_test" in report:
+        first = report["lj001_test"]["first_clip"]
+        decoder_note += (
+            f", chosen by `python -m apps.asr.tune` on LJ001's first {first - 1} clips and"
+            " recorded in the artifact, where the streaming pipeline takes them from"
+        )
+        name = f"LJ001 clips {first}-{first - 1 + report['lj001_test']['n']}, not used to tune"
+        lj_test_row = _score_row(name, report["lj001_test"]) + "\n"
     per_release = report.get("per_release", {})
     release_rows = "".join(
         _score_row(f"held-out voices, release {r} ({sc['n']} utt.)", sc) + "\n"
@@ -199,8 +210,8 @@ Each epoch is scored on the first 200 held-out utterances (release 1 voices).
 |---|---:|---:|---:|---:|
 {_score_row(f"held-out voices ({held['n']} utt.)", held)}
 {release_rows}{_score_row(f"LJ001 real speech ({lj.get('n', 0)} clips)", lj)}
-
-The LM is `lm.arpa` (see LM.md), beam 32, alpha 0.5, beta 1.0. For reference,
+{lj_test_row}
+The LM is `lm.arpa` (see LM.md); {decoder_note}. For reference,
 CMU pocketsphinx with its 27 MB LM gets 27.7% WER on a sample of LJ Speech.
 
 Shipped clips (`clips/`: `heldout-espeak-david.flac` is espeak-ng's

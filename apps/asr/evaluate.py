@@ -27,7 +27,20 @@ from dsstream.lm import normalize_sentence
 
 ROOT = Path(__file__).resolve().parents[2]
 
-__all__ = ["main", "score", "evaluate"]
+__all__ = ["DEFAULT_DECODER", "decoder_settings", "main", "score", "evaluate"]
+
+# The decoder settings when apps.asr.tune has not chosen any (<data>/decoder.json).
+DEFAULT_DECODER = {"beam_width": 32, "alpha": 0.5, "beta": 1.0}
+
+
+def decoder_settings(data: Path) -> dict[str, Any]:
+    """The ``beam_width``, ``alpha`` and ``beta`` chosen by ``apps.asr.tune`` in
+    ``<data>/decoder.json``, else :data:`DEFAULT_DECODER`."""
+    path = data / "decoder.json"
+    if not path.is_file():
+        return dict(DEFAULT_DECODER)
+    saved = json.loads(path.read_text())
+    return {k: saved[k] for k in DEFAULT_DECODER} | {"lj_dev": saved.get("lj_dev", 0)}
 
 
 def _logp(model: torch.nn.Module, fbank: Fbank, wave: np.ndarray) -> np.ndarray:
@@ -64,8 +77,10 @@ def evaluate(
     beta: float = 1.0,
     limit: int = 2000,
     lj_limit: int = 186,
+    lj_dev: int = 0,
 ) -> dict[str, Any]:
-    """CER/WER greedy and with the LM, overall and per held-out voice, and on LJ001."""
+    """CER/WER greedy and with the LM, overall and per held-out voice, and on LJ001
+    (also on its clips past the first ``lj_dev``, those ``apps.asr.tune`` did not see)."""
     decoder = None
     if lm is not None and lm.is_file():
         from dsstream.decoding import CTCDecoder
@@ -89,6 +104,9 @@ def evaluate(
         pairs = lj_set(lj_limit)
         lj_mats = [_logp(model, fbank, load_wave(p)) for p, _ in pairs]
         report["lj001"] = score([t for _, t in pairs], lj_mats, decoder)
+        if 0 < lj_dev < len(pairs):
+            report["lj001_test"] = score([t for _, t in pairs[lj_dev:]], lj_mats[lj_dev:], decoder)
+            report["lj001_test"]["first_clip"] = lj_dev + 1
     return report
 
 
@@ -96,26 +114,36 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--data", type=Path, default=ROOT / "cache" / "asr")
     parser.add_argument("--lm", type=Path, default=ROOT / "samples" / "asr" / "lm.arpa")
-    parser.add_argument("--beam", type=int, default=32)
-    parser.add_argument("--alpha", type=float, default=0.5)
-    parser.add_argument("--beta", type=float, default=1.0)
+    parser.add_argument("--beam", type=int, help="default: <data>/decoder.json's, else 32")
+    parser.add_argument("--alpha", type=float, help="LM weight; default as --beam, else 0.5")
+    parser.add_argument("--beta", type=float, help="word bonus; default as --beam, else 1.0")
     parser.add_argument("--limit", type=int, default=5000, help="validation utterances")
     parser.add_argument("--lj-limit", type=int, default=186, help="LJ001 clips")
     parser.add_argument("--checkpoint", type=Path, help="default: <data>/ckpt/last.pt")
     parser.add_argument("--report", type=Path, help="default: <data>/eval.json")
     args = parser.parse_args(argv)
     model, fbank_cfg, _ = load_checkpoint(args.checkpoint or args.data / "ckpt" / "last.pt")
-    report = evaluate(model, Fbank(fbank_cfg), args.data, args.lm, args.beam, args.alpha,
-                      args.beta, args.limit, args.lj_limit)  # fmt: skip
+    tuned = decoder_settings(args.data)
+    settings = {"beam_width": tuned["beam_width"] if args.beam is None else args.beam,
+                "alpha": tuned["alpha"] if args.alpha is None else args.alpha,
+                "beta": tuned["beta"] if args.beta is None else args.beta}  # fmt: skip
+    report = evaluate(model, Fbank(fbank_cfg), args.data, args.lm, settings["beam_width"],
+                      settings["alpha"], settings["beta"], args.limit, args.lj_limit,
+                      tuned.get("lj_dev", 0))  # fmt: skip
+    report["decoder"] = settings
     (args.report or args.data / "eval.json").write_text(json.dumps(report, indent=2))
     held_out = [("", report["held_out_voices"])] if "held_out_voices" in report else []
     for name, held in held_out + [(f" (release {r})", s) for r, s in report["per_release"].items()]:
         print(f"held-out voices{name}: CER {held['cer_greedy']:.2%} greedy"
               + (f", WER {held['wer_lm']:.2%} with LM" if "wer_lm" in held else ""))  # fmt: skip
-    if "lj001" in report:
-        lj = report["lj001"]
-        print(f"LJ001 real speech: WER {lj['wer_greedy']:.2%} greedy"
-              + (f", {lj['wer_lm']:.2%} with LM" if "wer_lm" in lj else ""))  # fmt: skip
+    for key, name in (
+        ("lj001", "LJ001 real speech"),
+        ("lj001_test", "LJ001 past the tuning clips"),
+    ):
+        if key in report:
+            lj = report[key]
+            print(f"{name}: WER {lj['wer_greedy']:.2%} greedy"
+                  + (f", {lj['wer_lm']:.2%} with LM" if "wer_lm" in lj else ""))  # fmt: skip
     return report
 
 

@@ -23,7 +23,7 @@ from dsstream.frontend import FbankConfig
 
 ROOT = Path(__file__).resolve().parents[2]
 
-__all__ = ["export_streaming", "export_ctc", "main"]
+__all__ = ["export_streaming", "export_ctc", "manifest_decoder", "main"]
 
 
 def export_streaming(
@@ -113,6 +113,14 @@ def export_ctc(
                    extra=metadata)  # fmt: skip
 
 
+def manifest_decoder(data: Path) -> dict[str, Any]:
+    """The decoder settings for the manifest (the streaming pipeline's defaults):
+    ``apps.asr.tune``'s choice, else evaluate's defaults."""
+    from apps.asr.evaluate import decoder_settings
+
+    return {k: v for k, v in decoder_settings(data).items() if k != "lj_dev"}
+
+
 def main(argv: list[str] | None = None) -> Path:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--data", type=Path, default=ROOT / "cache" / "asr")
@@ -124,9 +132,10 @@ def main(argv: list[str] | None = None) -> Path:
     model, fbank, ckpt = load_checkpoint(args.checkpoint or args.data / "ckpt" / "last.pt")
     args.out.parent.mkdir(parents=True, exist_ok=True)
     state = ckpt["state"]
+    extra_decoder = {"decoder": manifest_decoder(args.data)}
     # The whole run state, so apps.asr.recover gives back a checkpoint that resumes
     # where this one stands and that the card can describe.
-    extra = {"training": state.get("history", []), "training_state": state}
+    extra = {"training": state.get("history", []), "training_state": state, **extra_decoder}
     path = export_streaming(model, fbank, args.out, extra)
     print(f"wrote {path} ({path.stat().st_size / 1e6:.1f} MB)")
     return path

@@ -27,8 +27,8 @@ from typing import Any
 
 import torch
 
-from apps.asr.evaluate import evaluate
-from apps.asr.export import export_streaming
+from apps.asr.evaluate import decoder_settings, evaluate
+from apps.asr.export import export_streaming, manifest_decoder
 from apps.asr.train import load_checkpoint, load_qat_checkpoint, load_wave, read_manifest
 from dsstream.frontend import Fbank
 
@@ -98,8 +98,11 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     if args.qat:
         return _from_qat(args, model, fbank)
 
+    tuned = decoder_settings(args.data)
+
     def score(m: torch.nn.Module) -> dict[str, float]:
-        return _summary(evaluate(m, fbank, args.data, args.lm, limit=args.limit,
+        return _summary(evaluate(m, fbank, args.data, args.lm, tuned["beam_width"],
+                                 tuned["alpha"], tuned["beta"], limit=args.limit,
                                  lj_limit=args.lj_limit))  # fmt: skip
 
     result: dict[str, Any] = {"mode": args.mode, "observer": args.observer,
@@ -131,7 +134,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
             print(f"calibration {count}:", result["sweep"][count])
     if args.out:
         export_streaming(qmodel, fbank_cfg, args.out,
-                         extra={"quantized_from_step": result["checkpoint_step"]})  # fmt: skip
+                         extra={"quantized_from_step": result["checkpoint_step"],
+                                "decoder": manifest_decoder(args.data)})  # fmt: skip
         result["artifact_bytes"] = args.out.stat().st_size
         print(f"wrote {args.out} ({args.out.stat().st_size / 1e6:.1f} MB)")
     name = f"quant-{args.mode}-{args.observer}" + (f"-keep{args.keep_float}" if skip else "")

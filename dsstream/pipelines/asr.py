@@ -116,6 +116,7 @@ class AsrModelSpec:
     frame_shift_s: float  # seconds per output frame
     alpha: float | None  # the decoder's LM weight tuned for this model, if recorded
     beta: float | None
+    beam_width: int | None = None  # the beam the model's decoder settings were tuned at
 
     @classmethod
     def from_manifest(cls, extra: dict[str, Any], inputs: list[str]) -> AsrModelSpec:
@@ -144,6 +145,7 @@ class AsrModelSpec:
             frame_shift_s=shift,
             alpha=decoder.get("alpha"),
             beta=decoder.get("beta"),
+            beam_width=decoder.get("beam_width"),
         )
 
     @property
@@ -157,7 +159,9 @@ class AsrConfig:
 
     device: str = "cpu"
     max_batch: int = 64  # streams per acoustic-model forward pass
-    beam_width: int = 8
+    # None: the artifact's tuned beam, else 32.  The beam buys real-speech accuracy
+    # for decoder CPU time (apps.asr.tune; docs/asr.md, "Decoder settings").
+    beam_width: int | None = None
     hotword_beam_width: int = 16  # sessions with hotwords (see CTCDecoder)
     alpha: float | None = None  # LM weight; None: the artifact's tuned value, else 0.5
     beta: float | None = None  # word insertion bonus; None: artifact's, else 1.0
@@ -199,7 +203,7 @@ class AsrRuntime:
         spec = self.spec
         self.decoder = CTCDecoder(
             vocabulary=spec.vocabulary,
-            beam_width=config.beam_width,
+            beam_width=int(_first(config.beam_width, spec.beam_width, 32)),
             language_model=lm,
             alpha=_first(config.alpha, spec.alpha, 0.5),
             beta=_first(config.beta, spec.beta, 1.0),
