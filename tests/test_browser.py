@@ -31,7 +31,20 @@ pytestmark = [
 
 
 @async_test
-async def test_demo_page_transcribes_a_fake_microphone(tmp_path):
+async def test_demo_page_transcribes_a_fake_microphone(tmp_path, monkeypatch):
+    import time
+
+    from dsstream.pipelines.asr import AsrPipeline
+
+    # A session that takes 1.5 s to start (a busy server): the page must hold the
+    # audio it captures meanwhile, or the clip's first words are lost.
+    begin = AsrPipeline.begin
+
+    def slow_begin(self, options):
+        time.sleep(1.5)
+        return begin(self, options)
+
+    monkeypatch.setattr(AsrPipeline, "begin", slow_begin)
     audio, rate = sf.read(CLIP, dtype="float32")
     # Chromium loops the file: silence after the speech lets the VAD close the segment.
     wav = tmp_path / "mic.wav"

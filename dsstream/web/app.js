@@ -85,13 +85,18 @@ async function startMic() {
   $("mic-start").disabled = true;
   $("asr-status").textContent = "starting…";
   try {
+    // The audio graph is ready before the microphone opens, and what it captures
+    // while the session starts is held and sent once it has: speech from the
+    // first moment is never lost (a slow server or page used to clip it).
+    asr.context = new AudioContext();
+    await asr.context.audioWorklet.addModule("/worklet.js");
+    asr.node = new AudioWorkletNode(asr.context, "capture-processor");
+    const early = [];
+    asr.node.port.onmessage = (msg) => early.push(msg.data.buffer);
     asr.stream = await navigator.mediaDevices.getUserMedia({
       audio: { channelCount: 1, echoCancellation: false, noiseSuppression: false, autoGainControl: false },
     });
-    asr.context = new AudioContext();
-    await asr.context.audioWorklet.addModule("/worklet.js");
-    const source = asr.context.createMediaStreamSource(asr.stream);
-    asr.node = new AudioWorkletNode(asr.context, "capture-processor");
+    asr.context.createMediaStreamSource(asr.stream).connect(asr.node);
     const options = { encoding: "f32le", sample_rate: asr.context.sampleRate, hotwords: hotwordOption() };
     asr.session = openSession("asr", options, {
       partial: (e) => { $("partial").textContent = e.text; },
@@ -102,10 +107,11 @@ async function startMic() {
     });
     const started = await asr.session.ready;
     $("asr-status").textContent = `listening (${started.options.model || "model"}, ${options.sample_rate} Hz)`;
-    asr.node.port.onmessage = (msg) => {
-      if (asr.session && asr.session.ws.readyState === WebSocket.OPEN) asr.session.ws.send(msg.data.buffer);
+    const send = (buffer) => {
+      if (asr.session && asr.session.ws.readyState === WebSocket.OPEN) asr.session.ws.send(buffer);
     };
-    source.connect(asr.node);
+    early.splice(0).forEach(send);
+    asr.node.port.onmessage = (msg) => send(msg.data.buffer);
     $("mic-stop").disabled = false;
   } catch (err) {
     $("asr-status").textContent = `could not start: ${err.message}`;
@@ -193,15 +199,16 @@ async function startVoice() {
   try {
     const session = await vqaSession();
     if (!vqa.speech) throw new Error("spoken questions need the ASR model");
-    const stream = await navigator.mediaDevices.getUserMedia({
-      audio: { channelCount: 1, echoCancellation: false, noiseSuppression: false, autoGainControl: false },
-    });
+    // The audio graph first, so the question is captured from the moment the microphone opens.
     const context = new AudioContext({ sampleRate: vqa.rate });
     await context.audioWorklet.addModule("/worklet.js");
     const node = new AudioWorkletNode(context, "capture-processor");
     node.port.onmessage = (msg) => {
       if (session.ws.readyState === WebSocket.OPEN) session.ws.send(tagged(2, msg.data.buffer));
     };
+    const stream = await navigator.mediaDevices.getUserMedia({
+      audio: { channelCount: 1, echoCancellation: false, noiseSuppression: false, autoGainControl: false },
+    });
     context.createMediaStreamSource(stream).connect(node);
     vqa.voice = { stream, context };
     $("voice-ask").textContent = "Done asking";
