@@ -174,8 +174,8 @@ tensor from min/max over {q.get("calibration", 256)} training utterances.
 A streaming CTC acoustic model over characters (a-z, apostrophe, word
 delimiter, blank), trained from scratch by the recipe in `apps/asr` on
 synthesized speech only. Made by `python -m apps.asr.prepare`,
-`python -m apps.asr.train`, `python -m apps.asr.evaluate`,
-`python -m apps.asr.export`, `python -m apps.asr.card`.
+`python -m apps.asr.train`, `python -m apps.asr.tune`, `python -m apps.asr.evaluate`,
+`python -m apps.asr.export`, `python -m apps.asr.quantize`, `python -m apps.asr.card`.
 
 ## Model
 
