@@ -208,6 +208,8 @@ def test_all_is_exact_and_resolves(module):
         "apps.asr.model",
         "apps.asr.export",
         "apps.asr.evaluate",
+        "apps.asr.recover",
+        "apps.asr.tune",
         "apps.vqa.model",
         "apps.vqa.parse",
         "apps.vqa.train",
