@@ -28,6 +28,16 @@ def _hotword(text: str) -> dict[str, Any]:
     return {"phrase": text}
 
 
+def _positive_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a whole number, got {text!r}") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be at least 1, got {value}")
+    return value
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="dsstream", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
@@ -43,6 +53,10 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--max-session", type=float, default=3600.0, help="seconds")
     serve.add_argument("--threads", type=int, default=8, help="pipeline worker threads")
     serve.add_argument("--samples", type=Path, help="folder of the sample models")
+    serve.add_argument(
+        "--beam", type=_positive_int,
+        help="ASR decoder beam (default: the model's tuned one; narrower serves more streams)",
+    )  # fmt: skip
     serve.add_argument("--log-level", default="INFO")
     serve.add_argument("--log-format", choices=["text", "json"], default="text")
 
@@ -128,7 +142,7 @@ def _serve(args: argparse.Namespace) -> int:
         allowed_origins=tuple(args.origin),
         worker_threads=args.threads,
     )
-    registry = default_registry(args.samples)
+    registry = default_registry(args.samples, beam_width=args.beam)
     asyncio.run(run_server(registry, config))
     return 0
 

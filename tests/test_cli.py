@@ -130,3 +130,23 @@ def test_serve_starts_and_serves_without_sample_models(tmp_path):
 )
 def test_hotword_argument(text, expected):
     assert _hotword(text) == expected
+
+
+def test_serve_beam_reaches_the_asr_decoder(capsys):
+    from dsstream.cli import build_parser
+    from dsstream.options import AsrOptions
+    from dsstream.pipelines.defaults import default_registry
+
+    assert build_parser().parse_args(["serve", "--beam", "12"]).beam == 12
+    with pytest.raises(SystemExit):
+        build_parser().parse_args(["serve", "--beam", "0"])
+    assert "must be at least 1, got 0" in capsys.readouterr().err
+    with pytest.raises(ValueError, match="beam_width"):
+        default_registry(beam_width=0)
+    factory = default_registry(beam_width=12).resolve("asr")
+    if factory.unavailable_reason() is not None:
+        pytest.skip("no sample ASR model")
+    pipe = factory.create()
+    pipe.begin(AsrOptions())
+    assert pipe.decoder.search.cfg.beam_width == 12
+    pipe.end()

@@ -29,10 +29,17 @@ def asr_model(root: Path, int8: bool | None = None) -> Path:
     return quantized if int8 else root / "asr" / "model.ds"
 
 
-def default_registry(samples_dir: Path | None = None, int8: bool | None = None) -> PipelineRegistry:
+def default_registry(
+    samples_dir: Path | None = None, int8: bool | None = None, beam_width: int | None = None
+) -> PipelineRegistry:
     """ASR and VQA backed by the sample artifacts; unavailable ones say what is missing.
 
-    ``int8``: serve the INT8 ASR model (default: where it is shipped)."""
+    ``int8``: serve the INT8 ASR model (default: where it is shipped).
+    ``beam_width``: the ASR decoder's beam (default: the one tuned for the
+    model, in its artifact); narrower serves more streams per core, less
+    accurately (docs/asr.md, "Decoder settings")."""
+    if beam_width is not None and beam_width < 1:
+        raise ValueError(f"beam_width must be at least 1, got {beam_width}")
     root = Path(samples_dir or SAMPLES_DIR)
     asr = ArtifactPipelineFactory(
         task="asr",
@@ -40,6 +47,7 @@ def default_registry(samples_dir: Path | None = None, int8: bool | None = None) 
         files={"model": asr_model(root, int8), "lm": root / "asr" / "lm.arpa"},
         entry="dsstream.pipelines.asr:load",
         hint="train and export it with the recipe in apps/asr (python -m apps.asr.export)",
+        extra={} if beam_width is None else {"beam_width": beam_width},
     )
     vqa = ArtifactPipelineFactory(
         task="vqa",
