@@ -35,10 +35,11 @@ DEFAULT_DECODER = {"beam_width": 32, "alpha": 0.5, "beta": 1.0}
 
 def decoder_settings(data: Path) -> dict[str, Any]:
     """The ``beam_width``, ``alpha`` and ``beta`` chosen by ``apps.asr.tune`` in
-    ``<data>/decoder.json``, else :data:`DEFAULT_DECODER`."""
+    ``<data>/decoder.json``, else :data:`DEFAULT_DECODER`; and ``lj_dev``, how many
+    LJ001 clips they were chosen on (0 without a choice)."""
     path = data / "decoder.json"
     if not path.is_file():
-        return dict(DEFAULT_DECODER)
+        return dict(DEFAULT_DECODER, lj_dev=0)
     saved = json.loads(path.read_text())
     return {k: saved[k] for k in DEFAULT_DECODER} | {"lj_dev": saved.get("lj_dev", 0)}
 
@@ -129,7 +130,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
                 "beta": tuned["beta"] if args.beta is None else args.beta}  # fmt: skip
     report = evaluate(model, Fbank(fbank_cfg), args.data, args.lm, settings["beam_width"],
                       settings["alpha"], settings["beta"], args.limit, args.lj_limit,
-                      tuned.get("lj_dev", 0))  # fmt: skip
+                      tuned["lj_dev"])  # fmt: skip
     report["decoder"] = settings
     (args.report or args.data / "eval.json").write_text(json.dumps(report, indent=2))
     held_out = [("", report["held_out_voices"])] if "held_out_voices" in report else []

@@ -132,10 +132,10 @@ def main(argv: list[str] | None = None) -> Path:
     model, fbank, ckpt = load_checkpoint(args.checkpoint or args.data / "ckpt" / "last.pt")
     args.out.parent.mkdir(parents=True, exist_ok=True)
     state = ckpt["state"]
-    extra_decoder = {"decoder": manifest_decoder(args.data)}
     # The whole run state, so apps.asr.recover gives back a checkpoint that resumes
     # where this one stands and that the card can describe.
-    extra = {"training": state.get("history", []), "training_state": state, **extra_decoder}
+    extra = {"training": state.get("history", []), "training_state": state,
+             "decoder": manifest_decoder(args.data)}  # fmt: skip
     path = export_streaming(model, fbank, args.out, extra)
     print(f"wrote {path} ({path.stat().st_size / 1e6:.1f} MB)")
     return path
