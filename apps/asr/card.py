@@ -16,6 +16,7 @@ from typing import Any
 
 import torch
 
+from apps.asr.evaluate import DEFAULT_DECODER
 from apps.asr.train import read_manifest
 from dsstream.evaluation import wer
 
@@ -126,7 +127,7 @@ tensor from min/max over {q.get("calibration", 256)} training utterances.
 |---|---:|---:|---:|---:|
 {table}
 """
-    decoder = report.get("decoder", {"beam_width": 32, "alpha": 0.5, "beta": 1.0})
+    decoder = report.get("decoder", DEFAULT_DECODER)
     decoder_note = f"beam {decoder['beam_width']}, alpha {decoder['alpha']}, beta {decoder['beta']}"
     lj_test_row = ""
     if "lj001_test" in report:

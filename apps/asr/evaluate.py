@@ -125,9 +125,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     args = parser.parse_args(argv)
     model, fbank_cfg, _ = load_checkpoint(args.checkpoint or args.data / "ckpt" / "last.pt")
     tuned = decoder_settings(args.data)
-    settings = {"beam_width": tuned["beam_width"] if args.beam is None else args.beam,
-                "alpha": tuned["alpha"] if args.alpha is None else args.alpha,
-                "beta": tuned["beta"] if args.beta is None else args.beta}  # fmt: skip
+    given = {"beam_width": args.beam, "alpha": args.alpha, "beta": args.beta}
+    settings = {k: tuned[k] if v is None else v for k, v in given.items()}
     report = evaluate(model, Fbank(fbank_cfg), args.data, args.lm, settings["beam_width"],
                       settings["alpha"], settings["beta"], args.limit, args.lj_limit,
                       tuned["lj_dev"])  # fmt: skip

@@ -270,6 +270,11 @@ def _plan_anneal(
         })  # fmt: skip
 
 
+def _last_change(changes: list[dict[str, Any]], name: str, default: Any) -> Any:
+    """The value ``name`` was last set to in the run's changes (``default`` if never)."""
+    return next((c[name] for c in reversed(changes) if name in c), default)
+
+
 def _release_weights(
     args: argparse.Namespace, state: dict[str, Any], rows: list[dict[str, Any]]
 ) -> tuple[float, ...]:
@@ -285,8 +290,7 @@ def _release_weights(
     if all(w == 1.0 for w in weights):
         weights = ()
     changes = state.setdefault("changes", [])
-    before = next((c["release_weights"] for c in reversed(changes) if "release_weights" in c), [])
-    if list(weights) != before:
+    if list(weights) != _last_change(changes, "release_weights", []):
         changes.append({"step": state["step"], "release_weights": list(weights)})
     return weights
 
@@ -372,7 +376,7 @@ def train(args: argparse.Namespace) -> dict[str, Any]:
     changes = state.setdefault("changes", [])  # what each step trained with, for the card
     for name in _AUGMENT_PROBABILITIES:  # a run starts with each at 0
         value = getattr(args, name)
-        if value != next((c[name] for c in reversed(changes) if name in c), 0.0):
+        if value != _last_change(changes, name, 0.0):
             changes.append({"step": state["step"], name: value})
     weights = _release_weights(args, state, train_rows)
     augment = None if args.no_augment else AugmentConfig(vtlp_prob=args.vtlp, eq_prob=args.eq)

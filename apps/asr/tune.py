@@ -86,7 +86,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     valid = args.data / "valid.jsonl"
     held = read_manifest(valid) if valid.is_file() else []
     held = held[:: max(1, len(held) // max(args.held_out, 1))][: args.held_out]  # every voice
-    dev = [(p, t) for p, t in lj] or [(r["path"], r["text"]) for r in held]
+    dev = lj or [(r["path"], r["text"]) for r in held]
     if not dev:
         parser.error(f"nothing to tune on: neither ../shared/data/speech/lj001 nor {valid}")
     dev_name = f"LJ001 clips 1-{len(lj)}" if lj else f"{len(dev)} held-out utterances"
