@@ -172,6 +172,7 @@ class InferenceEngine:
         self.policy = policy or BatchPolicy(max_batch_size=max(1, batch_size))
         self.batch_size = self.policy.max_batch_size
         self._model = self._load(str(model_path))
+        self._name = Path(model_path).stem
         self._callback: ShapeCallback | None = None
         self._stats = EngineStats()
         self._lock = threading.Lock()
@@ -609,9 +610,11 @@ class InferenceEngine:
             snapshot["sessions"] = {**self.sessions.stats(), "checkpoint": self._checkpoint}
         return snapshot
 
-    def prometheus(self) -> Any:
-        """A Prometheus collector of this engine's stats (for the server's /metrics)."""
-        return self._stats.collector(lambda: len(self._queue))
+    def prometheus(self, model: str | None = None) -> Any:
+        """A Prometheus collector of this engine's stats (for the server's /metrics),
+        its series labelled ``model=<model>`` (default: the artifact's file name
+        without its suffix, fixed at construction so a hot swap keeps the series)."""
+        return self._stats.collector(lambda: len(self._queue), model or self._name)
 
     def close(self) -> None:
         """Finish queued requests, then stop the worker."""

@@ -78,40 +78,54 @@ class EngineStats:
             "batch_size_histogram": batches,  # requests served per batch size
         }
 
-    def collector(self, depth: Callable[[], int]) -> Any:
-        """A prometheus_client collector exposing this engine's numbers."""
+    def collector(self, depth: Callable[[], int], model: str = "engine") -> Any:
+        """A prometheus_client collector exposing this engine's numbers, every
+        series labelled ``model=<model>`` so that the engines of one server
+        (ASR, the VQA stages) are distinct series rather than duplicates."""
         from prometheus_client.core import (
             CounterMetricFamily,
             GaugeMetricFamily,
         )
 
         stats = self
+        label = ["model"]
+
+        def counter(name: str, doc: str, value: float) -> Any:
+            family = CounterMetricFamily(name, doc, labels=label)
+            family.add_metric([model], value)
+            return family
+
+        def gauge(name: str, doc: str, value: float) -> Any:
+            family = GaugeMetricFamily(name, doc, labels=label)
+            family.add_metric([model], value)
+            return family
 
         class _Collector:
             def collect(self) -> Iterator[Any]:
                 snap = stats.snapshot()
-                yield CounterMetricFamily("engine_requests", "Requests served", snap["requests"])
-                yield CounterMetricFamily("engine_errors", "Failed requests", snap["errors"])
-                yield CounterMetricFamily(
+                yield counter("engine_requests", "Requests served", snap["requests"])
+                yield counter("engine_errors", "Failed requests", snap["errors"])
+                yield counter(
                     "engine_compute_seconds", "Forward-pass time, each batch once",
                     snap["compute_seconds"],
                 )  # fmt: skip
-                yield GaugeMetricFamily("engine_queue_depth", "Requests waiting", depth())
-                yield GaugeMetricFamily(
+                yield gauge("engine_queue_depth", "Requests waiting", depth())
+                yield gauge(
                     "engine_throughput_rps", "Requests per second (10 s window)",
                     snap["throughput_rps"],
                 )  # fmt: skip
                 for part in ("queue", "compute", "total"):
                     lat = snap["latency"][part]
-                    yield GaugeMetricFamily(
+                    yield gauge(
                         f"engine_latency_{part}_p95_seconds",
                         f"95th percentile {part} latency", lat["p95_ms"] / 1000,
                     )  # fmt: skip
                 batches = GaugeMetricFamily(
-                    "engine_batch_size_requests", "Requests served per batch size", labels=["size"]
-                )
+                    "engine_batch_size_requests", "Requests served per batch size",
+                    labels=["model", "size"],
+                )  # fmt: skip
                 for size, count in snap["batch_size_histogram"].items():
-                    batches.add_metric([str(size)], count)
+                    batches.add_metric([model, str(size)], count)
                 yield batches
 
             def describe(self) -> list[Any]:

@@ -8,6 +8,7 @@ tested with the shipped sample model in test_asr_e2e.py.
 from __future__ import annotations
 
 import math
+import re
 from pathlib import Path
 
 import numpy as np
@@ -379,7 +380,8 @@ def test_stage_times_are_counted_and_exposed(runtime):
         registry.register(c)
     text = generate_latest(registry).decode()
     assert 'dsstream_asr_stage_seconds_total{stage="encoder"}' in text
-    assert "engine_requests_total" in text
+    compute = re.search(r'engine_compute_seconds_total\{model="asr"\} (\S+)', text)
+    assert compute and float(compute.group(1)) > 0  # the encoder's forward passes
 
 
 def test_the_server_runs_the_asr_pipeline_and_exposes_its_metrics(tiny):

@@ -292,9 +292,10 @@ def test_stats_prometheus_and_overlap(per_frame):
     with pytest.raises(ValueError, match="buffer_size"):
         engine.enable_overlap(buffer_size=0)
     registry = CollectorRegistry()
-    registry.register(engine.prometheus())
+    registry.register(engine.prometheus("m"))
     text = generate_latest(registry).decode()
-    assert "engine_requests_total 5.0" in text and "engine_queue_depth 0.0" in text
+    assert 'engine_requests_total{model="m"} 5.0' in text
+    assert 'engine_queue_depth{model="m"} 0.0' in text
     engine.close()
 
 

@@ -2,6 +2,7 @@
 both backends, dynamic shapes and input validation."""
 
 import zipfile
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -269,7 +270,32 @@ def test_engine_metrics_reach_the_server_exposition(artifact):
     metrics = ServerMetrics()
     metrics.include(engine.prometheus())
     text = metrics.exposition().decode()
-    assert "engine_requests_total 1.0" in text and "dsstream_sessions_active" in text
+    stem = Path(artifact[1]).stem
+    assert f'engine_requests_total{{model="{stem}"}} 1.0' in text
+    assert "dsstream_sessions_active" in text
+
+
+def test_engines_of_one_server_are_distinct_series(artifact):
+    """Two engines on one /metrics (ASR and the VQA stages share a server): every
+    sample is a distinct series, each engine's under its own ``model`` label."""
+    from prometheus_client.parser import text_string_to_metric_families
+
+    from dsstream.metrics import ServerMetrics
+
+    busy, idle = InferenceEngine(artifact[1]), InferenceEngine(artifact[1])
+    for _ in range(3):
+        busy.infer([np.zeros((1, 4, 16), np.float32)])
+    metrics = ServerMetrics()
+    metrics.include(busy.prometheus("asr"))
+    metrics.include(idle.prometheus("vqa-fuser"))
+    samples = [s for f in text_string_to_metric_families(metrics.exposition().decode())
+               for s in f.samples]  # fmt: skip
+    keys = [(s.name, tuple(sorted(s.labels.items()))) for s in samples]
+    assert len(keys) == len(set(keys))
+    value = {k: s.value for k, s in zip(keys, samples)}
+    assert value[("engine_requests_total", (("model", "asr"),))] == 3
+    assert value[("engine_requests_total", (("model", "vqa-fuser"),))] == 0
+    assert value[("engine_compute_seconds_total", (("model", "asr"),))] > 0
 
 
 def test_half_precisions_on_this_cpu(tmp_path):

@@ -212,7 +212,7 @@ class AsrRuntime:
         )
         self.vad = SileroVad(config=VadConfig(threshold=config.vad_threshold))
         self.times = StageTimes()
-        self._collectors = [self.engine.prometheus(), self.times.collector()]
+        self._collectors = [self.engine.prometheus("asr"), self.times.collector()]
 
     def pipeline(self) -> AsrPipeline:
         """A new session pipeline (call ``begin`` with options before use)."""

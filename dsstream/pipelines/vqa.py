@@ -177,7 +177,10 @@ class VqaRuntime:
         return self.answers[best], float(probs[best])
 
     def collectors(self) -> list[Any]:
-        return [self.image_engine.prometheus(), self.fuser_engine.prometheus()]
+        return [
+            self.image_engine.prometheus("vqa-image"),
+            self.fuser_engine.prometheus("vqa-fuser"),
+        ]
 
     def close(self) -> None:
         self.image_engine.close()

@@ -203,7 +203,9 @@ def _report(rows: list[dict], profile) -> None:
     print("| stage | seconds | ms per s of audio | share of server CPU |")
     print("|---|---:|---:|---:|")
     stages = {k.split('"')[1]: v for k, v in delta.items() if "stage=" in k}
-    stages["encoder (forward passes only)"] = delta.get("engine_compute_seconds_total", 0.0)
+    stages["encoder (forward passes only)"] = delta.get(
+        'engine_compute_seconds_total{model="asr"}', 0.0
+    )
     wait = stages.pop("encoder", 0.0) - stages["encoder (forward passes only)"]
     for stage, t in stages.items():
         print(f"| {stage} | {t:.1f} | {1000 * t / audio:.2f} | {t / server_cpu:.0%} |")
