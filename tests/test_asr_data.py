@@ -418,3 +418,22 @@ def test_the_narrowest_beam_near_the_best_wer_is_chosen():
     assert choose(rows, 0.01) == rows[4]  # 128 at its best alpha: within 1 point of 256
     assert choose(rows, 0.0) == rows[5]
     assert choose(rows, 0.1) == rows[0]  # beam 8 at alpha 0.5, not its worse 0.8
+
+
+def test_the_card_words_only_changes_that_trained_the_model():
+    from apps.asr.card import _run_notes
+
+    state = {
+        "step": 500,
+        "data": [{"epoch": 0, "utterances": 10, "hours": 1.0},
+                 {"epoch": 3, "utterances": 20, "hours": 2.04}],
+        "changes": [{"step": 100, "dropout": 0.0}, {"step": 500, "recovered": "model.ds"}],
+        "past_anneals": [{"from_step": 200, "steps": 50}],
+    }  # fmt: skip
+    notes = _run_notes(state)
+    assert "from epoch 3, 20 utterances (2.0 h)" in notes
+    assert "From step 100, dropout 0." in notes
+    assert "From step 200, the learning rate fell linearly to zero over 50 steps." in notes
+    assert "model.ds" not in notes  # recovered at the last step: nothing trained after it
+    state["step"] = 600
+    assert "From step 500, training went on from the weights in model.ds" in _run_notes(state)

@@ -75,6 +75,34 @@ def _by_release(rows: list[dict]) -> str:
     return "".join(parts)
 
 
+def _run_notes(state: dict[str, Any]) -> str:
+    """The card's sentences on how the run changed: data growth, recorded
+    changes (apps.asr.train's "changes") and learning-rate annealings."""
+    notes = ""
+    if len(state.get("data", [])) > 1:
+        notes = (
+            "The training set grew during the run: "
+            + "; ".join(
+                f"from epoch {d['epoch']}, {d['utterances']} utterances ({d['hours']:.1f} h)"
+                for d in state["data"]
+            )
+            + ".\n"
+        )
+    for change in state.get("changes", []):  # e.g. {"step": 8876, "dropout": 0.0}
+        if change["step"] >= state["step"]:
+            continue  # recorded when a run resumed, but no step trained with it
+        words = [(_CHANGES.get(k, k + " {:g}"), v) for k, v in change.items() if k != "step"]
+        what = ", ".join(w(v) if callable(w) else w.format(v) for w, v in words)
+        notes += f"From step {change['step']}, {what}.\n"
+    anneals = state.get("past_anneals", []) + ([state["anneal"]] if "anneal" in state else [])
+    for a in anneals:
+        notes += (
+            f"From step {a['from_step']}, the learning rate fell linearly to zero"
+            f" over {a['steps']} steps.\n"
+        )
+    return notes
+
+
 def main(argv: list[str] | None = None) -> Path:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--data", type=Path, default=ROOT / "cache" / "asr")
@@ -144,26 +172,7 @@ tensor from min/max over {q.get("calibration", 256)} training utterances.
         for r, sc in per_release.items()
         if len(per_release) > 1
     )
-    data_note = ""
-    if len(state.get("data", [])) > 1:
-        data_note = (
-            "The training set grew during the run: "
-            + "; ".join(
-                f"from epoch {d['epoch']}, {d['utterances']} utterances ({d['hours']:.1f} h)"
-                for d in state["data"]
-            )
-            + ".\n"
-        )
-    for change in state.get("changes", []):  # e.g. {"step": 8876, "dropout": 0.0}
-        words = [(_CHANGES.get(k, k + " {:g}"), v) for k, v in change.items() if k != "step"]
-        what = ", ".join(w(v) if callable(w) else w.format(v) for w, v in words)
-        data_note += f"From step {change['step']}, {what}.\n"
-    anneals = state.get("past_anneals", []) + ([state["anneal"]] if "anneal" in state else [])
-    for a in anneals:
-        data_note += (
-            f"From step {a['from_step']}, the learning rate fell linearly to zero"
-            f" over {a['steps']} steps.\n"
-        )
+    data_note = _run_notes(state)
     with_eq = any(c.get("eq") for c in state.get("changes", []))
     channel = " microphone/channel response," if with_eq else ""
     history = "\n".join(
