@@ -437,3 +437,22 @@ def test_the_card_words_only_changes_that_trained_the_model():
     assert "model.ds" not in notes  # recovered at the last step: nothing trained after it
     state["step"] = 600
     assert "From step 500, training went on from the weights in model.ds" in _run_notes(state)
+
+
+def test_the_card_says_how_the_int8_model_was_quantized(tmp_path):
+    from apps.asr.card import _quantization_words
+    from apps.asr.quantize import record_path
+
+    old = {"mode": "static", "observer": "minmax", "calibration": 256, "keep_float": []}
+    assert _quantization_words(old) == (
+        "Static post-training quantization (`python -m apps.asr.quantize --out "
+        "samples/asr/model-int8.ds`): int8 weights per output channel, activations per "
+        "tensor from min/max over 256 training utterances."
+    )
+    mixed = {**old, "observer": "mse", "keep_float": ["head", "sub.conv1"], "sensitivity": 16}
+    words = _quantization_words(mixed)
+    assert "--observer mse --sensitivity 16 --keep-float 2 --out" in words
+    assert "the clipping with the least quantize-dequantize error" in words
+    assert words.endswith("kept in float32, as the most sensitive: head, sub.conv1.")
+    assert record_path(tmp_path, "static", "mse", 2) == tmp_path / "quant-static-mse-keep2.json"
+    assert record_path(tmp_path, "static", "minmax") == tmp_path / "quant-static-minmax.json"

@@ -103,6 +103,66 @@ def _run_notes(state: dict[str, Any]) -> str:
     return notes
 
 
+def _quantization_words(made: dict[str, Any]) -> str:
+    """The command and the method of the INT8 artifact's quantization, from its
+    manifest's ``quantized_with`` (artifacts made before it: static, min/max)."""
+    from apps.asr.quantize import OBSERVER_WORDS
+
+    flags = "" if made["observer"] == "minmax" else f" --observer {made['observer']}"
+    if made["mode"] == "dynamic":
+        flags = " --mode dynamic"
+    keep = made.get("keep_float", [])
+    if keep:
+        flags += f" --sensitivity {made.get('sensitivity', 8)} --keep-float {len(keep)}"
+    command = f"`python -m apps.asr.quantize{flags} --out samples/asr/model-int8.ds`"
+    if made["mode"] == "dynamic":
+        how = "int8 weights per output channel, activations quantized per batch as they come"
+    else:
+        how = (f"int8 weights per output channel, activations per tensor from "
+               f"{OBSERVER_WORDS[made['observer']]} over {made['calibration']} training "
+               "utterances")  # fmt: skip
+    if keep:
+        how += f"; kept in float32, as the most sensitive: {', '.join(keep)}"
+    kind = "Dynamic" if made["mode"] == "dynamic" else "Static"
+    return f"{kind} post-training quantization ({command}): {how}."
+
+
+def _int8_section(data: Path, artifact: Path, int8_path: Path) -> str:
+    """The card's INT8 section: how the served INT8 artifact was made and its
+    scores against the float model's, from the quantize step's record."""
+    from apps.asr.quantize import record_path
+    from engine.artifact import read_manifest as read_artifact
+
+    if not int8_path.is_file():
+        return ""
+    made = {"mode": "static", "observer": "minmax", "calibration": 256, "keep_float": []}
+    made |= read_artifact(int8_path)[0].extra.get("quantized_with", {})
+    record = record_path(data, made["mode"], made["observer"], len(made["keep_float"]))
+    if not record.is_file():
+        return ""
+    q = json.loads(record.read_text())
+    rows = []
+    for key, label in (("held", "held-out voices"), ("lj", "LJ001 real speech")):
+        for kind in ("float", "int8"):
+            scores = {k[len(key) + 1 :]: v for k, v in q[kind].items() if k.startswith(key)}
+            rows.append(_score_row(f"{label}, {'INT8' if kind == 'int8' else 'float32'}",
+                                   scores))  # fmt: skip
+    table = "\n".join(rows)
+    size = int8_path.stat().st_size
+    smaller = 1 - size / artifact.stat().st_size
+    return f"""
+## INT8 (`model-int8.ds`, the model served on CPU)
+
+{_quantization_words(made)}
+{size / 1e6:.1f} MB ({smaller:.0%} smaller); scored as the float model above (up to
+{q.get("limit", "-")} held-out utterances, up to {q.get("lj_limit", "-")} LJ001 clips):
+
+| set | CER greedy | WER greedy | CER with LM | WER with LM |
+|---|---:|---:|---:|---:|
+{table}
+"""
+
+
 def main(argv: list[str] | None = None) -> Path:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--data", type=Path, default=ROOT / "cache" / "asr")
@@ -129,32 +189,7 @@ def main(argv: list[str] | None = None) -> Path:
             hyp = transcribe(clips / name, registry=registry).text
             label = "INT8" if int8 else "float32"
             clip_rows.append(f"| {name} | {label} | {ref} | {hyp} | {_pct(wer([ref], [hyp]))} |")
-    quant = args.data / "quant-static-minmax.json"
-    int8_section = ""
-    if int8_path.is_file() and quant.is_file():
-        q = json.loads(quant.read_text())
-        rows = []
-        for key, label in (("held", "held-out voices"), ("lj", "LJ001 real speech")):
-            for kind in ("float", "int8"):
-                scores = {k[len(key) + 1 :]: v for k, v in q[kind].items() if k.startswith(key)}
-                rows.append(_score_row(f"{label}, {'INT8' if kind == 'int8' else 'float32'}",
-                                       scores))  # fmt: skip
-        table = "\n".join(rows)
-        size = int8_path.stat().st_size
-        smaller = 1 - size / artifact.stat().st_size
-        int8_section = f"""
-## INT8 (`model-int8.ds`, the model served on CPU)
-
-Static post-training quantization (`python -m apps.asr.quantize --out
-samples/asr/model-int8.ds`): int8 weights per output channel, activations per
-tensor from min/max over {q.get("calibration", 256)} training utterances.
-{size / 1e6:.1f} MB ({smaller:.0%} smaller); scored as the float model above (up to
-{q.get("limit", "-")} held-out utterances, up to {q.get("lj_limit", "-")} LJ001 clips):
-
-| set | CER greedy | WER greedy | CER with LM | WER with LM |
-|---|---:|---:|---:|---:|
-{table}
-"""
+    int8_section = _int8_section(args.data, artifact, int8_path)
     decoder = report.get("decoder", DEFAULT_DECODER)
     decoder_note = f"beam {decoder['beam_width']}, alpha {decoder['alpha']}, beta {decoder['beta']}"
     lj_test_row = ""

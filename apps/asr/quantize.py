@@ -12,7 +12,7 @@ calibration count; ``--sensitivity N`` ranks layers by their quantization
 error on N utterances, and ``--keep-float K`` keeps the K most sensitive layers
 in float (mixed precision).  ``--qat`` takes the quantization-aware fine-tuned
 model (``python -m apps.asr.train --qat``) instead of calibrating the float one.
-Writes ``<data>/quant-<mode>-<observer>.json`` (``quant-qat.json`` with ``--qat``).
+Writes ``<data>/quant-<mode>-<observer>[-keepK].json`` (``quant-qat.json`` with ``--qat``).
 """
 
 from __future__ import annotations
@@ -34,7 +34,22 @@ from dsstream.frontend import Fbank
 
 ROOT = Path(__file__).resolve().parents[2]
 
-__all__ = ["calibration_batches", "main"]
+__all__ = ["calibration_batches", "main", "record_path"]
+
+# How the card words an observer's choice of each activation's range.
+OBSERVER_WORDS = {
+    "minmax": "min/max",
+    "percentile": "the 99.99th percentile of |x|",
+    "mse": "the clipping with the least quantize-dequantize error",
+}
+
+
+def record_path(data: Path, mode: str, observer: str, keep_float: int = 0) -> Path:
+    """Where a quantization's measurements go (``<data>/quant-<mode>-<observer>[-keepK].json``);
+    the artifact's manifest (``"quantized_with"``) names the one it was made by."""
+    return data / (
+        f"quant-{mode}-{observer}" + (f"-keep{keep_float}" if keep_float else "") + ".json"
+    )
 
 
 def calibration_batches(data: Path, fbank: Fbank, count: int, seed: int = 0) -> list[tuple]:
@@ -133,13 +148,17 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
             result["sweep"][count] = score(q)
             print(f"calibration {count}:", result["sweep"][count])
     if args.out:
+        made_with = {"mode": args.mode, "observer": args.observer, "keep_float": list(skip),
+                     "sensitivity": args.sensitivity,
+                     "calibration": args.calib if args.mode == "static" else 0}  # fmt: skip
         export_streaming(qmodel, fbank_cfg, args.out,
                          extra={"quantized_from_step": result["checkpoint_step"],
+                                "quantized_with": made_with,
                                 "decoder": manifest_decoder(args.data)})  # fmt: skip
         result["artifact_bytes"] = args.out.stat().st_size
         print(f"wrote {args.out} ({args.out.stat().st_size / 1e6:.1f} MB)")
-    name = f"quant-{args.mode}-{args.observer}" + (f"-keep{args.keep_float}" if skip else "")
-    (args.data / f"{name}.json").write_text(json.dumps(result, indent=2))
+    record = record_path(args.data, args.mode, args.observer, len(skip))
+    record.write_text(json.dumps(result, indent=2))
     return result
 
 
