@@ -456,3 +456,31 @@ def test_the_card_says_how_the_int8_model_was_quantized(tmp_path):
     assert words.endswith("kept in float32, as the most sensitive: head, sub.conv1.")
     assert record_path(tmp_path, "static", "mse", 2) == tmp_path / "quant-static-mse-keep2.json"
     assert record_path(tmp_path, "static", "minmax") == tmp_path / "quant-static-minmax.json"
+
+
+def test_the_lm_leaves_out_evaluation_and_held_out_voices_sentences(tmp_path):
+    import json
+
+    from apps.asr.lm import main as lm_main
+
+    shared = tmp_path / "shared"
+    (shared / "text").mkdir(parents=True)
+    for folder in ("gutenberg", "nltk_state_union", "nltk_inaugural"):
+        (shared / "text" / folder).mkdir()
+    lines = ["the cat sat on the mat", "a dog ran in the park", "zebras graze quietly",
+             "walruses bask on ice", "the bird sang a song"]  # fmt: skip
+    (shared / "text" / "ljspeech_sentences.txt").write_text("\n".join(lines * 3) + "\n")
+    (shared / "speech" / "lj001").mkdir(parents=True)
+    (shared / "speech" / "lj001" / "transcripts.tsv").write_text(
+        "LJ001-0001\tZebras graze quietly.\n"
+    )
+    valid = tmp_path / "valid.jsonl"
+    valid.write_text(json.dumps({"path": "x.flac", "text": "walruses bask on ice"}) + "\n")
+    out = tmp_path / "lm.arpa"
+    lm_main(["--shared", str(shared), "--out", str(out), "--held-out-voices", str(valid),
+             "--order", "2", "--prune", "0", "0", "--templates", "0"])  # fmt: skip
+    unigrams = {line.split("\t")[1] for line in out.read_text().split("\\2-grams:")[0]
+                .splitlines() if line.count("\t") >= 1}  # fmt: skip
+    assert {"cat", "dog", "bird"} <= unigrams
+    assert not {"zebras", "walruses"} & unigrams  # evaluation and held-out voices' text
+    assert "and so\nare the 1 sentences the held-out voices" in (tmp_path / "LM.md").read_text()

@@ -1,11 +1,14 @@
 """Recipe: the sample ASR app's n-gram LM from ../shared/data/text.
 
     python -m apps.asr.lm [--order 4] [--prune 0 0 1 1] [--out samples/asr/lm.arpa]
+        [--held-out-voices cache/asr/valid.jsonl]
 
 Every sentence is normalized to the acoustic model's vocabulary.  Sentences
 of the evaluation speech (../shared/data/speech/*/transcripts.tsv) are left
-out; 1% of the sentences, chosen by a hash of their text, are held out to
-measure perplexity, reported in samples/asr/LM.md.
+out, and so are the sentences the held-out voices speak (``apps.asr.prepare``'s
+valid.jsonl, when it exists), so that the held-out voices' score with the LM
+measures text the LM has not seen; 1% of the sentences, chosen by a hash of
+their text, are held out to measure perplexity, reported in samples/asr/LM.md.
 """
 
 from __future__ import annotations
@@ -41,6 +44,17 @@ def evaluation_sentences(shared: Path) -> set[str]:
     return out
 
 
+def spoken_by_held_out_voices(manifest: Path) -> set[str]:
+    """The sentences of the held-out voices' utterances (a prepare manifest's
+    ``text``); empty when the manifest does not exist."""
+    import json
+
+    if not manifest.is_file():
+        return set()
+    lines = manifest.read_text(encoding="utf-8").splitlines()
+    return {json.loads(line)["text"] for line in lines if line.strip()}
+
+
 def held_out(sentence: str, percent: int = 1) -> bool:
     return int(hashlib.sha1(sentence.encode()).hexdigest()[:8], 16) % 100 < percent
 
@@ -53,13 +67,22 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--shared", type=Path, default=SHARED)
     parser.add_argument("--templates", type=int, default=5,
                         help="times each VQA question form is added to the text")  # fmt: skip
+    parser.add_argument("--held-out-voices", type=Path,
+                        default=ROOT / "cache" / "asr" / "valid.jsonl",
+                        help="a manifest whose sentences are left out")  # fmt: skip
     args = parser.parse_args(argv)
 
     excluded = evaluation_sentences(args.shared)
-    train, heldout = [], []
+    spoken = spoken_by_held_out_voices(args.held_out_voices)
+    if not spoken:
+        print(f"{args.held_out_voices} not found: no held-out voices' sentences to leave out")
+    train, heldout, left_out = [], [], set()
     for path, one_per_line in corpus_files(args.shared):
         for sentence in read_corpus(path, one_per_line):
             if sentence in excluded:
+                continue
+            if sentence in spoken:
+                left_out.add(sentence)
                 continue
             (heldout if held_out(sentence) else train).append(sentence.split())
     # The VQA question forms, so spoken questions are likely word sequences
@@ -79,7 +102,7 @@ def main(argv: list[str] | None = None) -> None:
     lm = kenlm.Model(str(args.out))
     log10 = sum(lm.score(" ".join(s), bos=True, eos=True) for s in heldout)
     tokens = sum(len(s) + 1 for s in heldout)
-    ppl = 10 ** (-log10 / tokens)
+    ppl = 10 ** (-log10 / tokens) if tokens else float("nan")  # a tiny corpus may hold none out
     oov = sum(w not in lm for s in heldout for w in s) / max(1, tokens - len(heldout))
     sizes = [len(t) for t in model.probs]
     mb = args.out.stat().st_size / 1e6
@@ -95,7 +118,10 @@ Made by `python -m apps.asr.lm --order {args.order} --prune {" ".join(map(str, a
 from ../shared/data/text (LJ Speech sentences of LJ003 onwards, seven Project
 Gutenberg novels, NLTK State of the Union and inaugural addresses; all public
 domain), normalized to the acoustic model's vocabulary (a-z, apostrophe,
-numbers spelled out). Sentences of the evaluation speech are excluded.
+numbers spelled out). Sentences of the evaluation speech are excluded, and so
+are the {len(left_out)} sentences the held-out voices of the acoustic model's
+data speak, so that their score with this LM is on unseen text (the VQA
+question forms, added on purpose, are the exception).
 
 - Estimation: interpolated modified Kneser-Ney, order {args.order}, pruning of
   n-grams with adjusted count <= {args.prune} per order (back-off renormalized).
