@@ -256,7 +256,8 @@ Each epoch is scored on the first 200 held-out utterances (release 1 voices).
 {_score_row(f"held-out voices ({held['n']} utt.)", held)}
 {release_rows}{_score_row(f"LJ001 real speech ({lj.get('n', 0)} clips)", lj)}
 {lj_test_row}
-The LM is `lm.arpa` (see LM.md); {decoder_note}. For reference,
+The LM is `lm.arpa` (see LM.md), built without the held-out voices' sentences;
+{decoder_note}. For reference,
 CMU pocketsphinx with its 27 MB LM gets 27.7% WER on a sample of LJ Speech.
 
 Shipped clips (`clips/`: `heldout-espeak-david.flac` is espeak-ng's
@@ -278,6 +279,11 @@ natural voices of release 2 and the random microphone/channel response; more
 steps and the accented voices of releases 3 and 4 helped the synthetic voices,
 not LJ001) and what would help next
 is in docs/asr.md ("What limits real speech").
+
+Some training voices have restrictive terms (MBROLA databases, RHVoice
+evgeniy-eng: CC BY-NC-ND 4.0, the OALD lexicon of two festival voices); the
+model holds none of their data, but see docs/asr.md ("The training voices'
+terms") before selling a product built on it.
 """
     out = args.samples / "asr" / "MODEL.md"
     out.write_text(card)

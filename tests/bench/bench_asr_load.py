@@ -181,7 +181,7 @@ def test_concurrent_realtime_streams():
         server.terminate()
         server.wait(30)
     _report(rows, profile)
-    assert rows[0]["kept"] == 1  # one stream always keeps up
+    assert rows[0]["kept"] == rows[0]["n"]  # the smallest load (1 stream by default) keeps up
 
 
 def _report(rows: list[dict], profile) -> None:
