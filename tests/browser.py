@@ -11,7 +11,9 @@ import asyncio
 import base64
 import itertools
 import json
+import os
 import shutil
+import signal
 import subprocess
 import tempfile
 import time
@@ -37,14 +39,16 @@ class Browser:
         exe = chromium_path()
         if exe is None:
             raise RuntimeError("chromium is not installed")
-        self.profile = tempfile.TemporaryDirectory()
+        self.profile = tempfile.mkdtemp(prefix="dsstream-chromium-")
+        # Its own process group: Chromium's helper processes (renderer, utility,
+        # crashpad) outlive the main one and go on writing into the profile.
         self.proc = subprocess.Popen(
             [exe, "--headless=new", "--no-sandbox", "--disable-gpu", "--no-first-run",
-             "--remote-debugging-port=0", f"--user-data-dir={self.profile.name}",
+             "--remote-debugging-port=0", f"--user-data-dir={self.profile}",
              "--window-size=1100,900", *self.extra_flags, "about:blank"],
-            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True,
         )  # fmt: skip
-        port_file = Path(self.profile.name) / "DevToolsActivePort"
+        port_file = Path(self.profile) / "DevToolsActivePort"
         deadline = time.monotonic() + 30
         while not port_file.exists() or not port_file.read_text().strip():
             if time.monotonic() > deadline or self.proc.poll() is not None:
@@ -58,12 +62,29 @@ class Browser:
 
     async def __aexit__(self, *exc: object) -> None:
         await self.ws.close()
-        self.proc.terminate()
+        self._signal_group(signal.SIGTERM)
         try:
             self.proc.wait(10)
         except subprocess.TimeoutExpired:
-            self.proc.kill()
-        self.profile.cleanup()
+            pass
+        self._signal_group(signal.SIGKILL)  # the helpers too, so none writes any more
+        self.proc.wait(10)
+        for attempt in range(5):  # a helper may still be flushing as the group goes down
+            try:
+                shutil.rmtree(self.profile)
+                break
+            except FileNotFoundError:
+                break
+            except OSError:
+                if attempt == 4:
+                    raise
+                await asyncio.sleep(0.2)
+
+    def _signal_group(self, sig: int) -> None:
+        try:
+            os.killpg(self.proc.pid, sig)
+        except ProcessLookupError:  # the whole group has exited
+            pass
 
     async def call(self, method: str, **params: Any) -> dict[str, Any]:
         msg_id = next(self._ids)

@@ -210,6 +210,7 @@ def test_all_is_exact_and_resolves(module):
         "apps.asr.evaluate",
         "apps.asr.recover",
         "apps.asr.tune",
+        "apps.asr.quantize",
         "apps.vqa.model",
         "apps.vqa.parse",
         "apps.vqa.train",

@@ -205,3 +205,35 @@ def test_a_checkpoint_is_recovered_from_the_streaming_artifact(tmp_path):
                        input_kind="features", frontend=fb, max_seconds=2)  # fmt: skip
     with pytest.raises(ArtifactError, match="not a streaming ASR artifact"):
         checkpoint_from_artifact(other)
+
+
+def test_export_sets_the_chunk_and_left_context(tmp_path):
+    """--chunk/--left at export: the artifact streams exactly what the offline model
+    computes under that chunk mask, and its state holds that many frames."""
+    from dataclasses import replace
+
+    from apps.asr.export import main as export_main
+    from engine import InferenceEngine, read_manifest
+
+    torch.manual_seed(6)
+    model = AsrModel(SMALL).eval()
+    fb = FbankConfig(mean=tuple([0.0] * 80), std=tuple([1.0] * 80))
+    ckpt = tmp_path / "run.pt"
+    torch.save({"model": model.state_dict(), "config": SMALL.to_dict(), "fbank": fb.to_dict(),
+                "state": {"epoch": 1, "step": 1, "history": []}}, ckpt)  # fmt: skip
+    out = tmp_path / "wide.ds"
+    export_main(["--checkpoint", str(ckpt), "--out", str(out), "--chunk", "8", "--left", "16"])
+    extra = read_manifest(out)[0].extra
+    assert extra["chunk_feature_frames"] == 32 and extra["model"]["left"] == 16
+    session = InferenceEngine(out).open_session()
+    feats = torch.randn(1, 32 * 3, 80)
+    steps = [session.step({"feats": feats[:, i : i + 32].numpy()})["logp"] for i in (0, 32, 64)]
+    model.cfg = replace(SMALL, chunk=8, left=16)
+    with torch.no_grad():
+        offline = model(feats).numpy()
+    np.testing.assert_allclose(np.concatenate(steps, axis=1), offline, atol=1e-4)
+    model.cfg = SMALL  # the trained geometry computes something else
+    with torch.no_grad():
+        assert np.abs(model(feats).numpy() - offline).max() > 1e-3
+    with pytest.raises(SystemExit):
+        export_main(["--checkpoint", str(ckpt), "--out", str(out), "--left", "0"])

@@ -19,6 +19,7 @@ import torch
 from apps.asr.evaluate import DEFAULT_DECODER
 from apps.asr.train import read_manifest
 from dsstream.evaluation import wer
+from engine.artifact import read_manifest as read_artifact
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -131,7 +132,6 @@ def _int8_section(data: Path, artifact: Path, int8_path: Path) -> str:
     """The card's INT8 section: how the served INT8 artifact was made and its
     scores against the float model's, from the quantize step's record."""
     from apps.asr.quantize import record_path
-    from engine.artifact import read_manifest as read_artifact
 
     if not int8_path.is_file():
         return ""
@@ -179,6 +179,8 @@ def main(argv: list[str] | None = None) -> Path:
     report = json.loads((args.data / "eval.json").read_text())
     held, lj = report["held_out_voices"], report.get("lj001", {})
     artifact = args.samples / "asr" / "model.ds"
+    # The chunk geometry the artifact streams with (apps.asr.export --chunk/--left).
+    cfg = {**cfg, **read_artifact(artifact)[0].extra.get("model", {})}
     clips = args.samples / "asr" / "clips"
     refs = dict(line.split("\t") for line in (clips / "transcripts.tsv").read_text().splitlines())
     int8_path = args.samples / "asr" / "model-int8.ds"
@@ -226,8 +228,8 @@ synthesized speech only. Made by `python -m apps.asr.prepare`,
 
 - {params / 1e6:.2f} M parameters: conv subsampling x4, {cfg["layers"]} conformer-style blocks
   (d={cfg["d_model"]}, {cfg["heads"]} heads, causal conv kernel {cfg["conv_kernel"]}),
-  chunked attention: chunk {cfg["chunk"]} frames (320 ms), left context {cfg["left"]}
-  frames (1.28 s); a fixed-size streaming state per layer.
+  chunked attention: chunk {cfg["chunk"]} frames ({cfg["chunk"] * 40} ms), left context
+  {cfg["left"]} frames ({cfg["left"] * 0.04:g} s); a fixed-size streaming state per layer.
 - Frontend: 80-dim log-mel, 25 ms / 10 ms, global mean/std in the manifest.
 - Artifact: {artifact.stat().st_size / 1e6:.1f} MB (ONNX graph + exported program).
 

@@ -1,11 +1,17 @@
 """Recipe step 4: write the streaming ``.ds`` artifact for the server.
 
     python -m apps.asr.export [--data cache/asr] [--out samples/asr/model.ds]
+        [--chunk 8] [--left 32]
 
 The artifact holds the streaming step (one chunk plus explicit state, see
 ``apps.asr.model.StreamingStep``) for both backends, and in its manifest the
 vocabulary, the frontend configuration with its normalization statistics, the
 model configuration and the chunk geometry, so a pipeline needs nothing else.
+``--chunk`` and ``--left`` (encoder frames of 40 ms) set the chunk and the
+attention's left context of the exported model, by default those it was
+trained with: a larger chunk waits longer for each step and sees more of it
+(accuracy against latency, measured in docs/asr.md); the left context sets
+the size of the per-layer key/value state.
 """
 
 from __future__ import annotations
@@ -126,10 +132,21 @@ def main(argv: list[str] | None = None) -> Path:
     parser.add_argument("--data", type=Path, default=ROOT / "cache" / "asr")
     parser.add_argument("--checkpoint", type=Path, help="default: <data>/ckpt/last.pt")
     parser.add_argument("--out", type=Path, default=ROOT / "samples" / "asr" / "model.ds")
+    parser.add_argument("--chunk", type=int, help="encoder frames per step (default: trained)")
+    parser.add_argument(
+        "--left", type=int, help="left context in encoder frames (default: trained)"
+    )
     args = parser.parse_args(argv)
+    for name in ("chunk", "left"):
+        if getattr(args, name) is not None and getattr(args, name) < 1:
+            parser.error(f"--{name} must be at least 1 encoder frame (40 ms)")
+    from dataclasses import replace
+
     from apps.asr.train import load_checkpoint
 
     model, fbank, ckpt = load_checkpoint(args.checkpoint or args.data / "ckpt" / "last.pt")
+    model.cfg = replace(model.cfg, chunk=args.chunk or model.cfg.chunk,
+                        left=args.left or model.cfg.left)  # fmt: skip
     args.out.parent.mkdir(parents=True, exist_ok=True)
     state = ckpt["state"]
     # The whole run state, so apps.asr.recover gives back a checkpoint that resumes
