@@ -264,6 +264,8 @@ def test_training_runs_is_seeded_and_resumes(tmp_path):
         [*small, "--calib", "3", "--sweep", "1,2", "--out", str(tmp_path / "p8.ds")]
     )
     assert set(ptq["sweep"]) == {1, 2} and set(ptq["int8"]) == set(ptq["float"])
+    quantize_main([*small, "--calib", "2", "--left", "3", "--out", str(tmp_path / "g8.ds")])
+    assert read_artifact_manifest(tmp_path / "g8.ds")[0].extra["model"]["left"] == 3
     qat = train_main([*common, "--qat", "--epochs", "1", "--lr", "1e-4"])
     assert qat["qat_from_step"] == resumed["step"] and qat["history"][0]["epoch"] == 0
     assert (tmp_path / "ckpt" / "last.pt").is_file()  # the float model is untouched

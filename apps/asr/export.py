@@ -17,6 +17,7 @@ the size of the per-layer key/value state.
 from __future__ import annotations
 
 import argparse
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -29,7 +30,15 @@ from dsstream.frontend import FbankConfig
 
 ROOT = Path(__file__).resolve().parents[2]
 
-__all__ = ["export_streaming", "export_ctc", "manifest_decoder", "main"]
+__all__ = [
+    "export_streaming",
+    "export_ctc",
+    "manifest_decoder",
+    "add_geometry_arguments",
+    "check_geometry",
+    "set_geometry",
+    "main",
+]
 
 
 def export_streaming(
@@ -119,6 +128,24 @@ def export_ctc(
                    extra=metadata)  # fmt: skip
 
 
+def add_geometry_arguments(parser: argparse.ArgumentParser) -> None:
+    """``--chunk`` and ``--left`` (encoder frames of 40 ms; default: as trained)."""
+    parser.add_argument("--chunk", type=int, help="encoder frames per step (default: trained)")
+    parser.add_argument("--left", type=int, help="left context, encoder frames (default: trained)")
+
+
+def check_geometry(parser: argparse.ArgumentParser, args: argparse.Namespace) -> None:
+    for name in ("chunk", "left"):
+        if getattr(args, name) is not None and getattr(args, name) < 1:
+            parser.error(f"--{name} must be at least 1 encoder frame (40 ms)")
+
+
+def set_geometry(model: AsrModel, args: argparse.Namespace) -> None:
+    """The chunk and left context of ``args`` on ``model`` (those it has where unset)."""
+    model.cfg = replace(model.cfg, chunk=args.chunk or model.cfg.chunk,
+                        left=args.left or model.cfg.left)  # fmt: skip
+
+
 def manifest_decoder(data: Path) -> dict[str, Any]:
     """The decoder settings for the manifest (the streaming pipeline's defaults):
     ``apps.asr.tune``'s choice, else evaluate's defaults."""
@@ -132,21 +159,13 @@ def main(argv: list[str] | None = None) -> Path:
     parser.add_argument("--data", type=Path, default=ROOT / "cache" / "asr")
     parser.add_argument("--checkpoint", type=Path, help="default: <data>/ckpt/last.pt")
     parser.add_argument("--out", type=Path, default=ROOT / "samples" / "asr" / "model.ds")
-    parser.add_argument("--chunk", type=int, help="encoder frames per step (default: trained)")
-    parser.add_argument(
-        "--left", type=int, help="left context in encoder frames (default: trained)"
-    )
+    add_geometry_arguments(parser)
     args = parser.parse_args(argv)
-    for name in ("chunk", "left"):
-        if getattr(args, name) is not None and getattr(args, name) < 1:
-            parser.error(f"--{name} must be at least 1 encoder frame (40 ms)")
-    from dataclasses import replace
-
+    check_geometry(parser, args)
     from apps.asr.train import load_checkpoint
 
     model, fbank, ckpt = load_checkpoint(args.checkpoint or args.data / "ckpt" / "last.pt")
-    model.cfg = replace(model.cfg, chunk=args.chunk or model.cfg.chunk,
-                        left=args.left or model.cfg.left)  # fmt: skip
+    set_geometry(model, args)
     args.out.parent.mkdir(parents=True, exist_ok=True)
     state = ckpt["state"]
     # The whole run state, so apps.asr.recover gives back a checkpoint that resumes

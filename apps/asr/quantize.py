@@ -2,7 +2,7 @@
 
     python -m apps.asr.quantize [--mode static|dynamic] [--observer minmax|percentile|mse]
         [--calib 256] [--sweep 16,64,256,1024] [--sensitivity 8] [--keep-float 0]
-        [--out samples/asr/model-int8.ds]
+        [--chunk 8] [--left 32] [--out samples/asr/model-int8.ds]
 
 Calibrates on training utterances (never the held-out voices), quantizes with
 ``engine.quant``, scores the INT8 model exactly as ``apps.asr.evaluate`` scores
@@ -28,7 +28,13 @@ from typing import Any
 import torch
 
 from apps.asr.evaluate import decoder_settings, evaluate
-from apps.asr.export import export_streaming, manifest_decoder
+from apps.asr.export import (
+    add_geometry_arguments,
+    check_geometry,
+    export_streaming,
+    manifest_decoder,
+    set_geometry,
+)
 from apps.asr.train import load_checkpoint, load_qat_checkpoint, load_wave, read_manifest
 from dsstream.frontend import Fbank
 
@@ -76,6 +82,7 @@ def _from_qat(args: argparse.Namespace, model: torch.nn.Module, fbank: Fbank) ->
     from engine.quant import freeze
 
     qmodel, fbank_cfg, saved = load_qat_checkpoint(args.data / "ckpt" / "qat.pt")
+    set_geometry(qmodel, args)
     result: dict[str, Any] = {"qat": saved["state"], "quant_config": saved["quant_config"]}
     for key, m in (("float", model), ("int8", freeze(qmodel))):
         result[key] = _summary(evaluate(m, fbank, args.data, args.lm, limit=args.limit,
@@ -106,9 +113,12 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     parser.add_argument("--out", type=Path, default=None, help="write the INT8 artifact here")
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--qat", action="store_true", help="use ckpt/qat.pt (train --qat)")
+    add_geometry_arguments(parser)
     args = parser.parse_args(argv)
+    check_geometry(parser, args)
     torch.set_num_threads(args.threads)
     model, fbank_cfg, ckpt = load_checkpoint(args.data / "ckpt" / "last.pt")
+    set_geometry(model, args)  # calibrated, scored and exported at this chunk and left context
     fbank = Fbank(fbank_cfg)
     if args.qat:
         return _from_qat(args, model, fbank)
