@@ -51,7 +51,7 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--max-frame-bytes", type=int, default=1 << 20)
     serve.add_argument("--idle-timeout", type=float, default=30.0, help="seconds")
     serve.add_argument("--max-session", type=float, default=3600.0, help="seconds")
-    serve.add_argument("--threads", type=int, default=8, help="pipeline worker threads")
+    serve.add_argument("--threads", type=_positive_int, default=64, help="pipeline worker threads")
     serve.add_argument("--samples", type=Path, help="folder of the sample models")
     serve.add_argument(
         "--beam", type=_positive_int,

@@ -54,7 +54,11 @@ class ServerConfig:
     session_queue_frames: int = 64  # per-session queue; full means the reader pauses
     token: str | None = None  # bearer token required when set
     allowed_origins: tuple[str, ...] = ()  # browser origins allowed; empty allows any
-    worker_threads: int = 8  # threads running pipeline calls
+    # Threads running pipeline calls. A call blocks its thread while its encoder step
+    # waits to be batched with other sessions' steps, so the thread count caps the
+    # batch: with 8, 64 real-time streams fell behind on 2 cores; 16 to 128 kept up
+    # (docs/benchmarks.md). Waiting threads cost no CPU.
+    worker_threads: int = 64
     shutdown_grace_s: float = 30.0  # time open sessions get to finish on shutdown
     busy_retry_after_ms: int = 2000  # the retry hint sent with ``busy``
     # Frames already queued when the worker wakes go to the pool in one call:

@@ -150,3 +150,15 @@ def test_serve_beam_reaches_the_asr_decoder(capsys):
     pipe.begin(AsrOptions())
     assert pipe.decoder.search.cfg.beam_width == 12
     pipe.end()
+
+
+def test_serve_threads_default_and_checked(capsys):
+    """The default serves the measured load (docs/benchmarks.md: 8 pipeline threads
+    capped the encoder's batches and 64 streams fell behind); 0 threads is refused."""
+    from dsstream.cli import build_parser
+    from dsstream.server import ServerConfig
+
+    assert build_parser().parse_args(["serve"]).threads == ServerConfig().worker_threads == 64
+    with pytest.raises(SystemExit):
+        build_parser().parse_args(["serve", "--threads", "0"])
+    assert "--threads: must be at least 1, got 0" in capsys.readouterr().err

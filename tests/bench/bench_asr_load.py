@@ -160,7 +160,7 @@ def test_concurrent_realtime_streams():
     pcm = (np.clip(audio, -1, 1) * 32767).astype("<i2").tobytes()
     port = _free_port()
     server = subprocess.Popen(
-        [sys.executable, "-m", "dsstream.cli", "serve", "--port", str(port), "--threads", "64",
+        [sys.executable, "-m", "dsstream.cli", "serve", "--port", str(port),
          "--max-sessions", "512", "--log-level", "WARNING"],
         stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, cwd=ROOT,
     )  # fmt: skip
