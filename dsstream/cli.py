@@ -38,6 +38,16 @@ def _positive_int(text: str) -> int:
     return value
 
 
+def _non_negative_float(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number, got {text!r}") from None
+    if not value >= 0 or value == float("inf"):
+        raise argparse.ArgumentTypeError(f"must be a finite number >= 0, got {text}")
+    return value
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="dsstream", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
@@ -56,6 +66,11 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument(
         "--beam", type=_positive_int,
         help="ASR decoder beam (default: the model's tuned one; narrower serves more streams)",
+    )  # fmt: skip
+    serve.add_argument(
+        "--batch-delay-ms", type=_non_negative_float,
+        help="longest an ASR stream's encoder step waits for others to batch with "
+             "(default: AsrConfig's; longer batches more, cheaper, later partials)",
     )  # fmt: skip
     serve.add_argument("--log-level", default="INFO")
     serve.add_argument("--log-format", choices=["text", "json"], default="text")
@@ -142,7 +157,9 @@ def _serve(args: argparse.Namespace) -> int:
         allowed_origins=tuple(args.origin),
         worker_threads=args.threads,
     )
-    registry = default_registry(args.samples, beam_width=args.beam)
+    registry = default_registry(
+        args.samples, beam_width=args.beam, batch_delay_ms=args.batch_delay_ms
+    )
     asyncio.run(run_server(registry, config))
     return 0
 

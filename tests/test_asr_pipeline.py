@@ -432,3 +432,23 @@ def test_vad_batches_concurrent_streams_with_unbatched_results(vad):
     assert together == alone
     windows = sum(len(a) for a in alone)
     assert vad.calls - calls < windows  # some model runs served several streams
+
+
+def test_the_batch_delay_reaches_the_engine_and_bad_values_are_refused(tiny, capsys):
+    from dsstream.cli import build_parser
+    from dsstream.pipelines.defaults import default_registry
+
+    rt = AsrRuntime(tiny[0], config=AsrConfig(beam_width=4, batch_delay_ms=25.0))
+    try:
+        assert rt.engine.policy.max_queue_delay_ms == 25.0
+        assert rt.engine.policy.max_batch_size == AsrConfig().max_batch
+    finally:
+        rt.close()
+    assert build_parser().parse_args(["serve", "--batch-delay-ms", "25"]).batch_delay_ms == 25.0
+    for bad in ("-1", "nan", "inf", "soon"):
+        with pytest.raises(SystemExit):
+            build_parser().parse_args(["serve", "--batch-delay-ms", bad])
+        assert "--batch-delay-ms" in capsys.readouterr().err
+    with pytest.raises(ValueError, match="batch_delay_ms"):
+        default_registry(batch_delay_ms=-1.0)
+    assert default_registry(batch_delay_ms=25.0).resolve("asr").extra == {"batch_delay_ms": 25.0}

@@ -159,6 +159,7 @@ class AsrConfig:
 
     device: str = "cpu"
     max_batch: int = 64  # streams per acoustic-model forward pass
+    batch_delay_ms: float = 0.0  # longest a stream's step waits for others to batch with
     # None: the artifact's tuned beam, else 32.  The beam buys real-speech accuracy
     # for decoder CPU time (apps.asr.tune; docs/asr.md, "Decoder settings").
     beam_width: int | None = None
@@ -190,7 +191,9 @@ class AsrRuntime:
         self.engine = InferenceEngine(
             model,
             device=config.device,
-            policy=BatchPolicy(max_batch_size=config.max_batch),
+            policy=BatchPolicy(
+                max_batch_size=config.max_batch, max_queue_delay_ms=config.batch_delay_ms
+            ),
             session_pool_bytes=config.session_pool_bytes,
             session_idle_timeout_s=float("inf"),  # the server's idle timeout governs
         )

@@ -30,16 +30,28 @@ def asr_model(root: Path, int8: bool | None = None) -> Path:
 
 
 def default_registry(
-    samples_dir: Path | None = None, int8: bool | None = None, beam_width: int | None = None
+    samples_dir: Path | None = None,
+    int8: bool | None = None,
+    beam_width: int | None = None,
+    batch_delay_ms: float | None = None,
 ) -> PipelineRegistry:
     """ASR and VQA backed by the sample artifacts; unavailable ones say what is missing.
 
     ``int8``: serve the INT8 ASR model (default: where it is shipped).
     ``beam_width``: the ASR decoder's beam (default: the one tuned for the
     model, in its artifact); narrower serves more streams per core, less
-    accurately (docs/asr.md, "Decoder settings")."""
+    accurately (docs/asr.md, "Decoder settings").
+    ``batch_delay_ms``: how long a stream's encoder step may wait for other
+    streams' steps to batch with (default: ``AsrConfig``'s)."""
     if beam_width is not None and beam_width < 1:
         raise ValueError(f"beam_width must be at least 1, got {beam_width}")
+    if batch_delay_ms is not None and not batch_delay_ms >= 0:
+        raise ValueError(f"batch_delay_ms must be >= 0, got {batch_delay_ms}")
+    settings: dict[str, float] = {}
+    if beam_width is not None:
+        settings["beam_width"] = beam_width
+    if batch_delay_ms is not None:
+        settings["batch_delay_ms"] = batch_delay_ms
     root = Path(samples_dir or SAMPLES_DIR)
     asr = ArtifactPipelineFactory(
         task="asr",
@@ -47,7 +59,7 @@ def default_registry(
         files={"model": asr_model(root, int8), "lm": root / "asr" / "lm.arpa"},
         entry="dsstream.pipelines.asr:load",
         hint="train and export it with the recipe in apps/asr (python -m apps.asr.export)",
-        extra={} if beam_width is None else {"beam_width": beam_width},
+        extra=settings,
     )
     vqa = ArtifactPipelineFactory(
         task="vqa",
