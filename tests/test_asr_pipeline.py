@@ -449,6 +449,7 @@ def test_the_batch_delay_reaches_the_engine_and_bad_values_are_refused(tiny, cap
         with pytest.raises(SystemExit):
             build_parser().parse_args(["serve", "--batch-delay-ms", bad])
         assert "--batch-delay-ms" in capsys.readouterr().err
-    with pytest.raises(ValueError, match="batch_delay_ms"):
-        default_registry(batch_delay_ms=-1.0)
+    for bad_delay in (-1.0, float("nan"), float("inf")):
+        with pytest.raises(ValueError, match="batch_delay_ms"):
+            default_registry(batch_delay_ms=bad_delay)
     assert default_registry(batch_delay_ms=25.0).resolve("asr").extra == {"batch_delay_ms": 25.0}

@@ -135,6 +135,7 @@ def add_geometry_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def check_geometry(parser: argparse.ArgumentParser, args: argparse.Namespace) -> None:
+    """Exits with the parser's usage message when ``--chunk`` or ``--left`` is below 1."""
     for name in ("chunk", "left"):
         if getattr(args, name) is not None and getattr(args, name) < 1:
             parser.error(f"--{name} must be at least 1 encoder frame (40 ms)")

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 import os
 from pathlib import Path
 
@@ -45,8 +46,8 @@ def default_registry(
     streams' steps to batch with (default: ``AsrConfig``'s)."""
     if beam_width is not None and beam_width < 1:
         raise ValueError(f"beam_width must be at least 1, got {beam_width}")
-    if batch_delay_ms is not None and not batch_delay_ms >= 0:
-        raise ValueError(f"batch_delay_ms must be >= 0, got {batch_delay_ms}")
+    if batch_delay_ms is not None and not (math.isfinite(batch_delay_ms) and batch_delay_ms >= 0):
+        raise ValueError(f"batch_delay_ms must be a finite number >= 0, got {batch_delay_ms}")
     settings: dict[str, float] = {}
     if beam_width is not None:
         settings["beam_width"] = beam_width
