@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
+import math
 import sys
 from dataclasses import asdict
 from pathlib import Path
@@ -13,7 +14,7 @@ from typing import Any
 from dsstream import __version__
 from dsstream.protocol import Ended, Error, Final, Partial, ServerEvent, encode_event
 
-__all__ = ["main", "build_parser"]
+__all__ = ["main", "build_parser", "positive_int"]
 
 EXIT_UNAVAILABLE = 2  # model not installed, server refused, bad input
 
@@ -28,7 +29,8 @@ def _hotword(text: str) -> dict[str, Any]:
     return {"phrase": text}
 
 
-def _positive_int(text: str) -> int:
+def positive_int(text: str) -> int:
+    """An argparse ``type``: a whole number >= 1, else the usage message says why."""
     try:
         value = int(text)
     except ValueError:
@@ -43,7 +45,7 @@ def _non_negative_float(text: str) -> float:
         value = float(text)
     except ValueError:
         raise argparse.ArgumentTypeError(f"expected a number, got {text!r}") from None
-    if not value >= 0 or value == float("inf"):
+    if not (math.isfinite(value) and value >= 0):
         raise argparse.ArgumentTypeError(f"must be a finite number >= 0, got {text}")
     return value
 
@@ -61,10 +63,10 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--max-frame-bytes", type=int, default=1 << 20)
     serve.add_argument("--idle-timeout", type=float, default=30.0, help="seconds")
     serve.add_argument("--max-session", type=float, default=3600.0, help="seconds")
-    serve.add_argument("--threads", type=_positive_int, default=64, help="pipeline worker threads")
+    serve.add_argument("--threads", type=positive_int, default=64, help="pipeline worker threads")
     serve.add_argument("--samples", type=Path, help="folder of the sample models")
     serve.add_argument(
-        "--beam", type=_positive_int,
+        "--beam", type=positive_int,
         help="ASR decoder beam (default: the model's tuned one; narrower serves more streams)",
     )  # fmt: skip
     serve.add_argument(

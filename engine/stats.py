@@ -5,6 +5,7 @@ collector over the same numbers."""
 from __future__ import annotations
 
 import collections
+import functools
 import threading
 import time
 from typing import Any, Callable, Iterator
@@ -90,15 +91,13 @@ class EngineStats:
         stats = self
         label = ["model"]
 
-        def counter(name: str, doc: str, value: float) -> Any:
-            family = CounterMetricFamily(name, doc, labels=label)
+        def labelled(family_type: Any, name: str, doc: str, value: float) -> Any:
+            family = family_type(name, doc, labels=label)
             family.add_metric([model], value)
             return family
 
-        def gauge(name: str, doc: str, value: float) -> Any:
-            family = GaugeMetricFamily(name, doc, labels=label)
-            family.add_metric([model], value)
-            return family
+        counter = functools.partial(labelled, CounterMetricFamily)
+        gauge = functools.partial(labelled, GaugeMetricFamily)
 
         class _Collector:
             def collect(self) -> Iterator[Any]:

@@ -109,9 +109,10 @@ def _quantization_words(made: dict[str, Any]) -> str:
     manifest's ``quantized_with`` (artifacts made before it: static, min/max)."""
     from apps.asr.quantize import OBSERVER_WORDS
 
-    flags = "" if made["observer"] == "minmax" else f" --observer {made['observer']}"
     if made["mode"] == "dynamic":
         flags = " --mode dynamic"
+    else:
+        flags = "" if made["observer"] == "minmax" else f" --observer {made['observer']}"
     keep = made.get("keep_float", [])
     if keep:
         flags += f" --sensitivity {made.get('sensitivity', 8)} --keep-float {len(keep)}"

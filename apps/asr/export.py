@@ -35,7 +35,6 @@ __all__ = [
     "export_ctc",
     "manifest_decoder",
     "add_geometry_arguments",
-    "check_geometry",
     "set_geometry",
     "main",
 ]
@@ -129,16 +128,15 @@ def export_ctc(
 
 
 def add_geometry_arguments(parser: argparse.ArgumentParser) -> None:
-    """``--chunk`` and ``--left`` (encoder frames of 40 ms; default: as trained)."""
-    parser.add_argument("--chunk", type=int, help="encoder frames per step (default: trained)")
-    parser.add_argument("--left", type=int, help="left context, encoder frames (default: trained)")
+    """``--chunk`` and ``--left`` (encoder frames of 40 ms, at least 1; default: as trained)."""
+    from dsstream.cli import positive_int
 
-
-def check_geometry(parser: argparse.ArgumentParser, args: argparse.Namespace) -> None:
-    """Exits with the parser's usage message when ``--chunk`` or ``--left`` is below 1."""
-    for name in ("chunk", "left"):
-        if getattr(args, name) is not None and getattr(args, name) < 1:
-            parser.error(f"--{name} must be at least 1 encoder frame (40 ms)")
+    parser.add_argument(
+        "--chunk", type=positive_int, help="encoder frames per step (default: trained)"
+    )
+    parser.add_argument(
+        "--left", type=positive_int, help="left context, encoder frames (default: trained)"
+    )
 
 
 def set_geometry(model: AsrModel, args: argparse.Namespace) -> None:
@@ -162,7 +160,6 @@ def main(argv: list[str] | None = None) -> Path:
     parser.add_argument("--out", type=Path, default=ROOT / "samples" / "asr" / "model.ds")
     add_geometry_arguments(parser)
     args = parser.parse_args(argv)
-    check_geometry(parser, args)
     from apps.asr.train import load_checkpoint
 
     model, fbank, ckpt = load_checkpoint(args.checkpoint or args.data / "ckpt" / "last.pt")

@@ -47,12 +47,9 @@ def evaluation_sentences(shared: Path) -> set[str]:
 def spoken_by_held_out_voices(manifest: Path) -> set[str]:
     """The sentences of the held-out voices' utterances (a prepare manifest's
     ``text``); empty when the manifest does not exist."""
-    import json
+    from apps.asr.train import read_manifest
 
-    if not manifest.is_file():
-        return set()
-    lines = manifest.read_text(encoding="utf-8").splitlines()
-    return {json.loads(line)["text"] for line in lines if line.strip()}
+    return {row["text"] for row in read_manifest(manifest)} if manifest.is_file() else set()
 
 
 def held_out(sentence: str, percent: int = 1) -> bool:

@@ -30,7 +30,6 @@ import torch
 from apps.asr.evaluate import decoder_settings, evaluate
 from apps.asr.export import (
     add_geometry_arguments,
-    check_geometry,
     export_streaming,
     manifest_decoder,
     set_geometry,
@@ -115,7 +114,6 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     parser.add_argument("--qat", action="store_true", help="use ckpt/qat.pt (train --qat)")
     add_geometry_arguments(parser)
     args = parser.parse_args(argv)
-    check_geometry(parser, args)
     torch.set_num_threads(args.threads)
     model, fbank_cfg, ckpt = load_checkpoint(args.data / "ckpt" / "last.pt")
     set_geometry(model, args)  # calibrated, scored and exported at this chunk and left context

@@ -48,11 +48,8 @@ def default_registry(
         raise ValueError(f"beam_width must be at least 1, got {beam_width}")
     if batch_delay_ms is not None and not (math.isfinite(batch_delay_ms) and batch_delay_ms >= 0):
         raise ValueError(f"batch_delay_ms must be a finite number >= 0, got {batch_delay_ms}")
-    settings: dict[str, float] = {}
-    if beam_width is not None:
-        settings["beam_width"] = beam_width
-    if batch_delay_ms is not None:
-        settings["batch_delay_ms"] = batch_delay_ms
+    given = {"beam_width": beam_width, "batch_delay_ms": batch_delay_ms}
+    settings = {k: v for k, v in given.items() if v is not None}  # else AsrConfig's
     root = Path(samples_dir or SAMPLES_DIR)
     asr = ArtifactPipelineFactory(
         task="asr",
