@@ -74,6 +74,11 @@ def build_parser() -> argparse.ArgumentParser:
         help="longest an ASR stream's encoder step waits for others to batch with "
              "(default: AsrConfig's; longer batches more, cheaper, later partials)",
     )  # fmt: skip
+    serve.add_argument(
+        "--engine-threads", type=positive_int,
+        help="ONNX Runtime threads per forward pass (default 1: the server's streams "
+             "keep the cores busy; more suits few streams on many cores)",
+    )  # fmt: skip
     serve.add_argument("--log-level", default="INFO")
     serve.add_argument("--log-format", choices=["text", "json"], default="text")
 
@@ -160,8 +165,9 @@ def _serve(args: argparse.Namespace) -> int:
         worker_threads=args.threads,
     )
     registry = default_registry(
-        args.samples, beam_width=args.beam, batch_delay_ms=args.batch_delay_ms
-    )
+        args.samples, beam_width=args.beam, batch_delay_ms=args.batch_delay_ms,
+        engine_threads=args.engine_threads,
+    )  # fmt: skip
     asyncio.run(run_server(registry, config))
     return 0
 

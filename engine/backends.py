@@ -30,7 +30,11 @@ class OnnxBackend:
     name = "onnx"
 
     def __init__(self, data: bytes, threads: int | None = None, quantized: bool = False) -> None:
-        """``quantized``: an INT8 QDQ graph (engine.quant).  ONNX Runtime's
+        """``threads``: intra-op threads of a forward pass (None: ONNX Runtime's
+        default, one per physical core).  Its pool threads spin between ops, so
+        where other work shares the cores (a server's frontends and decoders),
+        1 saves CPU: measured at a quarter of a 2-core server's (docs/benchmarks.md).
+        ``quantized``: an INT8 QDQ graph (engine.quant).  ONNX Runtime's
         MatMul+Add -> Gemm fusion runs before its QDQ fusions and leaves
         DequantizeLinear -> Gemm, which has no integer kernel; without it,
         DequantizeLinear -> MatMul becomes MatMulIntegerToFloat (measured 3x
@@ -127,11 +131,16 @@ def load_backend(
     device: str,
     backend: str,
     compile: bool = False,
+    cpu_threads: int | None = None,
 ) -> Backend:
     """The backend for ``device``; ``backend="auto"``: ONNX Runtime on CPU, PyTorch on CUDA.
 
-    ``compile`` applies ``torch.compile`` to the PyTorch backend.
+    ``compile`` applies ``torch.compile`` to the PyTorch backend.  ``cpu_threads``:
+    the ONNX Runtime backend's threads per forward pass (None: its default);
+    PyTorch's CPU threads are process-wide (``torch.set_num_threads``).
     """
+    if cpu_threads is not None and cpu_threads < 1:
+        raise ValueError(f"cpu_threads must be at least 1, got {cpu_threads}")
     _check_device(device)
     if backend == "auto":
         cpu_onnx = device == "cpu" and "onnx" in manifest.backends and not compile
@@ -146,7 +155,8 @@ def load_backend(
         if device != "cpu":
             raise BackendError("the ONNX Runtime backend runs on CPU here; use backend='torch'")
         quantized = "quantization" in manifest.extra
-        return OnnxBackend(read_member(path, "onnx/model.onnx", checksums), quantized=quantized)
+        data = read_member(path, "onnx/model.onnx", checksums)
+        return OnnxBackend(data, threads=cpu_threads, quantized=quantized)
     bf16 = tuple(i for i, spec in enumerate(manifest.inputs) if spec.dtype == "bfloat16")
     return TorchBackend(read_member(path, "torch/program.pt2", checksums), device, compile,
                         bf16_inputs=bf16)  # fmt: skip

@@ -152,7 +152,9 @@ class InferenceEngine:
     ``batch_size > 1`` (or a ``policy``) and a model whose inputs and outputs
     share a leading dynamic dim, concurrent requests are merged into one
     forward pass.  ``infer`` takes a dict keyed by input name, or positional
-    arrays/tensors, and returns ``{output name: array}``.
+    arrays/tensors, and returns ``{output name: array}``.  ``cpu_threads``:
+    ONNX Runtime's threads per forward pass (None: its default, every core);
+    1 where other work shares the cores, as in a streaming server.
     """
 
     def __init__(
@@ -165,8 +167,10 @@ class InferenceEngine:
         compile: bool = False,
         session_pool_bytes: int = 256 << 20,
         session_idle_timeout_s: float = 300.0,
+        cpu_threads: int | None = None,
     ) -> None:
         self.device = device
+        self.cpu_threads = cpu_threads
         self.backend_choice = backend
         self.compile = compile
         self.policy = policy or BatchPolicy(max_batch_size=max(1, batch_size))
@@ -195,8 +199,9 @@ class InferenceEngine:
     def _load(self, path: str) -> _Model:
         manifest, checksums = read_manifest(path)
         backend = load_backend(
-            path, manifest, checksums, self.device, self.backend_choice, self.compile
-        )
+            path, manifest, checksums, self.device, self.backend_choice, self.compile,
+            self.cpu_threads,
+        )  # fmt: skip
         return _Model(manifest, backend, path)
 
     @property
@@ -526,12 +531,14 @@ class InferenceEngine:
         feeds: list[np.ndarray] | Staged,
     ) -> list[dict[str, np.ndarray]]:
         """The forward pass over assembled (or staged) inputs, split per request."""
+        cpu0 = time.thread_time()
         if isinstance(feeds, Staged):
             assert self._stager is not None
             backend: Any = model.backend  # a TorchBackend: enable_overlap checked
             outputs = backend.run_tensors(self._stager.ready(feeds), self._stream)
         else:
             outputs = model.backend.run(feeds)
+        self._stats.record_cpu(time.thread_time() - cpu0)
         return self._split(outputs, model.manifest.outputs, requests, rows, len(requests) > 1)
 
     def _assemble(

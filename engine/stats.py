@@ -27,6 +27,10 @@ class EngineStats:
         self.batch_sizes: collections.Counter[int] = collections.Counter()
         self.requests = 0
         self.compute_total_s = 0.0  # forward-pass seconds (each batch counted once)
+        # CPU seconds of the thread that ran the forward passes: all of ONNX
+        # Runtime's with one intra-op thread; wall time also counts waits for
+        # the CPU and the GIL, which a busy server has plenty of.
+        self.compute_cpu_s = 0.0
         self.errors = 0
         self.swaps = 0
         self.queue_depth = 0
@@ -40,6 +44,10 @@ class EngineStats:
             self.batch_sizes[batch_size] += 1
             self.requests += 1
             self.compute_total_s += compute_s / batch_size
+
+    def record_cpu(self, seconds: float) -> None:
+        with self._lock:
+            self.compute_cpu_s += seconds
 
     def record_error(self) -> None:
         with self._lock:
@@ -62,12 +70,13 @@ class EngineStats:
             recent = [t for t in self._done_at if now - t <= THROUGHPUT_WINDOW_S]
             batches = dict(sorted(self.batch_sizes.items()))
             requests, errors, swaps = self.requests, self.errors, self.swaps
-            compute_total = self.compute_total_s
+            compute_total, compute_cpu = self.compute_total_s, self.compute_cpu_s
         span = min(THROUGHPUT_WINDOW_S, max(now - self.started, 1e-9))
         total = [q + c for q, c in zip(queue, compute)]
         return {
             "requests": requests,
             "compute_seconds": compute_total,
+            "compute_cpu_seconds": compute_cpu,
             "errors": errors,
             "swaps": swaps,
             "throughput_rps": len(recent) / span,
@@ -107,6 +116,11 @@ class EngineStats:
                 yield counter(
                     "engine_compute_seconds", "Forward-pass time, each batch once",
                     snap["compute_seconds"],
+                )  # fmt: skip
+                yield counter(
+                    "engine_compute_cpu_seconds",
+                    "CPU time of the thread running the forward passes",
+                    snap["compute_cpu_seconds"],
                 )  # fmt: skip
                 yield gauge("engine_queue_depth", "Requests waiting", depth())
                 yield gauge(

@@ -453,3 +453,28 @@ def test_the_batch_delay_reaches_the_engine_and_bad_values_are_refused(tiny, cap
         with pytest.raises(ValueError, match="batch_delay_ms"):
             default_registry(batch_delay_ms=bad_delay)
     assert default_registry(batch_delay_ms=25.0).resolve("asr").extra == {"batch_delay_ms": 25.0}
+
+
+def test_engine_threads_reach_every_engine_and_bad_values_are_refused(tiny, capsys):
+    from dsstream.cli import build_parser
+    from dsstream.pipelines.defaults import default_registry
+
+    def threads(rt: AsrRuntime) -> int:
+        return rt.engine.backend.session.get_session_options().intra_op_num_threads
+
+    for config, expected in ((AsrConfig(beam_width=4), 1), (AsrConfig(engine_threads=None), 0)):
+        rt = AsrRuntime(tiny[0], config=config)  # 1 by default; None: ONNX Runtime's (0)
+        try:
+            assert threads(rt) == expected
+        finally:
+            rt.close()
+    assert build_parser().parse_args(["serve"]).engine_threads is None  # the configs' default
+    assert build_parser().parse_args(["serve", "--engine-threads", "2"]).engine_threads == 2
+    with pytest.raises(SystemExit):
+        build_parser().parse_args(["serve", "--engine-threads", "0"])
+    assert "--engine-threads" in capsys.readouterr().err
+    with pytest.raises(ValueError, match="engine_threads"):
+        default_registry(engine_threads=0)
+    registry = default_registry(engine_threads=2)
+    assert registry.resolve("asr").extra == {"engine_threads": 2}
+    assert registry.resolve("vqa").extra["engine_threads"] == 2

@@ -153,6 +153,18 @@ def test_auto_backend_is_onnx_on_cpu(artifact):
     assert InferenceEngine(artifact[1]).backend.name == "onnx"
 
 
+def test_cpu_threads_set_onnx_runtimes_pool_and_keep_the_results(artifact):
+    x = np.random.default_rng(0).standard_normal((3, 20, 16)).astype(np.float32)
+    default, single = InferenceEngine(artifact[1]), InferenceEngine(artifact[1], cpu_threads=1)
+    assert single.backend.session.get_session_options().intra_op_num_threads == 1
+    assert default.backend.session.get_session_options().intra_op_num_threads == 0  # ORT's own
+    assert np.allclose(single.infer(x)["output_0"], default.infer(x)["output_0"], atol=1e-6)
+    single.swap(artifact[1])  # a model swapped in by path keeps the engine's threads
+    assert single.backend.session.get_session_options().intra_op_num_threads == 1
+    with pytest.raises(ValueError, match="cpu_threads must be at least 1"):
+        InferenceEngine(artifact[1], cpu_threads=0)
+
+
 @pytest.mark.parametrize(
     "inputs, match",
     [
@@ -295,7 +307,10 @@ def test_engines_of_one_server_are_distinct_series(artifact):
     value = {k: s.value for k, s in zip(keys, samples)}
     assert value[("engine_requests_total", (("model", "asr"),))] == 3
     assert value[("engine_requests_total", (("model", "vqa-fuser"),))] == 0
-    assert value[("engine_compute_seconds_total", (("model", "asr"),))] > 0
+    wall = value[("engine_compute_seconds_total", (("model", "asr"),))]
+    cpu = value[("engine_compute_cpu_seconds_total", (("model", "asr"),))]
+    assert 0 < cpu <= wall  # the calling thread's CPU within the passes' wall time
+    assert value[("engine_compute_cpu_seconds_total", (("model", "vqa-fuser"),))] == 0
 
 
 def test_half_precisions_on_this_cpu(tmp_path):

@@ -334,6 +334,8 @@ def test_pipeline_answers_reuses_the_image_and_refuses_bad_input(stages):
 
     _, image_path, fuser_path = stages
     rt = VqaRuntime(image_path, fuser_path)
+    for engine in (rt.image_engine, rt.fuser_engine):  # VqaConfig.engine_threads
+        assert engine.backend.session.get_session_options().intra_op_num_threads == 1
     pipe = rt.pipeline()
     eff = pipe.begin(VqaOptions())
     assert eff["image_size"] == 75 and len(eff["answers"]) == 12

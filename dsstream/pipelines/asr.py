@@ -160,6 +160,10 @@ class AsrConfig:
     device: str = "cpu"
     max_batch: int = 64  # streams per acoustic-model forward pass
     batch_delay_ms: float = 0.0  # longest a stream's step waits for others to batch with
+    # ONNX Runtime threads per forward pass.  1: the server's other threads keep the
+    # cores busy, and a pool's threads spin between ops (a quarter of a 2-core
+    # server's CPU, measured; docs/benchmarks.md).  None: ONNX Runtime's default.
+    engine_threads: int | None = 1
     # None: the artifact's tuned beam, else 32.  The beam buys real-speech accuracy
     # for decoder CPU time (apps.asr.tune; docs/asr.md, "Decoder settings").
     beam_width: int | None = None
@@ -196,6 +200,7 @@ class AsrRuntime:
             ),
             session_pool_bytes=config.session_pool_bytes,
             session_idle_timeout_s=float("inf"),  # the server's idle timeout governs
+            cpu_threads=config.engine_threads,
         )
         manifest = self.engine.manifest
         try:

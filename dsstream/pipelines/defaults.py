@@ -35,6 +35,7 @@ def default_registry(
     int8: bool | None = None,
     beam_width: int | None = None,
     batch_delay_ms: float | None = None,
+    engine_threads: int | None = None,
 ) -> PipelineRegistry:
     """ASR and VQA backed by the sample artifacts; unavailable ones say what is missing.
 
@@ -43,13 +44,18 @@ def default_registry(
     model, in its artifact); narrower serves more streams per core, less
     accurately (docs/asr.md, "Decoder settings").
     ``batch_delay_ms``: how long a stream's encoder step may wait for other
-    streams' steps to batch with (default: ``AsrConfig``'s)."""
+    streams' steps to batch with (default: ``AsrConfig``'s).
+    ``engine_threads``: ONNX Runtime threads per forward pass of every model
+    (default: the configs' 1, best where streams share the cores)."""
     if beam_width is not None and beam_width < 1:
         raise ValueError(f"beam_width must be at least 1, got {beam_width}")
     if batch_delay_ms is not None and not (math.isfinite(batch_delay_ms) and batch_delay_ms >= 0):
         raise ValueError(f"batch_delay_ms must be a finite number >= 0, got {batch_delay_ms}")
+    if engine_threads is not None and engine_threads < 1:
+        raise ValueError(f"engine_threads must be at least 1, got {engine_threads}")
+    threads = {} if engine_threads is None else {"engine_threads": engine_threads}
     given = {"beam_width": beam_width, "batch_delay_ms": batch_delay_ms}
-    settings = {k: v for k, v in given.items() if v is not None}  # else AsrConfig's
+    settings = {k: v for k, v in given.items() if v is not None} | threads  # else AsrConfig's
     root = Path(samples_dir or SAMPLES_DIR)
     asr = ArtifactPipelineFactory(
         task="asr",
@@ -65,6 +71,6 @@ def default_registry(
         files={"image": root / "vqa" / "image.ds", "fuser": root / "vqa" / "fuser.ds"},
         entry="dsstream.pipelines.vqa:load",
         hint="train and export it with the recipe in apps/vqa (python -m apps.vqa.export)",
-        extra={"asr": asr},  # spoken questions
+        extra={"asr": asr, **threads},  # asr: spoken questions
     )
     return PipelineRegistry([asr, vqa])

@@ -48,6 +48,9 @@ class VqaConfig:
     max_batch: int = 32  # questions (or images) per forward pass
     cache_bytes: int = 64 << 20  # keys/values of cached images
     max_image_pixels: int = 4096 * 4096  # larger images are refused (decompression bombs)
+    # ONNX Runtime threads per forward pass: the sample stages are too small to
+    # gain from more (measured), and idle pool threads spin; None: its default.
+    engine_threads: int | None = 1
 
 
 def _block_size(tokens: int, limit: int = 32) -> int:
@@ -134,8 +137,13 @@ class VqaRuntime:
 
         self.config, self.name, self.asr = config, name, asr
         policy = BatchPolicy(max_batch_size=config.max_batch)
-        self.image_engine = InferenceEngine(image, device=config.device, policy=policy)
-        self.fuser_engine = InferenceEngine(fuser, device=config.device, policy=policy)
+        threads = config.engine_threads
+        self.image_engine = InferenceEngine(
+            image, device=config.device, policy=policy, cpu_threads=threads
+        )
+        self.fuser_engine = InferenceEngine(
+            fuser, device=config.device, policy=policy, cpu_threads=threads
+        )
         img, fus = self.image_engine.manifest.extra, self.fuser_engine.manifest.extra
         if img.get("stage") != "image" or fus.get("stage") != "fuser":
             raise ValueError(f"{image} and {fuser} are not a VQA image stage and fuser stage")
