@@ -18,7 +18,8 @@ VAD, frontend, encoder forward passes, decoder), the rest being the protocol,
 websockets, the event loop and thread hand-offs.
 
     make bench   (or: pytest tests/bench/bench_asr_load.py -s -o python_files='bench_*.py')
-    DSSTREAM_BENCH_STREAMS=1,8,32 DSSTREAM_BENCH_SECONDS=10 to shorten.
+    DSSTREAM_BENCH_STREAMS=1,8,32 DSSTREAM_BENCH_SECONDS=10 to shorten;
+    DSSTREAM_BENCH_SERVE_ARGS="--threads 16 --beam 8" to try server settings.
 """
 
 from __future__ import annotations
@@ -45,6 +46,7 @@ ROOT = Path(__file__).resolve().parents[2]
 SAMPLES = ROOT / "samples" / "asr"
 STREAMS = [int(n) for n in os.environ.get("DSSTREAM_BENCH_STREAMS", "1,8,32,64,128").split(",")]
 SECONDS = float(os.environ.get("DSSTREAM_BENCH_SECONDS", "20"))
+SERVE_ARGS = os.environ.get("DSSTREAM_BENCH_SERVE_ARGS", "").split()  # default: as `make run`
 FRAME_S = 0.1
 RATE = 16000
 
@@ -161,7 +163,7 @@ def test_concurrent_realtime_streams():
     port = _free_port()
     server = subprocess.Popen(
         [sys.executable, "-m", "dsstream.cli", "serve", "--port", str(port),
-         "--max-sessions", "512", "--log-level", "WARNING"],
+         "--max-sessions", "512", "--log-level", "WARNING", *SERVE_ARGS],
         stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, cwd=ROOT,
     )  # fmt: skip
     try:
