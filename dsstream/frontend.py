@@ -9,7 +9,6 @@ window is complete and the frames of any chunking equal the offline frames.
 
 from __future__ import annotations
 
-import functools
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
@@ -58,6 +57,10 @@ class Fbank(torch.nn.Module):
         std = torch.tensor(config.std or [1.0] * config.n_mels)
         self.register_buffer("mean", mean, persistent=False)
         self.register_buffer("std", std, persistent=False)
+        mel: Any = self.mel  # torch.nn.Module's attribute typing says Tensor | Module
+        self._window = mel.spectrogram.window.numpy().astype(np.float32)
+        self._mel_matrix = mel.mel_scale.fb.numpy().astype(np.float32)  # [n_fft // 2 + 1, mels]
+        self._mean, self._std = mean.numpy().astype(np.float32), std.numpy().astype(np.float32)
 
     def frames(self, samples: int) -> int:
         c = self.config
@@ -89,22 +92,6 @@ class Fbank(torch.nn.Module):
         power = spec.real**2 + spec.imag**2
         mel = np.maximum(power @ self._mel_matrix, c.log_floor)
         return (np.log(mel) - self._mean) / self._std
-
-    @functools.cached_property
-    def _window(self) -> np.ndarray:
-        return self.mel.spectrogram.window.numpy().astype(np.float32)
-
-    @functools.cached_property
-    def _mel_matrix(self) -> np.ndarray:
-        return self.mel.mel_scale.fb.numpy().astype(np.float32)  # [n_fft // 2 + 1, n_mels]
-
-    @functools.cached_property
-    def _mean(self) -> np.ndarray:
-        return self.mean.numpy().astype(np.float32)
-
-    @functools.cached_property
-    def _std(self) -> np.ndarray:
-        return self.std.numpy().astype(np.float32)
 
 
 class StreamingFbank:

@@ -97,6 +97,20 @@ def test_frontend_streams_exactly():
                                (offline - 1.0) / 2.0, rtol=1e-5, atol=1e-5)  # fmt: skip
 
 
+def test_frontend_numpy_path_equals_the_torch_module():
+    rng = np.random.default_rng(1)
+    wave = (rng.standard_normal(8000) * 0.3).astype(np.float32)
+    cfg = FbankConfig(mean=tuple(rng.uniform(-8, 0, 80)), std=tuple(rng.uniform(1, 4, 80)))
+    fbank = Fbank(cfg)
+    with torch.no_grad():
+        reference = fbank(torch.from_numpy(wave)[None])[0].numpy()
+    ours = fbank.numpy(wave)
+    assert ours.dtype == np.float32 and ours.shape == reference.shape == (48, 80)
+    np.testing.assert_allclose(ours, reference, rtol=1e-5, atol=1e-5)
+    assert fbank.numpy(wave[:399]).shape == (0, 80)  # shorter than one window
+    assert fbank.numpy(wave[:400]).shape == (1, 80)
+
+
 def test_export_writes_a_self_describing_streaming_artifact(tmp_path):
     from apps.asr.export import export_streaming
     from engine import InferenceEngine, read_manifest

@@ -44,7 +44,9 @@ from dsstream.protocol import Final, Partial, parse_server_event
 
 ROOT = Path(__file__).resolve().parents[2]
 SAMPLES = ROOT / "samples" / "asr"
-STREAMS = [int(n) for n in os.environ.get("DSSTREAM_BENCH_STREAMS", "1,8,32,64,128").split(",")]
+STREAMS = [
+    int(n) for n in os.environ.get("DSSTREAM_BENCH_STREAMS", "1,8,32,64,96,112,128").split(",")
+]
 SECONDS = float(os.environ.get("DSSTREAM_BENCH_SECONDS", "20"))
 SERVE_ARGS = os.environ.get("DSSTREAM_BENCH_SERVE_ARGS", "").split()  # default: as `make run`
 FRAME_S = 0.1
@@ -81,7 +83,9 @@ def _metrics(port: int) -> dict[str, float]:
     text = urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=10).read().decode()
     out = {}
     for line in text.splitlines():
-        m = re.match(r"^(dsstream_asr_\w+|engine_compute_(?:cpu_)?seconds_total)(\{[^}]*\})? (\S+)$", line)
+        m = re.match(
+            r"^(dsstream_asr_\w+|engine_compute_(?:cpu_)?seconds_total)(\{[^}]*\})? (\S+)$", line
+        )
         if m:
             out[m.group(1) + (m.group(2) or "")] = float(m.group(3))
     return out
