@@ -79,6 +79,15 @@ def build_parser() -> argparse.ArgumentParser:
         help="ONNX Runtime threads per forward pass (default 1: the server's streams "
              "keep the cores busy; more suits few streams on many cores)",
     )  # fmt: skip
+    serve.add_argument(
+        "--workers", type=positive_int, default=1,
+        help="server processes on the port (one process uses about 1.4 cores: "
+             "the GIL; more serve more streams where there are more cores)",
+    )  # fmt: skip
+    # Set by the supervisor of --workers for each worker process.
+    serve.add_argument("--listen-fd", type=int, help=argparse.SUPPRESS)
+    serve.add_argument("--worker-index", type=int, help=argparse.SUPPRESS)
+    serve.add_argument("--worker-dir", type=Path, help=argparse.SUPPRESS)
     serve.add_argument("--log-level", default="INFO")
     serve.add_argument("--log-format", choices=["text", "json"], default="text")
 
@@ -147,9 +156,22 @@ def _serve(args: argparse.Namespace) -> int:
     from dsstream.logs import configure_logging
     from dsstream.pipelines.defaults import default_registry
     from dsstream.protocol import Limits
-    from dsstream.server import ServerConfig, run_server
+    from dsstream.server import ServerConfig, run_server, server_urls
+    from dsstream.workers import WorkerInfo, supervise
 
+    if args.workers > 1:
+
+        def announce(port: int) -> None:
+            url, page = server_urls(args.host, port, ServerConfig.path)
+            print(f"dsstream {__version__} serving {url} ({args.workers} worker processes)",
+                  flush=True)  # fmt: skip
+            print(f"demo page: {page}", flush=True)
+
+        return supervise(args.argv, args.workers, args.host, args.port, announce)
     configure_logging(args.log_level, args.log_format)
+    worker = None
+    if args.worker_index is not None and args.worker_dir is not None:
+        worker = WorkerInfo(args.worker_index, args.worker_dir)
     limits = Limits(
         max_frame_bytes=args.max_frame_bytes,
         max_session_s=args.max_session,
@@ -163,6 +185,8 @@ def _serve(args: argparse.Namespace) -> int:
         token=args.token,
         allowed_origins=tuple(args.origin),
         worker_threads=args.threads,
+        listen_fd=args.listen_fd,
+        worker=worker,
     )
     registry = default_registry(
         args.samples, beam_width=args.beam, batch_delay_ms=args.batch_delay_ms,
@@ -284,7 +308,9 @@ def _ask(args: argparse.Namespace) -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    raw = list(sys.argv[1:] if argv is None else argv)
+    args = build_parser().parse_args(raw)
+    args.argv = raw  # serve --workers starts its workers with the same arguments
     if args.command == "version":
         print(f"dsstream {__version__}")
         return 0

@@ -14,6 +14,7 @@ import hmac
 import http
 import json
 import logging
+import os
 import signal
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass, field
@@ -30,8 +31,15 @@ from dsstream.metrics import CONTENT_TYPE, ServerMetrics
 from dsstream.pipelines.base import PipelineRegistry
 from dsstream.protocol import CloseCode, ErrorCode, Limits, ServerProtocol, encode_event
 from dsstream.session import SessionRunner
+from dsstream.workers import (
+    WorkerInfo,
+    gather_metrics,
+    listening_socket,
+    serve_own_metrics,
+    watch_parent,
+)
 
-__all__ = ["ServerConfig", "StreamServer", "run_server"]
+__all__ = ["ServerConfig", "StreamServer", "run_server", "server_urls"]
 
 log = logging.getLogger("dsstream.server")
 
@@ -67,6 +75,11 @@ class ServerConfig:
     # Frames above the limit get a non-fatal ``too_large``; far above it the
     # WebSocket layer closes the connection (1009) without reading them.
     hard_frame_factor: int = 4
+    # One of several worker processes (dsstream.workers): accept on the listening
+    # socket inherited as this file descriptor instead of binding host and port,
+    # and merge the other workers' series into /metrics.
+    listen_fd: int | None = None
+    worker: WorkerInfo | None = None
 
 
 class StreamServer:
@@ -92,6 +105,7 @@ class StreamServer:
         self._server: Server | None = None
         self._closing = False
         self._closed: asyncio.Event | None = None
+        self._metrics_server: asyncio.Server | None = None  # worker mode: for the others
 
     # -- lifecycle -------------------------------------------------------------
 
@@ -106,16 +120,25 @@ class StreamServer:
         limits = self.config.limits
         hard = self.config.hard_frame_factor * max(limits.max_frame_bytes, limits.max_text_bytes)
         self._closed = asyncio.Event()
+        fd = self.config.listen_fd
+        where: dict[str, Any] = (
+            {"sock": listening_socket(fd)}
+            if fd is not None
+            else {"host": self.config.host, "port": self.config.port}
+        )
         self._server = await serve(
             self._handle,
-            self.config.host,
-            self.config.port,
+            **where,
             process_request=self._process_request,
             max_size=hard,
             compression=None,  # PCM audio does not deflate well; save the CPU
             server_header=f"dsstream/{__version__}",
             logger=logging.getLogger("dsstream.websockets"),
         )
+        if self.config.worker is not None:
+            self._metrics_server = await serve_own_metrics(
+                self.config.worker, self.metrics.exposition
+            )
         log.info("serving on %s (demo page %s)", self.url, self.http_url)
 
     @property
@@ -125,15 +148,11 @@ class StreamServer:
 
     @property
     def url(self) -> str:
-        return f"ws://{self._display_host()}:{self.port}{self.config.path}"
+        return server_urls(self.config.host, self.port, self.config.path)[0]
 
     @property
     def http_url(self) -> str:
-        return f"http://{self._display_host()}:{self.port}/"
-
-    def _display_host(self) -> str:
-        host = self.config.host
-        return "127.0.0.1" if host in ("", "0.0.0.0") else f"[{host}]" if ":" in host else host
+        return server_urls(self.config.host, self.port, self.config.path)[1]
 
     async def shutdown(self) -> None:
         """Graceful: stop accepting, let open sessions send their finals, then close."""
@@ -151,9 +170,16 @@ class StreamServer:
             self._server.close(close_connections=True)
             await self._server.wait_closed()
         self.executor.shutdown(wait=False, cancel_futures=True)
+        if self._metrics_server is not None and self.config.worker is not None:
+            self._metrics_server.close()
+            self.config.worker.socket_path.unlink(missing_ok=True)
         assert self._closed is not None
         self._closed.set()
         log.info("server closed")
+
+    def shutdown_soon(self) -> None:
+        """Start a graceful shutdown from the event loop's thread (signal handlers)."""
+        asyncio.ensure_future(self.shutdown())
 
     async def serve_forever(self, handle_signals: bool = True) -> None:
         """Serve until SIGINT/SIGTERM (when ``handle_signals``) or :meth:`shutdown`."""
@@ -163,7 +189,7 @@ class StreamServer:
         if handle_signals:
             loop = asyncio.get_running_loop()
             for sig in (signal.SIGINT, signal.SIGTERM):
-                loop.add_signal_handler(sig, lambda: asyncio.ensure_future(self.shutdown()))
+                loop.add_signal_handler(sig, self.shutdown_soon)
         await self._closed.wait()
 
     async def __aenter__(self) -> StreamServer:
@@ -175,7 +201,9 @@ class StreamServer:
 
     # -- HTTP --------------------------------------------------------------------
 
-    def _process_request(self, connection: ServerConnection, request: Request) -> Response | None:
+    async def _process_request(
+        self, connection: ServerConnection, request: Request
+    ) -> Response | None:
         path = urlsplit(request.path).path
         upgrade = "websocket" in request.headers.get("Upgrade", "").lower()
         if path == self.config.path and upgrade:
@@ -185,9 +213,10 @@ class StreamServer:
         if path == "/healthz":
             return _response(connection, http.HTTPStatus.OK, self._health(), "application/json")
         if path == "/metrics":
-            return _response(
-                connection, http.HTTPStatus.OK, self.metrics.exposition(), CONTENT_TYPE
-            )
+            body = self.metrics.exposition()
+            if self.config.worker is not None:
+                body = await gather_metrics(self.config.worker, body)
+            return _response(connection, http.HTTPStatus.OK, body, CONTENT_TYPE)
         if path in _STATIC:
             name, ctype = _STATIC[path]
             body = resources.files("dsstream.web").joinpath(name).read_bytes()
@@ -198,6 +227,7 @@ class StreamServer:
         status = {
             "status": "shutting_down" if self._closing else "ok",
             "version": __version__,
+            **({"worker": self.config.worker.index} if self.config.worker is not None else {}),
             "sessions": self.active_sessions,
             "max_sessions": self.config.max_sessions,
             "models": self.registry.describe(),
@@ -252,6 +282,12 @@ class StreamServer:
         await ws.close(close, message[:120])
 
 
+def server_urls(host: str, port: int, path: str) -> tuple[str, str]:
+    """The WebSocket endpoint's URL and the demo page's for a server bound there."""
+    shown = "127.0.0.1" if host in ("", "0.0.0.0") else f"[{host}]" if ":" in host else host
+    return f"ws://{shown}:{port}{path}", f"http://{shown}:{port}/"
+
+
 def _response(
     connection: ServerConnection, status: http.HTTPStatus, body: bytes, content_type: str
 ) -> Response:
@@ -265,9 +301,15 @@ def _response(
 
 
 async def run_server(registry: PipelineRegistry, config: ServerConfig) -> None:
-    """Start a server and serve until SIGINT/SIGTERM, then shut down gracefully."""
+    """Start a server and serve until SIGINT/SIGTERM, then shut down gracefully.
+
+    As a worker (``config.worker``) it reports ready through its ready file
+    instead of printing where it serves (the supervisor does, once for all),
+    and stops when the supervisor is gone."""
     server = StreamServer(registry, config)
     await server.start()
+    worker = config.worker
+    prefix = f"worker {worker.index}: " if worker is not None else ""
     # Load the installed models now, so the first client does not wait for them.
     loop = asyncio.get_running_loop()
     for task, models in registry.describe().items():
@@ -276,9 +318,18 @@ async def run_server(registry: PipelineRegistry, config: ServerConfig) -> None:
                 factory = registry.resolve(task, name)
                 await loop.run_in_executor(server.executor, factory.create)
                 server.adopt_metrics(factory)
-                print(f"{task}: {name}: loaded", flush=True)
+                print(f"{prefix}{task}: {name}: loaded", flush=True)
             else:
-                print(f"{task}: {name}: {status}", flush=True)
-    print(f"dsstream {__version__} serving {server.url}", flush=True)
-    print(f"demo page: {server.http_url}", flush=True)
-    await server.serve_forever()
+                print(f"{prefix}{task}: {name}: {status}", flush=True)
+    watcher: asyncio.Future[None] | None = None
+    if worker is not None:
+        worker.ready_path.touch()
+        watcher = asyncio.ensure_future(watch_parent(os.getppid(), server.shutdown_soon))
+    else:
+        print(f"dsstream {__version__} serving {server.url}", flush=True)
+        print(f"demo page: {server.http_url}", flush=True)
+    try:
+        await server.serve_forever()
+    finally:
+        if watcher is not None:
+            watcher.cancel()

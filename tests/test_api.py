@@ -53,7 +53,17 @@ EXPECTED = {
     "dsstream.vad": {"VadConfig", "SileroVad", "VadStream", "default_model_path"},
     "dsstream.endpoint": {"Endpointer"},
     "dsstream.local": {"LocalSession", "Transcript", "transcribe"},
-    "dsstream.server": {"ServerConfig", "StreamServer", "run_server"},
+    "dsstream.server": {"ServerConfig", "StreamServer", "run_server", "server_urls"},
+    "dsstream.workers": {
+        "WorkerInfo",
+        "merge_expositions",
+        "restart_allowed",
+        "serve_own_metrics",
+        "gather_metrics",
+        "listening_socket",
+        "watch_parent",
+        "supervise",
+    },
     "dsstream.client": {"Client", "BlockingClient", "ServerError", "AudioSource"},
     "dsstream.decoding": {
         "CTCDecoder",

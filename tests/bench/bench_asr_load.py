@@ -74,20 +74,35 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
+def _stat(pid: int) -> list[str]:
+    return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+
+
 def _cpu_s(pid: int) -> float:
-    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+    """CPU seconds of the server and its live worker processes (serve --workers)."""
+    total = 0
+    for proc in Path("/proc").iterdir():
+        if proc.name.isdigit():
+            try:
+                fields = _stat(int(proc.name))
+            except OSError:  # gone meanwhile
+                continue
+            if int(proc.name) == pid or int(fields[1]) == pid:
+                total += int(fields[11]) + int(fields[12])
+    return total / os.sysconf("SC_CLK_TCK")
 
 
 def _metrics(port: int) -> dict[str, float]:
     text = urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=10).read().decode()
-    out = {}
+    out: dict[str, float] = {}
     for line in text.splitlines():
         m = re.match(
             r"^(dsstream_asr_\w+|engine_compute_(?:cpu_)?seconds_total)(\{[^}]*\})? (\S+)$", line
         )
         if m:
-            out[m.group(1) + (m.group(2) or "")] = float(m.group(3))
+            labels = re.sub(r',?worker="\d+"', "", m.group(2) or "").replace("{,", "{")
+            key = m.group(1) + ("" if labels == "{}" else labels)
+            out[key] = out.get(key, 0.0) + float(m.group(3))  # summed over workers
     return out
 
 

@@ -1,0 +1,273 @@
+"""Several server processes on one port: ``dsstream serve --workers N``.
+
+One Python process does at most about one core and a third of a streaming
+server's work here: what holds the GIL (the protocol, the VAD's and
+frontend's array work) fills one core, and what releases it (ONNX Runtime,
+the decoder) cannot fill the rest alone (docs/benchmarks.md).  So a
+machine's other cores take more processes.  The supervisor binds the
+listening socket once and starts N ``dsstream serve`` workers that inherit it
+and accept on it; each has its own models, batches and sessions.  A worker
+that dies is started again; on SIGINT or SIGTERM every worker finishes its
+open sessions first (the server's graceful shutdown).
+
+``/metrics`` answers for every worker: the worker a scrape reaches asks the
+others over Unix sockets in the supervisor's folder and merges their series
+under a ``worker`` label.  ``/healthz`` answers for the worker it reaches.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable, Mapping, Sequence
+
+__all__ = [
+    "WorkerInfo",
+    "merge_expositions",
+    "restart_allowed",
+    "serve_own_metrics",
+    "gather_metrics",
+    "listening_socket",
+    "watch_parent",
+    "supervise",
+]
+
+READY_TIMEOUT_S = 600.0  # a worker loads its models before it reports ready
+RESTART_LIMIT = 5  # crashes within RESTART_WINDOW_S before the supervisor gives up
+RESTART_WINDOW_S = 60.0
+SIBLING_TIMEOUT_S = 2.0  # a busy or restarting worker's metrics are left out after it
+
+
+@dataclass(frozen=True)
+class WorkerInfo:
+    """What a worker process knows of its place among the others."""
+
+    index: int
+    folder: Path  # the supervisor's folder: metrics sockets and ready files
+
+    @property
+    def socket_path(self) -> Path:
+        return self.folder / f"worker-{self.index}.sock"
+
+    @property
+    def ready_path(self) -> Path:
+        return self.folder / f"ready-{self.index}"
+
+    def sibling_sockets(self) -> list[Path]:
+        return sorted(p for p in self.folder.glob("worker-*.sock") if p != self.socket_path)
+
+
+# -- pure parts ------------------------------------------------------------------------
+
+
+def merge_expositions(texts: Mapping[str, str]) -> bytes:
+    """Prometheus text expositions by worker name -> one, every sample labelled
+    ``worker="<name>"`` and each family described once."""
+    from prometheus_client import CollectorRegistry, generate_latest
+    from prometheus_client.core import Metric
+    from prometheus_client.parser import text_string_to_metric_families
+
+    families: dict[str, Metric] = {}
+    for worker, text in texts.items():
+        for family in text_string_to_metric_families(text):
+            merged = families.get(family.name)
+            if merged is None:
+                merged = Metric(family.name, family.documentation, family.type, family.unit)
+                families[family.name] = merged
+            merged.samples += [
+                s._replace(labels={**s.labels, "worker": worker}) for s in family.samples
+            ]
+
+    class _Merged:
+        def collect(self) -> list[Metric]:
+            return list(families.values())
+
+    registry = CollectorRegistry(auto_describe=False)
+    registry.register(_Merged())
+    return generate_latest(registry)
+
+
+def restart_allowed(
+    crashes: Sequence[float],
+    now: float,
+    limit: int = RESTART_LIMIT,
+    window_s: float = RESTART_WINDOW_S,
+) -> bool:
+    """Whether to start a crashed worker again: not after ``limit`` crashes
+    (monotonic seconds) within the last ``window_s`` (a worker that cannot
+    start, e.g. a broken model file, would otherwise restart forever)."""
+    return sum(1 for t in crashes if now - t <= window_s) < limit
+
+
+# -- worker side -----------------------------------------------------------------------
+
+
+async def serve_own_metrics(info: WorkerInfo, exposition: Callable[[], bytes]) -> asyncio.Server:
+    """Answer each connection to this worker's Unix socket with its exposition."""
+
+    async def answer(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        try:
+            writer.write(exposition())
+            await writer.drain()
+        finally:
+            writer.close()
+
+    info.socket_path.unlink(missing_ok=True)  # left by a worker that died
+    return await asyncio.start_unix_server(answer, path=str(info.socket_path))
+
+
+async def _read_sibling(path: Path) -> str | None:
+    try:
+        reader, writer = await asyncio.wait_for(
+            asyncio.open_unix_connection(str(path)), SIBLING_TIMEOUT_S
+        )
+        try:
+            return (await asyncio.wait_for(reader.read(), SIBLING_TIMEOUT_S)).decode()
+        finally:
+            writer.close()
+    except (OSError, TimeoutError):  # restarting, or too busy to answer in time
+        return None
+
+
+async def gather_metrics(info: WorkerInfo, own: bytes) -> bytes:
+    """This worker's exposition merged with every sibling's that answers."""
+    siblings = info.sibling_sockets()
+    texts = await asyncio.gather(*(_read_sibling(p) for p in siblings))
+    by_worker = {str(info.index): own.decode()}
+    for path, text in zip(siblings, texts):
+        if text is not None:
+            by_worker[path.stem.removeprefix("worker-")] = text
+    return merge_expositions(dict(sorted(by_worker.items())))
+
+
+async def watch_parent(parent: int, stop: Callable[[], object], every_s: float = 1.0) -> None:
+    """Call ``stop()`` when the supervisor (process ``parent``) is gone, so no
+    orphaned worker keeps the port."""
+    import os
+
+    while os.getppid() == parent:
+        await asyncio.sleep(every_s)
+    stop()
+
+
+# -- supervisor ------------------------------------------------------------------------
+
+
+class _Supervisor:
+    def __init__(self, argv: list[str], workers: int, listener: socket.socket) -> None:
+        self.argv = argv
+        self.workers = workers
+        self.listener = listener
+        self.folder = Path(tempfile.mkdtemp(prefix="dsstream-workers-"))
+        self.children: dict[int, subprocess.Popen[bytes]] = {}
+        self.crashes: list[float] = []
+        self.stopping = False
+
+    def spawn(self, index: int) -> None:
+        WorkerInfo(index, self.folder).ready_path.unlink(missing_ok=True)
+        fd = self.listener.fileno()
+        command = [sys.executable, "-m", "dsstream.cli", *self.argv, "--workers", "1",
+                   "--listen-fd", str(fd), "--worker-index", str(index),
+                   "--worker-dir", str(self.folder)]  # fmt: skip
+        # Its own session: a terminal's Ctrl-C reaches the supervisor only, which
+        # then stops the workers in order.
+        self.children[index] = subprocess.Popen(command, pass_fds=(fd,), start_new_session=True)
+
+    def wait_ready(self) -> int | None:
+        """None once every worker has loaded its models; else the exit code of one that died."""
+        deadline = time.monotonic() + READY_TIMEOUT_S
+        pending = set(self.children)
+        while pending and not self.stopping:
+            for index in list(pending):
+                code = self.children[index].poll()
+                if code is not None:
+                    return code or 1
+                if WorkerInfo(index, self.folder).ready_path.exists():
+                    pending.discard(index)
+            if time.monotonic() > deadline:
+                _say(f"workers {sorted(pending)} did not start in {READY_TIMEOUT_S:g} s")
+                return 1
+            time.sleep(0.1)
+        return None
+
+    def watch(self) -> int:
+        while not self.stopping:
+            for index, child in list(self.children.items()):
+                code = child.poll()
+                if code is None or self.stopping:
+                    continue
+                now = time.monotonic()
+                self.crashes.append(now)
+                if not restart_allowed(self.crashes, now):
+                    _say(f"worker {index} exited ({code}) {RESTART_LIMIT} times within "
+                         f"{RESTART_WINDOW_S:g} s; stopping")  # fmt: skip
+                    return 1
+                _say(f"worker {index} exited ({code}); starting it again")
+                self.spawn(index)
+            time.sleep(0.2)
+        return 0
+
+    def stop(self) -> None:
+        for child in self.children.values():
+            if child.poll() is None:
+                child.send_signal(signal.SIGTERM)  # each finishes its sessions, then exits
+        for child in self.children.values():
+            try:
+                child.wait(timeout=60)
+            except subprocess.TimeoutExpired:
+                child.kill()
+                child.wait()
+        shutil.rmtree(self.folder, ignore_errors=True)
+
+
+def supervise(
+    argv: list[str], workers: int, host: str, port: int, announce: Callable[[int], None]
+) -> int:
+    """Run ``dsstream serve`` (``argv``, its own arguments) as ``workers`` processes
+    on one listening socket until SIGINT/SIGTERM; ``announce(port)`` once all are
+    ready.  Returns the exit code."""
+    listener = socket.create_server((host, port), family=_family(host), backlog=1024)
+    listener.set_inheritable(True)
+    sup = _Supervisor(argv, workers, listener)
+
+    def on_signal(signum: int, frame: object) -> None:
+        sup.stopping = True
+
+    previous = {s: signal.signal(s, on_signal) for s in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        for index in range(workers):
+            sup.spawn(index)
+        code = sup.wait_ready()
+        if code is not None:
+            return code
+        if not sup.stopping:
+            announce(listener.getsockname()[1])
+        return sup.watch()
+    finally:
+        sup.stop()
+        listener.close()
+        for s, handler in previous.items():
+            signal.signal(s, handler)
+
+
+def _say(message: str) -> None:
+    print(f"dsstream serve: {message}", file=sys.stderr, flush=True)
+
+
+def _family(host: str) -> socket.AddressFamily:
+    return socket.AF_INET6 if ":" in host else socket.AF_INET
+
+
+def listening_socket(fd: int) -> socket.socket:
+    """The supervisor's listening socket, inherited as file descriptor ``fd``."""
+    sock = socket.socket(fileno=fd)
+    sock.setblocking(False)
+    return sock

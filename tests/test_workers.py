@@ -1,0 +1,143 @@
+"""Several server processes on one port (dsstream serve --workers N)."""
+
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
+from pathlib import Path
+
+import pytest
+from prometheus_client.parser import text_string_to_metric_families
+from websockets.sync.client import connect
+
+from dsstream.metrics import ServerMetrics
+from dsstream.workers import merge_expositions, restart_allowed
+
+# -- pure parts --------------------------------------------------------------------
+
+
+def _samples(text: bytes | str) -> dict[tuple[str, tuple], float]:
+    text = text.decode() if isinstance(text, bytes) else text
+    return {
+        (s.name, tuple(sorted(s.labels.items()))): s.value
+        for family in text_string_to_metric_families(text)
+        for s in family.samples
+    }
+
+
+def test_merged_metrics_label_each_workers_series_and_describe_each_family_once():
+    a, b = ServerMetrics(), ServerMetrics()
+    a.sessions.labels("asr").inc(3)
+    b.sessions.labels("asr").inc(2)
+    b.sessions.labels("vqa").inc()
+    b.step_latency.labels("asr").observe(0.02)
+    merged = merge_expositions({"0": a.exposition().decode(), "1": b.exposition().decode()})
+    text = merged.decode()
+    assert text.count("# TYPE dsstream_sessions_total counter") == 1
+    values = _samples(merged)
+    key = "dsstream_sessions_total"
+    assert values[(key, (("task", "asr"), ("worker", "0")))] == 3
+    assert values[(key, (("task", "asr"), ("worker", "1")))] == 2
+    assert values[(key, (("task", "vqa"), ("worker", "1")))] == 1
+    bucket = ("dsstream_step_seconds_bucket", (("le", "0.025"), ("task", "asr"), ("worker", "1")))
+    assert values[bucket] == 1
+    # Every sample of the inputs is there once, with its worker.
+    for worker, metrics in (("0", a), ("1", b)):
+        for (name, labels), value in _samples(metrics.exposition()).items():
+            assert values[(name, tuple(sorted((*labels, ("worker", worker)))))] == value
+
+
+def test_a_crashing_worker_is_restarted_until_it_crashes_too_often():
+    assert restart_allowed([], now=100.0)
+    assert restart_allowed([10.0] * 9 + [95.0] * 4, now=100.0, limit=5, window_s=60)
+    assert not restart_allowed([95.0] * 5, now=100.0, limit=5, window_s=60)
+    assert restart_allowed([30.0] * 5, now=100.0, limit=5, window_s=60)  # long ago
+
+
+# -- the supervisor and its workers, as a user runs them -------------------------------
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _children(pid: int) -> set[int]:
+    out = set()
+    for proc in Path("/proc").iterdir():
+        if proc.name.isdigit():
+            try:
+                stat = (proc / "stat").read_text().rsplit(")", 1)[1].split()
+            except OSError:
+                continue
+            if int(stat[1]) == pid:
+                out.add(int(proc.name))
+    return out
+
+
+def _get(port: int, path: str) -> str:
+    return urllib.request.urlopen(f"http://127.0.0.1:{port}{path}", timeout=10).read().decode()
+
+
+def _workers_in_metrics(port: int) -> set[str]:
+    values = _samples(_get(port, "/metrics"))
+    return {
+        dict(labels)["worker"] for name, labels in values if name == "dsstream_connections_total"
+    }
+
+
+def _wait(condition, timeout: float = 60.0) -> None:
+    deadline = time.monotonic() + timeout
+    while not condition():
+        assert time.monotonic() < deadline, "timed out"
+        time.sleep(0.2)
+
+
+@pytest.mark.skipif(sys.platform != "linux", reason="reads /proc")
+def test_workers_share_the_port_merge_metrics_restart_and_stop_together(tmp_path):
+    port = _free_port()
+    supervisor = subprocess.Popen(
+        [sys.executable, "-m", "dsstream.cli", "serve", "--port", str(port), "--workers", "2",
+         "--samples", str(tmp_path / "no-models"), "--log-level", "WARNING"],
+        stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+    )  # fmt: skip
+    try:
+        assert supervisor.stdout is not None
+        lines = []
+        for line in supervisor.stdout:
+            lines.append(line)
+            if "serving" in line:
+                break
+        assert f"serving ws://127.0.0.1:{port}/v1/stream (2 worker processes)" in lines[-1]
+        workers = _children(supervisor.pid)
+        assert len(workers) == 2
+        # Whichever worker takes the scrape, /metrics has both.
+        assert _workers_in_metrics(port) == {"0", "1"}
+        health = json.loads(_get(port, "/healthz"))
+        assert health["status"] == "ok" and health["worker"] in (0, 1)
+        # A worker serves WebSocket sessions on the shared socket.
+        with connect(f"ws://127.0.0.1:{port}/v1/stream") as ws:
+            ws.send(json.dumps({"type": "start", "task": "asr", "sample_rate": 16000}))
+            error = json.loads(ws.recv(timeout=10))
+        assert error["type"] == "error" and error["code"] == "model_unavailable"
+        # A worker that dies is started again.
+        victim = min(workers)
+        os.kill(victim, signal.SIGKILL)
+        _wait(lambda: len(_children(supervisor.pid) - {victim}) == 2)
+        _wait(lambda: _workers_in_metrics(port) == {"0", "1"})
+        # SIGTERM: every worker shuts down gracefully, then the supervisor exits.
+        workers = _children(supervisor.pid)
+        supervisor.send_signal(signal.SIGTERM)
+        assert supervisor.wait(timeout=60) == 0
+        assert not any(Path(f"/proc/{pid}").exists() for pid in workers)
+    finally:
+        if supervisor.poll() is None:
+            supervisor.kill()
+            supervisor.wait()
+    rest = supervisor.stdout.read() if supervisor.stdout else ""
+    assert "worker 0 exited" in rest or "worker 1 exited" in rest
