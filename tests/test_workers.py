@@ -80,6 +80,15 @@ def _children(pid: int) -> set[int]:
     return out
 
 
+def _alive(pid: int) -> bool:
+    """Running (a zombie that a container's init never reaps counts as gone)."""
+    try:
+        state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+    except OSError:
+        return False
+    return state != "Z"
+
+
 def _get(port: int, path: str) -> str:
     return urllib.request.urlopen(f"http://127.0.0.1:{port}{path}", timeout=10).read().decode()
 
@@ -134,10 +143,29 @@ def test_workers_share_the_port_merge_metrics_restart_and_stop_together(tmp_path
         workers = _children(supervisor.pid)
         supervisor.send_signal(signal.SIGTERM)
         assert supervisor.wait(timeout=60) == 0
-        assert not any(Path(f"/proc/{pid}").exists() for pid in workers)
+        assert not any(_alive(pid) for pid in workers)
     finally:
         if supervisor.poll() is None:
             supervisor.kill()
             supervisor.wait()
     rest = supervisor.stdout.read() if supervisor.stdout else ""
     assert "worker 0 exited" in rest or "worker 1 exited" in rest
+
+
+@pytest.mark.skipif(sys.platform != "linux", reason="reads /proc")
+def test_workers_stop_when_their_supervisor_is_killed(tmp_path):
+    port = _free_port()
+    supervisor = subprocess.Popen(
+        [sys.executable, "-m", "dsstream.cli", "serve", "--port", str(port), "--workers", "2",
+         "--samples", str(tmp_path / "no-models"), "--log-level", "WARNING"],
+        stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+    )  # fmt: skip
+    assert supervisor.stdout is not None
+    for line in supervisor.stdout:
+        if "serving" in line:
+            break
+    workers = _children(supervisor.pid)
+    assert len(workers) == 2
+    supervisor.kill()  # no chance to stop them: they notice it is gone
+    supervisor.wait()
+    _wait(lambda: not any(_alive(pid) for pid in workers), timeout=30)
