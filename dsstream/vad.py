@@ -18,6 +18,7 @@ import importlib.util
 import threading
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
@@ -129,6 +130,27 @@ class SileroVad:
 
     def stream(self) -> VadStream:
         return VadStream(self)
+
+    def collector(self) -> Any:
+        """Prometheus counters of model runs and windows: their ratio is how many
+        streams a run served on average (the flat combining's batch)."""
+        from prometheus_client.core import CounterMetricFamily
+
+        vad = self
+
+        class _Collector:
+            def collect(self) -> Any:
+                with vad._lock:
+                    calls, windows = vad.calls, vad.windows
+                yield CounterMetricFamily("dsstream_vad_runs", "Silero VAD model runs", calls)
+                yield CounterMetricFamily(
+                    "dsstream_vad_windows", "32 ms windows the VAD classified", windows
+                )
+
+            def describe(self) -> list[Any]:
+                return []
+
+        return _Collector()
 
 
 class _Job:

@@ -382,6 +382,9 @@ def test_stage_times_are_counted_and_exposed(runtime):
     assert 'dsstream_asr_stage_seconds_total{stage="encoder"}' in text
     compute = re.search(r'engine_compute_seconds_total\{model="asr"\} (\S+)', text)
     assert compute and float(compute.group(1)) > 0  # the encoder's forward passes
+    runs = float(re.search(r"^dsstream_vad_runs_total (\S+)$", text, re.M).group(1))
+    windows = float(re.search(r"^dsstream_vad_windows_total (\S+)$", text, re.M).group(1))
+    assert windows == runtime.vad.windows >= runs == runtime.vad.calls > 0
 
 
 def test_the_server_runs_the_asr_pipeline_and_exposes_its_metrics(tiny):

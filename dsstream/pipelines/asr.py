@@ -220,7 +220,9 @@ class AsrRuntime:
         )
         self.vad = SileroVad(config=VadConfig(threshold=config.vad_threshold))
         self.times = StageTimes()
-        self._collectors = [self.engine.prometheus("asr"), self.times.collector()]
+        self._collectors = [
+            self.engine.prometheus("asr"), self.times.collector(), self.vad.collector()
+        ]  # fmt: skip
 
     def pipeline(self) -> AsrPipeline:
         """A new session pipeline (call ``begin`` with options before use)."""

@@ -97,7 +97,8 @@ def _metrics(port: int) -> dict[str, float]:
     out: dict[str, float] = {}
     for line in text.splitlines():
         m = re.match(
-            r"^(dsstream_asr_\w+|engine_compute_(?:cpu_)?seconds_total)(\{[^}]*\})? (\S+)$", line
+            r"^(dsstream_(?:asr|vad)_\w+|engine_compute_(?:cpu_)?seconds_total)(\{[^}]*\})? (\S+)$",
+            line,
         )
         if m:
             labels = re.sub(r',?worker="\d+"', "", m.group(2) or "").replace("{,", "{")
@@ -236,5 +237,8 @@ def _report(rows: list[dict], profile) -> None:
     rest = server_cpu - sum(stages.values())
     print(f"| protocol, websockets, event loop, threads (rest of server CPU) | {rest:.1f} | "
           f"{1000 * rest / audio:.2f} | {rest / server_cpu:.0%} |")  # fmt: skip
+    runs = delta.get("dsstream_vad_runs_total", 0.0) or 1.0
+    print(f"(each VAD run classified {delta.get('dsstream_vad_windows_total', 0.0) / runs:.1f} "
+          "streams' windows on average)")  # fmt: skip
     print(f"(the forward passes took {passes:.1f} s of wall time; streams also waited "
           f"{wait:.1f} s in total for their batched encoder steps)")  # fmt: skip
