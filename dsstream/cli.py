@@ -6,6 +6,7 @@ import argparse
 import asyncio
 import json
 import math
+import os
 import sys
 from dataclasses import asdict
 from pathlib import Path
@@ -171,7 +172,7 @@ def _serve(args: argparse.Namespace) -> int:
     configure_logging(args.log_level, args.log_format)
     worker = None
     if args.worker_index is not None and args.worker_dir is not None:
-        worker = WorkerInfo(args.worker_index, args.worker_dir)
+        worker = WorkerInfo(args.worker_index, args.worker_dir, supervisor=os.getppid())
     limits = Limits(
         max_frame_bytes=args.max_frame_bytes,
         max_session_s=args.max_session,

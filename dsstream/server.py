@@ -14,7 +14,6 @@ import hmac
 import http
 import json
 import logging
-import os
 import signal
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass, field
@@ -324,7 +323,7 @@ async def run_server(registry: PipelineRegistry, config: ServerConfig) -> None:
     watcher: asyncio.Future[None] | None = None
     if worker is not None:
         worker.ready_path.touch()
-        watcher = asyncio.ensure_future(watch_parent(os.getppid(), server.shutdown_soon))
+        watcher = asyncio.ensure_future(watch_parent(worker.supervisor, server.shutdown_soon))
     else:
         print(f"dsstream {__version__} serving {server.url}", flush=True)
         print(f"demo page: {server.http_url}", flush=True)

@@ -18,6 +18,7 @@ under a ``worker`` label.  ``/healthz`` answers for the worker it reaches.
 from __future__ import annotations
 
 import asyncio
+import os
 import shutil
 import signal
 import socket
@@ -52,6 +53,7 @@ class WorkerInfo:
 
     index: int
     folder: Path  # the supervisor's folder: metrics sockets and ready files
+    supervisor: int  # its process id: a worker stops when it is gone
 
     @property
     def socket_path(self) -> Path:
@@ -151,8 +153,6 @@ async def gather_metrics(info: WorkerInfo, own: bytes) -> bytes:
 async def watch_parent(parent: int, stop: Callable[[], object], every_s: float = 1.0) -> None:
     """Call ``stop()`` when the supervisor (process ``parent``) is gone, so no
     orphaned worker keeps the port."""
-    import os
-
     while os.getppid() == parent:
         await asyncio.sleep(every_s)
     stop()
@@ -171,8 +171,11 @@ class _Supervisor:
         self.crashes: list[float] = []
         self.stopping = False
 
+    def _info(self, index: int) -> WorkerInfo:
+        return WorkerInfo(index, self.folder, os.getpid())
+
     def spawn(self, index: int) -> None:
-        WorkerInfo(index, self.folder).ready_path.unlink(missing_ok=True)
+        self._info(index).ready_path.unlink(missing_ok=True)
         fd = self.listener.fileno()
         command = [sys.executable, "-m", "dsstream.cli", *self.argv, "--workers", "1",
                    "--listen-fd", str(fd), "--worker-index", str(index),
@@ -190,7 +193,7 @@ class _Supervisor:
                 code = self.children[index].poll()
                 if code is not None:
                     return code or 1
-                if WorkerInfo(index, self.folder).ready_path.exists():
+                if self._info(index).ready_path.exists():
                     pending.discard(index)
             if time.monotonic() > deadline:
                 _say(f"workers {sorted(pending)} did not start in {READY_TIMEOUT_S:g} s")
