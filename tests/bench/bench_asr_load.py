@@ -19,7 +19,8 @@ websockets, the event loop and thread hand-offs.
 
     make bench   (or: pytest tests/bench/bench_asr_load.py -s -o python_files='bench_*.py')
     DSSTREAM_BENCH_STREAMS=1,8,32 DSSTREAM_BENCH_SECONDS=10 to shorten;
-    DSSTREAM_BENCH_SERVE_ARGS="--threads 16 --beam 8" to try server settings.
+    DSSTREAM_BENCH_SERVE_ARGS="--threads 16 --beam 8" to try server settings;
+    DSSTREAM_BENCH_RATE=8000 for telephone-rate callers (resampled by the server).
 """
 
 from __future__ import annotations
@@ -50,7 +51,7 @@ STREAMS = [
 SECONDS = float(os.environ.get("DSSTREAM_BENCH_SECONDS", "20"))
 SERVE_ARGS = os.environ.get("DSSTREAM_BENCH_SERVE_ARGS", "").split()  # default: as `make run`
 FRAME_S = 0.1
-RATE = 16000
+RATE = int(os.environ.get("DSSTREAM_BENCH_RATE", "16000"))  # 8000: telephone callers
 
 pytestmark = pytest.mark.skipif(
     not (SAMPLES / "model.ds").exists(), reason="the sample ASR model is not in samples/asr"
@@ -61,7 +62,11 @@ def _audio() -> np.ndarray:
     parts = []
     for name in ("LJ001-0011.flac", "heldout-espeak-david.flac"):
         x, rate = sf.read(SAMPLES / "clips" / name, dtype="float32")
-        assert rate == RATE
+        if rate != RATE:
+            import torch
+            import torchaudio
+
+            x = torchaudio.functional.resample(torch.from_numpy(x), rate, RATE).numpy()
         parts += [x, np.zeros(RATE, np.float32)]
     loop = np.concatenate(parts)
     reps = math.ceil(SECONDS * RATE / len(loop))
@@ -122,7 +127,7 @@ async def _stream(url: str, pcm: bytes, delay: float, out: Stream) -> None:
     sent_at = [math.nan] * len(frames)
     loop = asyncio.get_running_loop()
     async with connect(url, compression=None, max_queue=None) as ws:
-        await ws.send('{"type":"start","task":"asr","sample_rate":16000}')
+        await ws.send(f'{{"type":"start","task":"asr","sample_rate":{RATE}}}')
         await ws.recv()
         end_sent = [math.nan]
 
@@ -207,7 +212,10 @@ def test_concurrent_realtime_streams():
 
 
 def _report(rows: list[dict], profile) -> None:
-    print(f"\nStreaming ASR load: {SECONDS:g} s of audio per stream, 100 ms frames, real time")
+    print(
+        f"\nStreaming ASR load: {SECONDS:g} s of audio per stream at {RATE} Hz, 100 ms frames, "
+        "real time"
+    )
     print("| streams | partial p50 ms | partial p95 ms | final after end p50/p95 ms "
           "| kept up | server CPU (cores) | generator CPU (cores) |")  # fmt: skip
     print("|---:|---:|---:|---:|---:|---:|---:|")
