@@ -107,22 +107,28 @@ def _wait(condition, timeout: float = 60.0) -> None:
         time.sleep(0.2)
 
 
-@pytest.mark.skipif(sys.platform != "linux", reason="reads /proc")
-def test_workers_share_the_port_merge_metrics_restart_and_stop_together(tmp_path):
+def _supervisor(tmp_path: Path) -> tuple[subprocess.Popen, int, str]:
+    """``dsstream serve --workers 2`` without models (they load fast), once it
+    says it serves: the process, its port and that line."""
     port = _free_port()
     supervisor = subprocess.Popen(
         [sys.executable, "-m", "dsstream.cli", "serve", "--port", str(port), "--workers", "2",
          "--samples", str(tmp_path / "no-models"), "--log-level", "WARNING"],
         stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
     )  # fmt: skip
+    assert supervisor.stdout is not None
+    line = ""
+    for line in supervisor.stdout:
+        if "serving" in line:
+            break
+    return supervisor, port, line
+
+
+@pytest.mark.skipif(sys.platform != "linux", reason="reads /proc")
+def test_workers_share_the_port_merge_metrics_restart_and_stop_together(tmp_path):
+    supervisor, port, serving = _supervisor(tmp_path)
     try:
-        assert supervisor.stdout is not None
-        lines = []
-        for line in supervisor.stdout:
-            lines.append(line)
-            if "serving" in line:
-                break
-        assert f"serving ws://127.0.0.1:{port}/v1/stream (2 worker processes)" in lines[-1]
+        assert f"serving ws://127.0.0.1:{port}/v1/stream (2 worker processes)" in serving
         workers = _children(supervisor.pid)
         assert len(workers) == 2
         # Whichever worker takes the scrape, /metrics has both.
@@ -154,16 +160,8 @@ def test_workers_share_the_port_merge_metrics_restart_and_stop_together(tmp_path
 
 @pytest.mark.skipif(sys.platform != "linux", reason="reads /proc")
 def test_workers_stop_when_their_supervisor_is_killed(tmp_path):
-    port = _free_port()
-    supervisor = subprocess.Popen(
-        [sys.executable, "-m", "dsstream.cli", "serve", "--port", str(port), "--workers", "2",
-         "--samples", str(tmp_path / "no-models"), "--log-level", "WARNING"],
-        stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-    )  # fmt: skip
-    assert supervisor.stdout is not None
-    for line in supervisor.stdout:
-        if "serving" in line:
-            break
+    supervisor, _, serving = _supervisor(tmp_path)
+    assert "serving" in serving
     workers = _children(supervisor.pid)
     assert len(workers) == 2
     supervisor.kill()  # no chance to stop them: they notice it is gone
