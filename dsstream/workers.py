@@ -162,9 +162,8 @@ async def watch_parent(parent: int, stop: Callable[[], object], every_s: float =
 
 
 class _Supervisor:
-    def __init__(self, argv: list[str], workers: int, listener: socket.socket) -> None:
+    def __init__(self, argv: list[str], listener: socket.socket) -> None:
         self.argv = argv
-        self.workers = workers
         self.listener = listener
         self.folder = Path(tempfile.mkdtemp(prefix="dsstream-workers-"))
         self.children: dict[int, subprocess.Popen[bytes]] = {}
@@ -239,7 +238,7 @@ def supervise(
     ready.  Returns the exit code."""
     listener = socket.create_server((host, port), family=_family(host), backlog=1024)
     listener.set_inheritable(True)
-    sup = _Supervisor(argv, workers, listener)
+    sup = _Supervisor(argv, listener)
 
     def on_signal(signum: int, frame: object) -> None:
         sup.stopping = True
