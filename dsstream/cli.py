@@ -6,7 +6,6 @@ import argparse
 import asyncio
 import json
 import math
-import os
 import sys
 from dataclasses import asdict
 from pathlib import Path
@@ -85,10 +84,6 @@ def build_parser() -> argparse.ArgumentParser:
         help="server processes on the port (one process uses about 1.4 cores: "
              "the GIL; more serve more streams where there are more cores)",
     )  # fmt: skip
-    # Set by the supervisor of --workers for each worker process.
-    serve.add_argument("--listen-fd", type=int, help=argparse.SUPPRESS)
-    serve.add_argument("--worker-index", type=int, help=argparse.SUPPRESS)
-    serve.add_argument("--worker-dir", type=Path, help=argparse.SUPPRESS)
     serve.add_argument("--log-level", default="INFO")
     serve.add_argument("--log-format", choices=["text", "json"], default="text")
 
@@ -154,25 +149,15 @@ def _lm(args: argparse.Namespace) -> int:
 
 
 def _serve(args: argparse.Namespace) -> int:
+    from dataclasses import replace
+
     from dsstream.logs import configure_logging
     from dsstream.pipelines.defaults import default_registry
     from dsstream.protocol import Limits
     from dsstream.server import ServerConfig, run_server, server_urls
     from dsstream.workers import WorkerInfo, supervise
 
-    if args.workers > 1:
-
-        def announce(port: int) -> None:
-            url, page = server_urls(args.host, port, ServerConfig.path)
-            print(f"dsstream {__version__} serving {url} ({args.workers} worker processes)",
-                  flush=True)  # fmt: skip
-            print(f"demo page: {page}", flush=True)
-
-        return supervise(args.argv, args.workers, args.host, args.port, announce)
     configure_logging(args.log_level, args.log_format)
-    worker = None
-    if args.worker_index is not None and args.worker_dir is not None:
-        worker = WorkerInfo(args.worker_index, args.worker_dir, supervisor=os.getppid())
     limits = Limits(
         max_frame_bytes=args.max_frame_bytes,
         max_session_s=args.max_session,
@@ -186,15 +171,40 @@ def _serve(args: argparse.Namespace) -> int:
         token=args.token,
         allowed_origins=tuple(args.origin),
         worker_threads=args.threads,
-        listen_fd=args.listen_fd,
-        worker=worker,
     )
-    registry = default_registry(
-        args.samples, beam_width=args.beam, batch_delay_ms=args.batch_delay_ms,
-        engine_threads=args.engine_threads,
-    )  # fmt: skip
-    asyncio.run(run_server(registry, config))
-    return 0
+
+    def serve(config: ServerConfig) -> int:
+        registry = default_registry(
+            args.samples, beam_width=args.beam, batch_delay_ms=args.batch_delay_ms,
+            engine_threads=args.engine_threads,
+        )  # fmt: skip
+        asyncio.run(run_server(registry, config))
+        return 0
+
+    if args.workers == 1:
+        return serve(config)
+
+    def worker(info: WorkerInfo, fd: int) -> int:
+        return serve(replace(config, listen_fd=fd, worker=info))
+
+    def announce(port: int) -> None:
+        url, page = server_urls(args.host, port, config.path)
+        print(f"dsstream {__version__} serving {url} ({args.workers} worker processes)",
+              flush=True)  # fmt: skip
+        print(f"demo page: {page}", flush=True)
+
+    return supervise(worker, args.workers, args.host, args.port, announce, _preload)
+
+
+def _preload() -> None:
+    """What every worker imports, imported once before they are forked: shared
+    copy-on-write instead of ~290 MB in each (torch alone; measured)."""
+    import onnxruntime  # noqa: F401
+    import torch  # noqa: F401
+    import torchaudio  # noqa: F401
+
+    import dsstream.pipelines.asr  # noqa: F401
+    import dsstream.pipelines.vqa  # noqa: F401
 
 
 # -- transcribe -------------------------------------------------------------------
@@ -309,9 +319,7 @@ def _ask(args: argparse.Namespace) -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
-    raw = list(sys.argv[1:] if argv is None else argv)
-    args = build_parser().parse_args(raw)
-    args.argv = raw  # serve --workers starts its workers with the same arguments
+    args = build_parser().parse_args(argv)
     if args.command == "version":
         print(f"dsstream {__version__}")
         return 0

@@ -5,8 +5,10 @@ server's work here: what holds the GIL (the protocol, the VAD's and
 frontend's array work) fills one core, and what releases it (ONNX Runtime,
 the decoder) cannot fill the rest alone (docs/benchmarks.md).  So a
 machine's other cores take more processes.  The supervisor binds the
-listening socket once and starts N ``dsstream serve`` workers that inherit it
-and accept on it; each has its own models, batches and sessions.  A worker
+listening socket once, imports what the workers need, and forks N workers
+that accept on it: they share that code and its libraries' memory
+(copy-on-write) and each loads its own models and keeps its own batches and
+sessions.  A worker
 that dies is started again; on SIGINT or SIGTERM every worker finishes its
 open sessions first (the server's graceful shutdown).
 
@@ -18,14 +20,15 @@ under a ``worker`` label.  ``/healthz`` answers for the worker it reaches.
 from __future__ import annotations
 
 import asyncio
+import gc
 import os
 import shutil
 import signal
 import socket
-import subprocess
 import sys
 import tempfile
 import time
+import traceback
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Mapping, Sequence
@@ -39,6 +42,7 @@ __all__ = [
     "listening_socket",
     "watch_parent",
     "supervise",
+    "RunWorker",
 ]
 
 READY_TIMEOUT_S = 600.0  # a worker loads its models before it reports ready
@@ -160,13 +164,44 @@ async def watch_parent(parent: int, stop: Callable[[], object], every_s: float =
 
 # -- supervisor ------------------------------------------------------------------------
 
+# A worker: given its WorkerInfo and the listening socket's file descriptor,
+# serve until told to stop; returns the process's exit code.
+RunWorker = Callable[[WorkerInfo, int], int]
+
+
+class _Child:
+    """A forked worker process."""
+
+    def __init__(self, pid: int) -> None:
+        self.pid = pid
+        self.returncode: int | None = None
+
+    def poll(self) -> int | None:
+        if self.returncode is None:
+            pid, status = os.waitpid(self.pid, os.WNOHANG)
+            if pid:
+                self.returncode = os.waitstatus_to_exitcode(status)
+        return self.returncode
+
+    def wait(self, timeout: float) -> bool:
+        deadline = time.monotonic() + timeout
+        while self.poll() is None:
+            if time.monotonic() > deadline:
+                return False
+            time.sleep(0.05)
+        return True
+
+    def signal(self, signum: int) -> None:
+        if self.poll() is None:
+            os.kill(self.pid, signum)
+
 
 class _Supervisor:
-    def __init__(self, argv: list[str], listener: socket.socket) -> None:
-        self.argv = argv
+    def __init__(self, run_worker: RunWorker, listener: socket.socket) -> None:
+        self.run_worker = run_worker
         self.listener = listener
         self.folder = Path(tempfile.mkdtemp(prefix="dsstream-workers-"))
-        self.children: dict[int, subprocess.Popen[bytes]] = {}
+        self.children: dict[int, _Child] = {}
         self.crashes: list[float] = []
         self.stopping = False
 
@@ -174,14 +209,28 @@ class _Supervisor:
         return WorkerInfo(index, self.folder, os.getpid())
 
     def spawn(self, index: int) -> None:
-        self._info(index).ready_path.unlink(missing_ok=True)
-        fd = self.listener.fileno()
-        command = [sys.executable, "-m", "dsstream.cli", *self.argv, "--workers", "1",
-                   "--listen-fd", str(fd), "--worker-index", str(index),
-                   "--worker-dir", str(self.folder)]  # fmt: skip
-        # Its own session: a terminal's Ctrl-C reaches the supervisor only, which
-        # then stops the workers in order.
-        self.children[index] = subprocess.Popen(command, pass_fds=(fd,), start_new_session=True)
+        """Fork a worker: it shares the supervisor's imported code and libraries
+        (copy-on-write) and loads its own models."""
+        info = self._info(index)
+        info.ready_path.unlink(missing_ok=True)
+        sys.stdout.flush()
+        sys.stderr.flush()
+        pid = os.fork()
+        if pid:
+            self.children[index] = _Child(pid)
+            return
+        code = 1
+        try:
+            os.setsid()  # a terminal's Ctrl-C reaches the supervisor only, which stops us in order
+            for signum in (signal.SIGINT, signal.SIGTERM):
+                signal.signal(signum, signal.SIG_DFL)  # not the supervisor's handlers
+            code = self.run_worker(info, os.dup(self.listener.fileno()))  # the server owns the dup
+        except BaseException:
+            traceback.print_exc()
+        finally:
+            sys.stdout.flush()
+            sys.stderr.flush()
+            os._exit(code)
 
     def wait_ready(self) -> int | None:
         """None once every worker has loaded its models; else the exit code of one that died."""
@@ -219,32 +268,36 @@ class _Supervisor:
 
     def stop(self) -> None:
         for child in self.children.values():
-            if child.poll() is None:
-                child.send_signal(signal.SIGTERM)  # each finishes its sessions, then exits
+            child.signal(signal.SIGTERM)  # each finishes its sessions, then exits
         for child in self.children.values():
-            try:
-                child.wait(timeout=60)
-            except subprocess.TimeoutExpired:
-                child.kill()
-                child.wait()
+            if not child.wait(timeout=60):
+                child.signal(signal.SIGKILL)
+                child.wait(timeout=10)
         shutil.rmtree(self.folder, ignore_errors=True)
 
 
 def supervise(
-    argv: list[str], workers: int, host: str, port: int, announce: Callable[[int], None]
+    run_worker: RunWorker,
+    workers: int,
+    host: str,
+    port: int,
+    announce: Callable[[int], None],
+    preload: Callable[[], None] = lambda: None,
 ) -> int:
-    """Run ``dsstream serve`` (``argv``, its own arguments) as ``workers`` processes
-    on one listening socket until SIGINT/SIGTERM; ``announce(port)`` once all are
-    ready.  Returns the exit code."""
+    """Serve on one listening socket with ``workers`` forked processes, each
+    running ``run_worker``, until SIGINT/SIGTERM; ``announce(port)`` once all
+    are ready.  ``preload()`` runs once before the first fork (imports the
+    workers share instead of each making its own copy).  Returns the exit code."""
     listener = socket.create_server((host, port), family=_family(host), backlog=1024)
-    listener.set_inheritable(True)
-    sup = _Supervisor(argv, listener)
+    sup = _Supervisor(run_worker, listener)
 
     def on_signal(signum: int, frame: object) -> None:
         sup.stopping = True
 
     previous = {s: signal.signal(s, on_signal) for s in (signal.SIGINT, signal.SIGTERM)}
     try:
+        preload()
+        gc.freeze()  # the shared objects stay out of the children's collections (fewer copies)
         for index in range(workers):
             sup.spawn(index)
         code = sup.wait_ready()
