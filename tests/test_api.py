@@ -63,6 +63,7 @@ EXPECTED = {
         "listening_socket",
         "watch_parent",
         "supervise",
+        "RunWorker",
     },
     "dsstream.client": {"Client", "BlockingClient", "ServerError", "AudioSource"},
     "dsstream.decoding": {
