@@ -167,3 +167,53 @@ def test_workers_stop_when_their_supervisor_is_killed(tmp_path):
     supervisor.kill()  # no chance to stop them: they notice it is gone
     supervisor.wait()
     _wait(lambda: not any(_alive(pid) for pid in workers), timeout=30)
+
+
+SAMPLES = Path(__file__).resolve().parents[1] / "samples"
+
+
+@pytest.mark.skipif(
+    not (SAMPLES / "asr" / "model.ds").exists(), reason="the sample ASR model is not in samples/"
+)
+def test_forked_workers_transcribe_as_one_process_does():
+    """Models loaded after the fork (ONNX Runtime sessions, the LM) work in every
+    worker: concurrent sessions get the in-process transcript."""
+    import asyncio
+
+    import dsstream
+    from dsstream.client import Client
+    from dsstream.protocol import Final
+
+    clip = SAMPLES / "asr" / "clips" / "heldout-espeak-david.flac"
+    expected = dsstream.transcribe(clip).text
+    port = _free_port()
+    supervisor = subprocess.Popen(
+        [sys.executable, "-m", "dsstream.cli", "serve", "--port", str(port), "--workers", "2",
+         "--log-level", "WARNING"],
+        stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+    )  # fmt: skip
+    try:
+        assert supervisor.stdout is not None
+        for line in supervisor.stdout:
+            if "serving" in line:
+                break
+
+        async def one() -> str:
+            async with Client(f"ws://127.0.0.1:{port}/v1/stream") as client:
+                events = [e async for e in client.transcribe(str(clip))]
+            return " ".join(e.text for e in events if isinstance(e, Final) and e.text)
+
+        async def many() -> list[str]:
+            return await asyncio.gather(*(one() for _ in range(6)))
+
+        assert asyncio.run(many()) == [expected] * 6
+        values = _samples(_get(port, "/metrics"))
+        started = {
+            dict(labels)["worker"]: value
+            for (name, labels), value in values.items()
+            if name == "dsstream_sessions_total"
+        }
+        assert sum(started.values()) == 6
+    finally:
+        supervisor.send_signal(signal.SIGTERM)
+        supervisor.wait(timeout=60)
