@@ -447,3 +447,18 @@ def test_word_times_stay_in_order_when_a_peak_moves_past_the_next_token():
     parts = [(False, ""), (True, "i"), (False, "t"), (True, "a")]
     words = word_spans(parts, ([1, 2, 3], [5, 3, 6], [-0.1, -0.2, -0.3]))
     assert [(w, f) for w, f, _ in words] == [("it", [3, 3]), ("a", [6])]
+
+
+def test_decoders_of_one_lm_file_share_one_model_until_the_file_changes(tmp_path):
+    import shutil
+
+    from dsstream.decoding.lm import KenLM
+
+    path = tmp_path / "lm.arpa"
+    shutil.copy(FIXTURES / "tiny.arpa", path)
+    a, b = CTCDecoder(language_model=path), CTCDecoder(language_model=str(path), beam_width=4)
+    assert a.lm is b.lm is KenLM.shared(path)
+    assert CTCDecoder(language_model=KenLM(path)).lm is not a.lm  # an explicit model is its own
+    text = path.read_text()
+    path.write_text(text.replace("\n\\end\\", "\n\n\\end\\"))  # another file at that path
+    assert CTCDecoder(language_model=path).lm is not a.lm

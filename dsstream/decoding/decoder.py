@@ -195,6 +195,8 @@ class CTCDecoder:
         self.config = replace(cfg, **changes)
         if isinstance(language_model, KenLM) or language_model is None:
             self.lm = language_model
+        elif unigrams is None:
+            self.lm = KenLM.shared(language_model)  # one per file and process
         else:
             self.lm = KenLM(language_model, unigrams)
         self.frame_shift_s = frame_shift_s

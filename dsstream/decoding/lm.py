@@ -22,6 +22,10 @@ _SPECIAL = {"<s>", "</s>", "<unk>"}
 MAX_CACHE = 2_000_000
 
 
+_SHARED: dict[tuple[str, int, int], KenLM] = {}  # KenLM.shared's models
+_SHARED_LOCK = threading.Lock()
+
+
 class LMError(ValueError):
     """A missing, unreadable or unusable language model."""
 
@@ -103,6 +107,23 @@ class KenLM:
         begin = kenlm.State()
         self.model.BeginSentenceWrite(begin)
         self.begin_state = self._intern(begin)
+
+    @classmethod
+    def shared(cls, path: str | Path) -> KenLM:
+        """One model per file and process (the file's size and time decide
+        whether it is the same file): decoders of one LM share its memory, and
+        worker processes forked after loading it share its pages."""
+        path = Path(path).resolve()
+        try:
+            stat = path.stat()
+        except OSError:
+            raise LMError(f"language model file not found: {path}") from None
+        key = (str(path), stat.st_size, stat.st_mtime_ns)
+        with _SHARED_LOCK:
+            model = _SHARED.get(key)
+            if model is None:
+                model = _SHARED[key] = cls(path)
+        return model
 
     def _intern(self, state: object) -> int:
         sid = self._state_ids.get(state)

@@ -47,8 +47,11 @@ def dataset() -> tuple[list[str], list[np.ndarray]]:
 
 def _ours(beam: int, hotwords: int):
     from dsstream.decoding import CTCDecoder
+    from dsstream.decoding.lm import KenLM
 
-    decoder = CTCDecoder(beam_width=beam, language_model=LM, alpha=ALPHA, beta=BETA)
+    # A fresh model, as each peer loads its own: a path would share the process's
+    # one (KenLM.shared) with its score cache warm from the previous rows.
+    decoder = CTCDecoder(beam_width=beam, language_model=KenLM(LM), alpha=ALPHA, beta=BETA)
     words = [f"hotword{i}" for i in range(hotwords)]
     return lambda m: decoder.decode(m, hotwords=words or None).text
 
