@@ -84,6 +84,11 @@ def build_parser() -> argparse.ArgumentParser:
         help="server processes on the port (one process uses about 1.4 cores: "
              "the GIL; more serve more streams where there are more cores)",
     )  # fmt: skip
+    serve.add_argument(
+        "--drain-timeout", type=_non_negative_float, default=600.0,
+        help="seconds a worker replaced by a reload (SIGHUP with --workers) lets its "
+             "open sessions go on before it finalizes them",
+    )  # fmt: skip
     serve.add_argument("--log-level", default="INFO")
     serve.add_argument("--log-format", choices=["text", "json"], default="text")
 
@@ -171,6 +176,7 @@ def _serve(args: argparse.Namespace) -> int:
         token=args.token,
         allowed_origins=tuple(args.origin),
         worker_threads=args.threads,
+        drain_timeout_s=args.drain_timeout,
     )
 
     def serve(config: ServerConfig) -> int:

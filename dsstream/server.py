@@ -67,6 +67,9 @@ class ServerConfig:
     # (docs/benchmarks.md). Waiting threads cost no CPU.
     worker_threads: int = 64
     shutdown_grace_s: float = 30.0  # time open sessions get to finish on shutdown
+    # A worker replaced by a reload (dsstream.workers) takes no new connections
+    # and lets its open sessions go on this long before it shuts down.
+    drain_timeout_s: float = 600.0
     busy_retry_after_ms: int = 2000  # the retry hint sent with ``busy``
     # Frames already queued when the worker wakes go to the pool in one call:
     # one thread hop per burst instead of per frame.
@@ -175,6 +178,19 @@ class StreamServer:
         assert self._closed is not None
         self._closed.set()
         log.info("server closed")
+
+    async def drain(self, timeout_s: float) -> None:
+        """Stop taking connections (the other workers on the socket take them),
+        let the open sessions go on to their own end, then shut down; sessions
+        still open after ``timeout_s`` are finalized as :meth:`shutdown` does."""
+        if self._closing or self._server is None:
+            return
+        log.info("draining %d open session(s), for up to %g s", len(self.runners), timeout_s)
+        self._server.close(close_connections=False)
+        deadline = asyncio.get_running_loop().time() + timeout_s
+        while self.runners and asyncio.get_running_loop().time() < deadline:
+            await asyncio.sleep(0.2)
+        await self.shutdown()
 
     def shutdown_soon(self) -> None:
         """Start a graceful shutdown from the event loop's thread (signal handlers)."""
@@ -324,6 +340,9 @@ async def run_server(registry: PipelineRegistry, config: ServerConfig) -> None:
     if worker is not None:
         worker.ready_path.touch()
         watcher = asyncio.ensure_future(watch_parent(worker.supervisor, server.shutdown_soon))
+        loop.add_signal_handler(  # the supervisor's reload replaced this worker
+            signal.SIGUSR1, lambda: asyncio.ensure_future(server.drain(config.drain_timeout_s))
+        )
     else:
         print(f"dsstream {__version__} serving {server.url}", flush=True)
         print(f"demo page: {server.http_url}", flush=True)

@@ -9,8 +9,11 @@ listening socket once, imports what the workers need, and forks N workers
 that accept on it: they share that code and its libraries' memory
 (copy-on-write) and each loads its own models and keeps its own batches and
 sessions.  A worker
-that dies is started again; on SIGINT or SIGTERM every worker finishes its
-open sessions first (the server's graceful shutdown).
+that dies is started again; on SIGINT or SIGTERM every worker finalizes its
+open sessions first (the server's graceful shutdown).  SIGHUP reloads: each
+worker in turn is replaced by a new one that loads the model files again,
+and the old one stops taking connections and drains, its open sessions going
+on to their own end (up to ``ServerConfig.drain_timeout_s``).
 
 ``/metrics`` answers for every worker: the worker a scrape reaches asks the
 others over Unix sockets in the supervisor's folder and merges their series
@@ -31,12 +34,13 @@ import time
 import traceback
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable, Mapping, Sequence
+from typing import Callable, Iterable, Mapping, Sequence
 
 __all__ = [
     "WorkerInfo",
     "merge_expositions",
     "restart_allowed",
+    "newest_sockets",
     "serve_own_metrics",
     "gather_metrics",
     "listening_socket",
@@ -58,17 +62,20 @@ class WorkerInfo:
     index: int
     folder: Path  # the supervisor's folder: metrics sockets and ready files
     supervisor: int  # its process id: a worker stops when it is gone
+    generation: int = 0  # a reload's replacement for a worker has the next one
 
     @property
     def socket_path(self) -> Path:
-        return self.folder / f"worker-{self.index}.sock"
+        return self.folder / f"worker-{self.index}-{self.generation}.sock"
 
     @property
     def ready_path(self) -> Path:
-        return self.folder / f"ready-{self.index}"
+        return self.folder / f"ready-{self.index}-{self.generation}"
 
-    def sibling_sockets(self) -> list[Path]:
-        return sorted(p for p in self.folder.glob("worker-*.sock") if p != self.socket_path)
+    def sibling_sockets(self) -> dict[int, Path]:
+        """The other workers' metrics sockets by index: the newest generation of
+        each (during a reload, a draining worker and its replacement both have one)."""
+        return newest_sockets(self.folder.glob("worker-*.sock"), exclude=self.index)
 
 
 # -- pure parts ------------------------------------------------------------------------
@@ -99,6 +106,19 @@ def merge_expositions(texts: Mapping[str, str]) -> bytes:
     registry = CollectorRegistry(auto_describe=False)
     registry.register(_Merged())
     return generate_latest(registry)
+
+
+def newest_sockets(paths: Iterable[Path], exclude: int | None = None) -> dict[int, Path]:
+    """``worker-<index>-<generation>.sock`` paths -> the newest generation's per index."""
+    newest: dict[int, tuple[int, Path]] = {}
+    for path in paths:
+        try:
+            index, generation = (int(part) for part in path.stem.split("-")[1:3])
+        except ValueError:
+            continue
+        if index != exclude and generation >= newest.get(index, (-1, path))[0]:
+            newest[index] = (generation, path)
+    return {index: path for index, (_, path) in sorted(newest.items())}
 
 
 def restart_allowed(
@@ -146,12 +166,12 @@ async def _read_sibling(path: Path) -> str | None:
 async def gather_metrics(info: WorkerInfo, own: bytes) -> bytes:
     """This worker's exposition merged with every sibling's that answers."""
     siblings = info.sibling_sockets()
-    texts = await asyncio.gather(*(_read_sibling(p) for p in siblings))
-    by_worker = {str(info.index): own.decode()}
-    for path, text in zip(siblings, texts):
+    texts = await asyncio.gather(*(_read_sibling(p) for p in siblings.values()))
+    by_worker = {info.index: own.decode()}
+    for index, text in zip(siblings, texts):
         if text is not None:
-            by_worker[path.stem.removeprefix("worker-")] = text
-    return merge_expositions(dict(sorted(by_worker.items())))
+            by_worker[index] = text
+    return merge_expositions({str(i): text for i, text in sorted(by_worker.items())})
 
 
 async def watch_parent(parent: int, stop: Callable[[], object], every_s: float = 1.0) -> None:
@@ -202,11 +222,14 @@ class _Supervisor:
         self.listener = listener
         self.folder = Path(tempfile.mkdtemp(prefix="dsstream-workers-"))
         self.children: dict[int, _Child] = {}
+        self.generations: dict[int, int] = {}
+        self.draining: list[_Child] = []  # replaced by a reload, finishing their sessions
         self.crashes: list[float] = []
         self.stopping = False
+        self.reload_requested = False
 
     def _info(self, index: int) -> WorkerInfo:
-        return WorkerInfo(index, self.folder, os.getpid())
+        return WorkerInfo(index, self.folder, os.getpid(), self.generations.setdefault(index, 0))
 
     def spawn(self, index: int) -> None:
         """Fork a worker: it shares the supervisor's imported code and libraries
@@ -222,7 +245,7 @@ class _Supervisor:
         code = 1
         try:
             os.setsid()  # a terminal's Ctrl-C reaches the supervisor only, which stops us in order
-            for signum in (signal.SIGINT, signal.SIGTERM):
+            for signum in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP):
                 signal.signal(signum, signal.SIG_DFL)  # not the supervisor's handlers
             code = self.run_worker(info, os.dup(self.listener.fileno()))  # the server owns the dup
         except BaseException:
@@ -232,10 +255,11 @@ class _Supervisor:
             sys.stderr.flush()
             os._exit(code)
 
-    def wait_ready(self) -> int | None:
-        """None once every worker has loaded its models; else the exit code of one that died."""
+    def wait_ready(self, indices: Iterable[int]) -> int | None:
+        """None once these workers have loaded their models; else the exit code of
+        one that died (1 when one took longer than READY_TIMEOUT_S)."""
         deadline = time.monotonic() + READY_TIMEOUT_S
-        pending = set(self.children)
+        pending = set(indices)
         while pending and not self.stopping:
             for index in list(pending):
                 code = self.children[index].poll()
@@ -249,8 +273,35 @@ class _Supervisor:
             time.sleep(0.1)
         return None
 
+    def reload(self) -> None:
+        """Replace the workers one at a time: each replacement loads the models
+        from disk again, and only once it is ready does the worker it replaces
+        stop taking connections and drain (its open sessions go on to their end).
+        A replacement that fails leaves the old worker serving."""
+        for index in sorted(self.children):
+            old = self.children[index]
+            self.generations[index] += 1
+            self.spawn(index)
+            code = self.wait_ready([index])
+            if code is not None or self.stopping:
+                self.children[index].signal(signal.SIGKILL)
+                self.children[index].wait(timeout=10)
+                self.children[index] = old
+                self.generations[index] -= 1
+                if not self.stopping:
+                    _say(f"reload: worker {index}'s replacement failed ({code}); "
+                         "the old workers go on serving")  # fmt: skip
+                return
+            old.signal(signal.SIGUSR1)  # drain
+            self.draining.append(old)
+        _say(f"reload: {len(self.children)} workers replaced; the old ones drain")
+
     def watch(self) -> int:
         while not self.stopping:
+            if self.reload_requested:
+                self.reload_requested = False
+                self.reload()
+            self.draining = [child for child in self.draining if child.poll() is None]
             for index, child in list(self.children.items()):
                 code = child.poll()
                 if code is None or self.stopping:
@@ -267,9 +318,10 @@ class _Supervisor:
         return 0
 
     def stop(self) -> None:
-        for child in self.children.values():
-            child.signal(signal.SIGTERM)  # each finishes its sessions, then exits
-        for child in self.children.values():
+        everyone = [*self.children.values(), *self.draining]
+        for child in everyone:
+            child.signal(signal.SIGTERM)  # each finalizes its sessions, then exits
+        for child in everyone:
             if not child.wait(timeout=60):
                 child.signal(signal.SIGKILL)
                 child.wait(timeout=10)
@@ -292,15 +344,19 @@ def supervise(
     sup = _Supervisor(run_worker, listener)
 
     def on_signal(signum: int, frame: object) -> None:
-        sup.stopping = True
+        if signum == signal.SIGHUP:
+            sup.reload_requested = True
+        else:
+            sup.stopping = True
 
-    previous = {s: signal.signal(s, on_signal) for s in (signal.SIGINT, signal.SIGTERM)}
+    signals = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)
+    previous = {s: signal.signal(s, on_signal) for s in signals}
     try:
         preload()
         gc.freeze()  # the shared objects stay out of the children's collections (fewer copies)
         for index in range(workers):
             sup.spawn(index)
-        code = sup.wait_ready()
+        code = sup.wait_ready(range(workers))
         if code is not None:
             return code
         if not sup.stopping:

@@ -11,6 +11,7 @@ import urllib.request
 from pathlib import Path
 
 import pytest
+import soundfile as sf
 from prometheus_client.parser import text_string_to_metric_families
 from websockets.sync.client import connect
 
@@ -75,7 +76,7 @@ def _children(pid: int) -> set[int]:
                 stat = (proc / "stat").read_text().rsplit(")", 1)[1].split()
             except OSError:
                 continue
-            if int(stat[1]) == pid:
+            if int(stat[1]) == pid and stat[0] != "Z":  # a zombie not yet reaped is gone
                 out.add(int(proc.name))
     return out
 
@@ -214,6 +215,65 @@ def test_forked_workers_transcribe_as_one_process_does():
             if name == "dsstream_sessions_total"
         }
         assert sum(started.values()) == 6
+    finally:
+        supervisor.send_signal(signal.SIGTERM)
+        supervisor.wait(timeout=60)
+
+
+@pytest.mark.skipif(
+    not (SAMPLES / "asr" / "model-int8.ds").exists(), reason="the sample models are not in samples/"
+)
+def test_reload_replaces_workers_while_open_sessions_go_on(tmp_path):
+    """SIGHUP: new workers load the models again; a session open on an old worker
+    goes on to its own end there; a replacement that cannot load leaves the
+    serving workers alone."""
+    import asyncio
+    import shutil
+
+    from dsstream.client import Client
+    from dsstream.protocol import Final
+
+    samples = tmp_path / "samples"
+    for name in ("asr/model-int8.ds", "asr/lm.arpa", "vqa/image.ds", "vqa/fuser.ds"):
+        (samples / name).parent.mkdir(parents=True, exist_ok=True)
+        shutil.copy(SAMPLES / name, samples / name)
+    audio, _ = sf.read(SAMPLES / "asr" / "clips" / "LJ001-0011.flac", dtype="float32")
+    port, log = _free_port(), tmp_path / "serve.log"
+    with log.open("w") as out:
+        supervisor = subprocess.Popen(
+            [sys.executable, "-m", "dsstream.cli", "serve", "--port", str(port), "--workers", "2",
+             "--samples", str(samples), "--log-level", "WARNING"],
+            stdout=out, stderr=subprocess.STDOUT,
+        )  # fmt: skip
+    try:
+        _wait(lambda: "serving" in log.read_text())
+        first = _children(supervisor.pid)
+
+        async def across_a_reload() -> list:
+            async with Client(f"ws://127.0.0.1:{port}/v1/stream") as client:
+                await client.start("asr", sample_rate=16000)
+                half = len(audio) // 2
+                await client.stream_audio(audio[:half], 16000)
+                supervisor.send_signal(signal.SIGHUP)
+                while len(_children(supervisor.pid) - first) < 2:
+                    await asyncio.sleep(0.1)
+                assert any(_alive(pid) for pid in first)  # the one serving us drains
+                await client.stream_audio(audio[half:], 16000)
+                await client.end()
+                return [event async for event in client.events()]
+
+        events = asyncio.run(across_a_reload())
+        assert events[-1].reason == "client"  # not "shutdown": the session ended itself
+        assert any(isinstance(e, Final) and e.text for e in events)
+        _wait(lambda: not any(_alive(pid) for pid in first))  # drained, gone
+        second = _children(supervisor.pid)
+        assert len(second) == 2 and _workers_in_metrics(port) == {"0", "1"}
+        # A replacement that cannot load its model: the workers serving go on.
+        (samples / "asr" / "model-int8.ds").write_bytes(b"not an artifact")
+        supervisor.send_signal(signal.SIGHUP)
+        _wait(lambda: "replacement failed" in log.read_text())
+        assert _children(supervisor.pid) == second
+        assert json.loads(_get(port, "/healthz"))["status"] == "ok"
     finally:
         supervisor.send_signal(signal.SIGTERM)
         supervisor.wait(timeout=60)
