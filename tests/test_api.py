@@ -58,6 +58,7 @@ EXPECTED = {
         "WorkerInfo",
         "merge_expositions",
         "restart_allowed",
+        "newest_sockets",
         "serve_own_metrics",
         "gather_metrics",
         "listening_socket",

@@ -16,7 +16,7 @@ from prometheus_client.parser import text_string_to_metric_families
 from websockets.sync.client import connect
 
 from dsstream.metrics import ServerMetrics
-from dsstream.workers import merge_expositions, restart_allowed
+from dsstream.workers import merge_expositions, newest_sockets, restart_allowed
 
 # -- pure parts --------------------------------------------------------------------
 
@@ -50,6 +50,19 @@ def test_merged_metrics_label_each_workers_series_and_describe_each_family_once(
     for worker, metrics in (("0", a), ("1", b)):
         for (name, labels), value in _samples(metrics.exposition()).items():
             assert values[(name, tuple(sorted((*labels, ("worker", worker)))))] == value
+
+
+def test_metrics_are_read_from_each_workers_newest_generation():
+    names = ["worker-0-0.sock", "worker-1-0.sock", "worker-0-2.sock", "worker-0-1.sock",
+             "worker-x.sock", "worker-3-0.sock"]  # fmt: skip
+    paths = [Path("/run") / n for n in names]
+    newest = newest_sockets(paths)
+    assert {i: p.name for i, p in newest.items()} == {
+        0: "worker-0-2.sock",
+        1: "worker-1-0.sock",
+        3: "worker-3-0.sock",
+    }
+    assert list(newest_sockets(paths, exclude=0)) == [1, 3]
 
 
 def test_a_crashing_worker_is_restarted_until_it_crashes_too_often():
