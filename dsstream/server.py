@@ -344,6 +344,11 @@ async def run_server(registry: PipelineRegistry, config: ServerConfig) -> None:
             signal.SIGUSR1, lambda: asyncio.ensure_future(server.drain(config.drain_timeout_s))
         )
     else:
+        loop.add_signal_handler(  # the default would end the process and its sessions
+            signal.SIGHUP,
+            lambda: log.warning("SIGHUP ignored: reloading the models needs dsstream serve "
+                                "--workers (docs/protocol.md)"),
+        )  # fmt: skip
         print(f"dsstream {__version__} serving {server.url}", flush=True)
         print(f"demo page: {server.http_url}", flush=True)
     try:

@@ -290,3 +290,22 @@ def test_reload_replaces_workers_while_open_sessions_go_on(tmp_path):
     finally:
         supervisor.send_signal(signal.SIGTERM)
         supervisor.wait(timeout=60)
+
+
+def test_a_single_process_server_survives_sighup_and_says_why(tmp_path):
+    port, log = _free_port(), tmp_path / "serve.log"
+    with log.open("w") as out:
+        server = subprocess.Popen(
+            [sys.executable, "-m", "dsstream.cli", "serve", "--port", str(port),
+             "--samples", str(tmp_path / "no-models")],
+            stdout=out, stderr=subprocess.STDOUT,
+        )  # fmt: skip
+    try:
+        _wait(lambda: "serving" in log.read_text())
+        server.send_signal(signal.SIGHUP)
+        _wait(lambda: "SIGHUP ignored" in log.read_text())
+        assert server.poll() is None
+        assert json.loads(_get(port, "/healthz"))["status"] == "ok"
+    finally:
+        server.send_signal(signal.SIGTERM)
+        assert server.wait(timeout=60) == 0
