@@ -121,28 +121,30 @@ def _wait(condition, timeout: float = 60.0) -> None:
         time.sleep(0.2)
 
 
-def _supervisor(tmp_path: Path) -> tuple[subprocess.Popen, int, str]:
-    """``dsstream serve --workers 2`` without models (they load fast), once it
-    says it serves: the process, its port and that line."""
-    port = _free_port()
-    supervisor = subprocess.Popen(
-        [sys.executable, "-m", "dsstream.cli", "serve", "--port", str(port), "--workers", "2",
-         "--samples", str(tmp_path / "no-models"), "--log-level", "WARNING"],
-        stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-    )  # fmt: skip
-    assert supervisor.stdout is not None
-    line = ""
-    for line in supervisor.stdout:
-        if "serving" in line:
-            break
-    return supervisor, port, line
+def _serve(tmp_path: Path, *args: str) -> tuple[subprocess.Popen, int, Path]:
+    """``dsstream serve --port P *args``, its output in a log file, once it says it
+    serves: the process, its port and the log."""
+    port, log = _free_port(), tmp_path / "serve.log"
+    with log.open("w") as out:
+        server = subprocess.Popen(
+            [sys.executable, "-m", "dsstream.cli", "serve", "--port", str(port), *args],
+            stdout=out, stderr=subprocess.STDOUT,
+        )  # fmt: skip
+    _wait(lambda: "serving" in log.read_text() or server.poll() is not None)
+    return server, port, log
+
+
+def _two_workers_without_models(tmp_path: Path) -> tuple[subprocess.Popen, int, Path]:
+    """Two workers with no models to load (they start fast)."""
+    no_models = str(tmp_path / "no-models")
+    return _serve(tmp_path, "--workers", "2", "--samples", no_models, "--log-level", "WARNING")
 
 
 @pytest.mark.skipif(sys.platform != "linux", reason="reads /proc")
 def test_workers_share_the_port_merge_metrics_restart_and_stop_together(tmp_path):
-    supervisor, port, serving = _supervisor(tmp_path)
+    supervisor, port, log = _two_workers_without_models(tmp_path)
     try:
-        assert f"serving ws://127.0.0.1:{port}/v1/stream (2 worker processes)" in serving
+        assert f"serving ws://127.0.0.1:{port}/v1/stream (2 worker processes)" in log.read_text()
         workers = _children(supervisor.pid)
         assert len(workers) == 2
         # Whichever worker takes the scrape, /metrics has both.
@@ -168,14 +170,14 @@ def test_workers_share_the_port_merge_metrics_restart_and_stop_together(tmp_path
         if supervisor.poll() is None:
             supervisor.kill()
             supervisor.wait()
-    rest = supervisor.stdout.read() if supervisor.stdout else ""
+    rest = log.read_text()
     assert "worker 0 exited" in rest or "worker 1 exited" in rest
 
 
 @pytest.mark.skipif(sys.platform != "linux", reason="reads /proc")
 def test_workers_stop_when_their_supervisor_is_killed(tmp_path):
-    supervisor, _, serving = _supervisor(tmp_path)
-    assert "serving" in serving
+    supervisor, _, log = _two_workers_without_models(tmp_path)
+    assert "serving" in log.read_text()
     workers = _children(supervisor.pid)
     assert len(workers) == 2
     supervisor.kill()  # no chance to stop them: they notice it is gone
@@ -189,7 +191,7 @@ SAMPLES = Path(__file__).resolve().parents[1] / "samples"
 @pytest.mark.skipif(
     not (SAMPLES / "asr" / "model.ds").exists(), reason="the sample ASR model is not in samples/"
 )
-def test_forked_workers_transcribe_as_one_process_does():
+def test_forked_workers_transcribe_as_one_process_does(tmp_path):
     """Models loaded after the fork (ONNX Runtime sessions, the LM) work in every
     worker: concurrent sessions get the in-process transcript."""
     import asyncio
@@ -200,17 +202,8 @@ def test_forked_workers_transcribe_as_one_process_does():
 
     clip = SAMPLES / "asr" / "clips" / "heldout-espeak-david.flac"
     expected = dsstream.transcribe(clip).text
-    port = _free_port()
-    supervisor = subprocess.Popen(
-        [sys.executable, "-m", "dsstream.cli", "serve", "--port", str(port), "--workers", "2",
-         "--log-level", "WARNING"],
-        stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-    )  # fmt: skip
+    supervisor, port, _ = _serve(tmp_path, "--workers", "2", "--log-level", "WARNING")
     try:
-        assert supervisor.stdout is not None
-        for line in supervisor.stdout:
-            if "serving" in line:
-                break
 
         async def one() -> str:
             async with Client(f"ws://127.0.0.1:{port}/v1/stream") as client:
@@ -251,15 +244,10 @@ def test_reload_replaces_workers_while_open_sessions_go_on(tmp_path):
         (samples / name).parent.mkdir(parents=True, exist_ok=True)
         shutil.copy(SAMPLES / name, samples / name)
     audio, _ = sf.read(SAMPLES / "asr" / "clips" / "LJ001-0011.flac", dtype="float32")
-    port, log = _free_port(), tmp_path / "serve.log"
-    with log.open("w") as out:
-        supervisor = subprocess.Popen(
-            [sys.executable, "-m", "dsstream.cli", "serve", "--port", str(port), "--workers", "2",
-             "--samples", str(samples), "--log-level", "WARNING"],
-            stdout=out, stderr=subprocess.STDOUT,
-        )  # fmt: skip
+    supervisor, port, log = _serve(
+        tmp_path, "--workers", "2", "--samples", str(samples), "--log-level", "WARNING"
+    )
     try:
-        _wait(lambda: "serving" in log.read_text())
         first = _children(supervisor.pid)
 
         async def across_a_reload() -> list:
@@ -293,15 +281,8 @@ def test_reload_replaces_workers_while_open_sessions_go_on(tmp_path):
 
 
 def test_a_single_process_server_survives_sighup_and_says_why(tmp_path):
-    port, log = _free_port(), tmp_path / "serve.log"
-    with log.open("w") as out:
-        server = subprocess.Popen(
-            [sys.executable, "-m", "dsstream.cli", "serve", "--port", str(port),
-             "--samples", str(tmp_path / "no-models")],
-            stdout=out, stderr=subprocess.STDOUT,
-        )  # fmt: skip
+    server, port, log = _serve(tmp_path, "--samples", str(tmp_path / "no-models"))
     try:
-        _wait(lambda: "serving" in log.read_text())
         server.send_signal(signal.SIGHUP)
         _wait(lambda: "SIGHUP ignored" in log.read_text())
         assert server.poll() is None

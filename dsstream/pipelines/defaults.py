@@ -8,7 +8,7 @@ from pathlib import Path
 
 from dsstream.pipelines.base import ArtifactPipelineFactory, PipelineRegistry
 
-__all__ = ["SAMPLES_DIR", "asr_model", "default_registry", "preload"]
+__all__ = ["SAMPLES_DIR", "asr_model", "asr_lm", "default_registry", "preload"]
 
 # Editable installs and checkouts keep samples/ beside the packages;
 # DSSTREAM_SAMPLES points elsewhere (e.g. a deployed model folder).
@@ -28,6 +28,11 @@ def asr_model(root: Path, int8: bool | None = None) -> Path:
     if int8 is None:
         int8 = quantized.is_file()
     return quantized if int8 else root / "asr" / "model.ds"
+
+
+def asr_lm(root: Path) -> Path:
+    """The sample ASR model's n-gram LM under a samples folder."""
+    return root / "asr" / "lm.arpa"
 
 
 def default_registry(
@@ -60,7 +65,7 @@ def default_registry(
     asr = ArtifactPipelineFactory(
         task="asr",
         name="sample-asr",
-        files={"model": asr_model(root, int8), "lm": root / "asr" / "lm.arpa"},
+        files={"model": asr_model(root, int8), "lm": asr_lm(root)},
         entry="dsstream.pipelines.asr:load",
         hint="train and export it with the recipe in apps/asr (python -m apps.asr.export)",
         extra=settings,
@@ -90,6 +95,6 @@ def preload(samples_dir: Path | None = None) -> None:
     import dsstream.pipelines.vqa  # noqa: F401
     from dsstream.decoding.lm import KenLM
 
-    lm = Path(samples_dir or SAMPLES_DIR) / "asr" / "lm.arpa"  # as default_registry's
+    lm = asr_lm(Path(samples_dir or SAMPLES_DIR))
     if lm.is_file():
         KenLM.shared(lm)
