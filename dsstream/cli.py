@@ -157,6 +157,7 @@ def _serve(args: argparse.Namespace) -> int:
     from dataclasses import replace
 
     from dsstream.logs import configure_logging
+    from dsstream.pipelines.base import PipelineRegistry
     from dsstream.pipelines.defaults import default_registry, preload
     from dsstream.protocol import Limits
     from dsstream.server import ServerConfig, run_server, server_urls
@@ -179,12 +180,14 @@ def _serve(args: argparse.Namespace) -> int:
         drain_timeout_s=args.drain_timeout,
     )
 
-    def serve(config: ServerConfig) -> int:
-        registry = default_registry(
+    def registry() -> PipelineRegistry:  # again at each reload: the files as they are then
+        return default_registry(
             args.samples, beam_width=args.beam, batch_delay_ms=args.batch_delay_ms,
             engine_threads=args.engine_threads,
         )  # fmt: skip
-        asyncio.run(run_server(registry, config))
+
+    def serve(config: ServerConfig) -> int:
+        asyncio.run(run_server(registry(), config, rebuild=registry))
         return 0
 
     if args.workers == 1:

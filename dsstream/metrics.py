@@ -88,5 +88,9 @@ class ServerMetrics:
         """Expose another component's collector (e.g. the engine's) on /metrics."""
         self.registry.register(collector)
 
+    def exclude(self, collector: Collector) -> None:
+        """Stop exposing a collector :meth:`include` added (a model unloaded)."""
+        self.registry.unregister(collector)
+
     def exposition(self) -> bytes:
         return generate_latest(self.registry)

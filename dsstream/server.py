@@ -18,7 +18,7 @@ import signal
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass, field
 from importlib import resources
-from typing import Any
+from typing import Any, Callable
 from urllib.parse import parse_qs, urlsplit
 
 from websockets.asyncio.server import Server, ServerConnection, serve
@@ -100,7 +100,13 @@ class StreamServer:
         self.registry = registry
         self.config = config or ServerConfig()
         self.metrics = metrics or ServerMetrics()
-        self._adopted: set[int] = set()  # ids of collectors already on /metrics
+        self._adopted: dict[int, Any] = {}  # the collectors on /metrics, by id
+        self.reloads = 0  # model reloads done (:meth:`reload`)
+        self._reloading = False
+        # Sessions per registry generation (by id): a registry replaced by a reload
+        # is closed once the last session that started on it has ended.
+        self._pins: dict[int, int] = {}
+        self._retired: dict[int, PipelineRegistry] = {}
         self.executor = ThreadPoolExecutor(self.config.worker_threads, "dsstream-pipeline")
         self.active_sessions = 0
         self.runners: set[SessionRunner] = set()
@@ -112,11 +118,77 @@ class StreamServer:
     # -- lifecycle -------------------------------------------------------------
 
     def adopt_metrics(self, factory: Any) -> None:
-        """Expose a loaded model's collectors (engine, pipeline stages) on /metrics, once."""
+        """Expose a loaded model's collectors (engine, pipeline stages) on /metrics,
+        once; a model a reload replaced is left off (its successor has the names)."""
+        if not any(f is factory for f in self.registry.factories()):
+            return
         for collector in getattr(factory, "collectors", lambda: [])():
             if id(collector) not in self._adopted:
-                self._adopted.add(id(collector))
+                self._adopted[id(collector)] = collector
                 self.metrics.include(collector)
+
+    # -- reload ------------------------------------------------------------------
+
+    async def reload(self, registry: PipelineRegistry | None = None) -> bool:
+        """Serve new sessions from freshly loaded models, without dropping one.
+
+        Loads ``registry`` (default: the current models read again from their
+        files, :meth:`PipelineRegistry.reloaded`) on a pipeline thread, then
+        swaps it in at once: sessions that start afterwards use it, open ones
+        go on with the models they started with, which are released when the
+        last of them ends.  /metrics then shows the new models' series (their
+        counters start again from zero).  Returns False, with the reason
+        logged, when a model fails to load or a reload is already running;
+        the models in use keep serving."""
+        if self._reloading or self._closing:
+            log.warning("reload ignored: %s", "one is loading" if self._reloading else "closing")
+            return False
+        self._reloading = True
+        loop = asyncio.get_running_loop()
+        new = registry if registry is not None else self.registry.reloaded()
+        try:
+            await loop.run_in_executor(self.executor, new.load)
+        except Exception as exc:
+            log.error("reload failed, the loaded models keep serving: %s", exc)
+            await loop.run_in_executor(self.executor, new.close, self.registry)
+            return False
+        finally:
+            self._reloading = False
+        old, self.registry = self.registry, new
+        for factory in old.factories():
+            self._forget_metrics(factory)
+        for factory in new.factories():
+            self.adopt_metrics(factory)
+        self.reloads += 1
+        self._retired[id(old)] = old
+        self._release_if_unused(old)
+        log.info("models reloaded (reload %d)", self.reloads)
+        return True
+
+    def _forget_metrics(self, factory: Any) -> None:
+        for collector in getattr(factory, "collectors", lambda: [])():
+            if self._adopted.pop(id(collector), None) is not None:
+                self.metrics.exclude(collector)
+
+    def pin(self, registry: PipelineRegistry) -> PipelineRegistry:
+        """Count a session on ``registry`` (the one it resolved its model in)."""
+        self._pins[id(registry)] = self._pins.get(id(registry), 0) + 1
+        return registry
+
+    def unpin(self, registry: PipelineRegistry) -> None:
+        """A session on ``registry`` ended; a replaced one with none left is released."""
+        left = self._pins[id(registry)] - 1
+        if left:
+            self._pins[id(registry)] = left
+        else:
+            del self._pins[id(registry)]
+        self._release_if_unused(registry)
+
+    def _release_if_unused(self, registry: PipelineRegistry) -> None:
+        if id(registry) in self._retired and id(registry) not in self._pins:
+            del self._retired[id(registry)]
+            # Closing joins the engines' threads: off the event loop.
+            asyncio.get_running_loop().run_in_executor(None, registry.close, self.registry)
 
     async def start(self) -> None:
         limits = self.config.limits
@@ -246,6 +318,7 @@ class StreamServer:
             "sessions": self.active_sessions,
             "max_sessions": self.config.max_sessions,
             "models": self.registry.describe(),
+            "reloads": self.reloads,
             "limits": asdict(self.config.limits),
         }
         return json.dumps(status).encode()
@@ -297,6 +370,21 @@ class StreamServer:
         await ws.close(close, message[:120])
 
 
+async def _reload(server: StreamServer, rebuild: Callable[[], PipelineRegistry] | None) -> None:
+    """SIGHUP to a single-process server: load the models again, say how it went."""
+    print("reload: loading the models again", flush=True)
+    try:
+        ok = await server.reload(rebuild() if rebuild is not None else None)
+    except Exception as exc:  # building the registry failed
+        log.error("reload failed: %s", exc)
+        ok = False
+    if ok:
+        print(f"reload: done; {len(server.runners)} open session(s) finish on the "
+              "models they started with", flush=True)  # fmt: skip
+    else:
+        print("reload: failed, see the log; the models loaded before keep serving", flush=True)
+
+
 def server_urls(host: str, port: int, path: str) -> tuple[str, str]:
     """The WebSocket endpoint's URL and the demo page's for a server bound there."""
     shown = "127.0.0.1" if host in ("", "0.0.0.0") else f"[{host}]" if ":" in host else host
@@ -315,8 +403,15 @@ def _response(
     return Response(status.value, status.phrase, headers, body)
 
 
-async def run_server(registry: PipelineRegistry, config: ServerConfig) -> None:
+async def run_server(
+    registry: PipelineRegistry,
+    config: ServerConfig,
+    rebuild: Callable[[], PipelineRegistry] | None = None,
+) -> None:
     """Start a server and serve until SIGINT/SIGTERM, then shut down gracefully.
+
+    SIGHUP reloads the models (:meth:`StreamServer.reload`) from ``rebuild()``,
+    by default the same registry's models read again from their files.
 
     As a worker (``config.worker``) it reports ready through its ready file
     instead of printing where it serves (the supervisor does, once for all),
@@ -344,11 +439,9 @@ async def run_server(registry: PipelineRegistry, config: ServerConfig) -> None:
             signal.SIGUSR1, lambda: asyncio.ensure_future(server.drain(config.drain_timeout_s))
         )
     else:
-        loop.add_signal_handler(  # the default would end the process and its sessions
-            signal.SIGHUP,
-            lambda: log.warning("SIGHUP ignored: reloading the models needs dsstream serve "
-                                "--workers (docs/protocol.md)"),
-        )  # fmt: skip
+        loop.add_signal_handler(
+            signal.SIGHUP, lambda: asyncio.ensure_future(_reload(server, rebuild))
+        )
         print(f"dsstream {__version__} serving {server.url}", flush=True)
         print(f"demo page: {server.http_url}", flush=True)
     try:

@@ -22,7 +22,7 @@ from websockets.exceptions import ConnectionClosed
 
 from dsstream.logs import session_logger
 from dsstream.options import options_dict
-from dsstream.pipelines.base import ModelUnavailable, Pipeline, PipelineError
+from dsstream.pipelines.base import ModelUnavailable, Pipeline, PipelineError, PipelineRegistry
 from dsstream.protocol import (
     Answer,
     AudioChunk,
@@ -80,6 +80,7 @@ class SessionRunner:
         self._stop: asyncio.Future[str] = asyncio.get_running_loop().create_future()
         self._worker: asyncio.Task[None] | None = None
         self._counted = False
+        self._registry: PipelineRegistry | None = None  # the models this session uses
         self._timeout_message = ""
 
     # -- lifecycle -----------------------------------------------------------
@@ -116,6 +117,8 @@ class SessionRunner:
         if self._counted:
             self._counted = False
             self.server.active_sessions -= 1
+            if self._registry is not None:
+                self.server.unpin(self._registry)
             self.metrics.sessions_active.labels(self.task).dec()
             self.metrics.session_seconds.labels(self.task).observe(time.monotonic() - self.opened)
 
@@ -211,14 +214,17 @@ class SessionRunner:
                 self.config.busy_retry_after_ms,
             )
             return False
+        registry = server.registry
         try:
-            factory = server.registry.resolve(request.task, request.options.model)
+            factory = registry.resolve(request.task, request.options.model)
         except ModelUnavailable as exc:
             await self._fatal(ErrorCode.MODEL_UNAVAILABLE, str(exc))
             return False
-        # Reserve the slot before awaiting, so concurrent starts cannot overshoot.
+        # Reserve the slot before awaiting, so concurrent starts cannot overshoot;
+        # and keep the models a reload may replace meanwhile until this session ends.
         server.active_sessions += 1
         self._counted, self.task = True, request.task
+        self._registry = server.pin(registry)
         self.metrics.sessions_active.labels(request.task).inc()
         try:
             self.pipeline = await self._call(factory.create)

@@ -121,11 +121,15 @@ def test_vad_flags_do_not_depend_on_chunking(vad):
 @pytest.fixture(scope="module")
 def tiny(tmp_path_factory):
     """A tiny streaming model exported to .ds, and the torch module it came from."""
+    return export_tiny(tmp_path_factory.mktemp("asr") / "tiny.ds", seed=0)
+
+
+def export_tiny(path: Path, seed: int):
     from apps.asr.export import export_streaming
     from apps.asr.model import AsrModel, ModelConfig
     from dsstream.frontend import FbankConfig
 
-    torch.manual_seed(0)
+    torch.manual_seed(seed)
     cfg = ModelConfig(d_model=32, layers=2, heads=2, conv_kernel=5, sub_channels=8, chunk=4,
                       left=8)  # fmt: skip
     model = AsrModel(cfg).eval()
@@ -133,8 +137,7 @@ def tiny(tmp_path_factory):
         model.head.weight.mul_(40.0)
         model.head.bias[0] += 4.0  # and mostly blank, like a trained CTC model
     fbank = FbankConfig(mean=(-6.0,) * 80, std=(4.0,) * 80)
-    path = export_streaming(model, fbank, tmp_path_factory.mktemp("asr") / "tiny.ds")
-    return path, model, fbank
+    return export_streaming(model, fbank, path), model, fbank
 
 
 @pytest.fixture(scope="module")
@@ -414,6 +417,87 @@ def test_the_server_runs_the_asr_pipeline_and_exposes_its_metrics(tiny):
     assert events[-1].type == "ended"
     assert 'dsstream_asr_stage_seconds_total{stage="decoder"}' in metrics
     assert "engine_batch_size_requests" in metrics
+
+
+def test_a_reload_serves_new_sessions_from_the_new_file_while_open_ones_finish_on_the_old(
+    tiny, tmp_path
+):
+    """StreamServer.reload: the model file replaced on disk, then reloaded; a
+    session open across the reload transcribes all its audio with the model it
+    started on, which is released when it ends; a new session uses the new one;
+    a file that does not load leaves the models serving."""
+    import asyncio
+    import os
+    import shutil
+    import urllib.request
+
+    from conftest import running_server
+
+    from dsstream.client import Client
+    from dsstream.pipelines.base import ArtifactPipelineFactory, PipelineRegistry
+
+    served = tmp_path / "model.ds"
+    shutil.copy(tiny[0], served)
+    second = export_tiny(tmp_path / "second.ds", seed=1)[0]
+    audio = clip("LJ001-0011.flac")
+
+    def offline(path) -> list[str]:
+        rt = AsrRuntime(path)
+        try:
+            s = rt.stream(sample_rate=16000)
+            return [e.text for e in s.accept(audio) + s.end() if isinstance(e, Final)]
+        finally:
+            rt.close()
+
+    first_text, second_text = offline(served), offline(second)
+    assert first_text != second_text  # else the test could not tell the models apart
+
+    factory = ArtifactPipelineFactory("asr", "tiny", {"model": served},
+                                      "dsstream.pipelines.asr:load")  # fmt: skip
+
+    async def finals(client) -> list[str]:
+        return [e.text for e in [e async for e in client.events()] if isinstance(e, Final)]
+
+    async def main():
+        async with running_server(PipelineRegistry([factory])) as server:
+            server.registry.load()
+            async with Client(server.url) as old_session:
+                await old_session.start("asr", sample_rate=16000)
+                await old_session.stream_audio(audio[: len(audio) // 2], 16000)
+                # Deployed as files are: the new one written aside, then renamed over.
+                shutil.copy(second, tmp_path / "incoming.ds")
+                os.replace(tmp_path / "incoming.ds", served)
+                assert await server.reload()
+                new_factory = server.registry.resolve("asr")
+                assert new_factory is not factory and factory._make is not None
+                async with Client(server.url) as new_session:
+                    new = [e async for e in new_session.transcribe((audio, 16000))]
+                await old_session.stream_audio(audio[len(audio) // 2 :], 16000)
+                await old_session.end()
+                old = await finals(old_session)
+            for _ in range(100):  # released off the event loop once its last session ended
+                if factory._make is None:
+                    break
+                await asyncio.sleep(0.05)
+            assert factory._make is None and new_factory._make is not None
+            url = server.http_url + "metrics"
+            loop = asyncio.get_running_loop()
+            metrics = await loop.run_in_executor(None, lambda: urllib.request.urlopen(url).read())
+            # A file that does not load: the reload fails, the loaded model serves on.
+            served.write_bytes(b"not an artifact")
+            assert not await server.reload()
+            assert server.registry.resolve("asr") is new_factory and server.reloads == 1
+            async with Client(server.url) as after:
+                kept = [e async for e in after.transcribe((audio, 16000))]
+            return old, new, kept, metrics.decode()
+
+    old, new, kept, metrics = asyncio.run(main())
+    assert old == first_text
+    assert [e.text for e in new if isinstance(e, Final)] == second_text
+    assert [e.text for e in kept if isinstance(e, Final)] == second_text
+    # One model's series on /metrics, the new one's: no family twice.
+    assert len(re.findall(r"^engine_compute_seconds_total\{model=\"asr\"\}", metrics, re.M)) == 1
+    assert len(re.findall(r"^# TYPE engine_compute_seconds(_total)? counter", metrics, re.M)) == 1
 
 
 def test_vad_batches_concurrent_streams_with_unbatched_results(vad):

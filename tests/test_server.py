@@ -473,3 +473,26 @@ def test_blocking_client_transcribes_from_a_thread():
             assert client.ask("size?").text == "3x4 size?"
     assert _of(events, Final)[0].text == "8000"
     assert len(_of(events, Partial)) == 10
+
+
+def test_a_reloaded_registry_copies_model_factories_and_what_refers_to_them(tmp_path):
+    """PipelineRegistry.reloaded: artifact factories copied unloaded (a VQA
+    model's ASR for spoken questions pointing at the ASR copy), others shared;
+    close(keep=...) releases only what the registry kept does not share."""
+    from dsstream.pipelines.base import ArtifactPipelineFactory, PipelineRegistry
+
+    asr = ArtifactPipelineFactory("asr", "a", {"model": tmp_path / "a.ds"}, "m:load")
+    vqa = ArtifactPipelineFactory("vqa", "v", {"image": tmp_path / "i.ds"}, "m:load",
+                                  extra={"asr": asr, "engine_threads": 2})  # fmt: skip
+    shared = pipelines.StaticFactory("asr", "counting", pipelines.CountingAsr)
+    old = PipelineRegistry([asr, shared, vqa])
+    asr._make = vqa._make = lambda: None  # as if loaded
+    new = old.reloaded()
+    asr2, shared2, vqa2 = new.factories()
+    assert asr2 is not asr and vqa2 is not vqa and shared2 is shared
+    assert (asr2.files, vqa2.files) == (asr.files, vqa.files)
+    assert asr2._make is None and vqa2._make is None  # loaded again, from the files
+    assert vqa2.extra == {"asr": asr2, "engine_threads": 2} and vqa.extra["asr"] is asr
+    assert new.tasks == old.tasks and new.resolve("asr", "counting") is shared
+    old.close(keep=new)
+    assert asr._make is None and vqa._make is None

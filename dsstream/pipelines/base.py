@@ -11,9 +11,9 @@ from __future__ import annotations
 import importlib
 import importlib.util
 import threading
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
-from typing import Any, Callable, Protocol, Union
+from typing import Any, Callable, Mapping, Protocol, Union
 
 from dsstream.options import AsrOptions, VqaOptions
 from dsstream.protocol import AudioChunk, ErrorCode, Flush, ImageData, Question, ServerEvent
@@ -123,6 +123,23 @@ class ArtifactPipelineFactory:
         collectors = getattr(self._make, "collectors", None)
         return list(collectors()) if collectors is not None else []
 
+    def reloaded(self, copies: Mapping[int, Any]) -> ArtifactPipelineFactory:
+        """An unloaded copy that reads its files again on its first ``create``.
+
+        Factories among ``extra``'s values (a VQA model's ASR for spoken
+        questions) are replaced by their copies in ``copies`` (keyed by ``id``)."""
+        extra = {k: copies.get(id(v), v) for k, v in self.extra.items()}
+        return replace(self, extra=extra)
+
+    def close(self) -> None:
+        """Release the loaded model (its engines' threads), if any; a later
+        ``create`` loads it again."""
+        with self._lock:
+            runtime, self._make = self._make, None
+        close = getattr(runtime, "close", None)
+        if close is not None:
+            close()
+
 
 class PipelineRegistry:
     """The pipelines a server or SDK offers, by task and model name.
@@ -159,6 +176,36 @@ class PipelineRegistry:
         if reason:
             raise ModelUnavailable(reason)
         return factory
+
+    def factories(self) -> list[PipelineFactory]:
+        """Every registered factory, in registration order."""
+        return [f for models in self._by_task.values() for f in models.values()]
+
+    def load(self) -> dict[str, dict[str, str]]:
+        """Load every installed model now (so no session waits for it); return
+        :meth:`describe`.  A model that fails to load raises."""
+        for factory in self.factories():
+            if factory.unavailable_reason() is None:
+                factory.create()
+        return self.describe()
+
+    def reloaded(self) -> PipelineRegistry:
+        """The same models, none loaded yet: each reads its files again when
+        loaded.  Factories that cannot be copied (no ``reloaded`` method) are
+        shared with this registry."""
+        copies: dict[int, Any] = {}
+        for factory in self.factories():  # dependencies are registered first
+            copy = getattr(factory, "reloaded", None)
+            copies[id(factory)] = copy(copies) if copy is not None else factory
+        return PipelineRegistry([copies[id(f)] for f in self.factories()])
+
+    def close(self, keep: PipelineRegistry | None = None) -> None:
+        """Release every loaded model but those ``keep`` shares."""
+        kept = {id(f) for f in keep.factories()} if keep is not None else set()
+        for factory in self.factories():
+            close = getattr(factory, "close", None)
+            if close is not None and id(factory) not in kept:
+                close()
 
     def describe(self) -> dict[str, dict[str, str]]:
         """``{task: {model: "ok" or the reason it is unavailable}}`` for /healthz."""
