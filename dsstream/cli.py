@@ -99,6 +99,10 @@ def build_parser() -> argparse.ArgumentParser:
     tr.add_argument("--realtime", action="store_true", help="send at the pace of the audio")
     tr.add_argument("--chunk-ms", type=float, default=100.0)
     tr.add_argument("--hotword", action="append", default=[], help="PHRASE or PHRASE:BOOST")
+    tr.add_argument(
+        "--grammar", action="append", default=[], metavar="PHRASE",
+        help="recognize only these phrases (repeat it; '[unk]' reports other speech as such)",
+    )  # fmt: skip
     tr.add_argument("--nbest", type=int, default=1)
     tr.add_argument("--no-endpointing", action="store_true")
     tr.add_argument("--json", action="store_true", help="print every event as a JSON line")
@@ -239,6 +243,8 @@ def _asr_options(args: argparse.Namespace) -> dict[str, Any]:
     options: dict[str, Any] = {"nbest": args.nbest}
     if args.hotword:
         options["hotwords"] = [_hotword(h) for h in args.hotword]
+    if args.grammar:
+        options["grammar"] = list(args.grammar)
     if args.no_endpointing:
         options["endpointing"] = False
     return options

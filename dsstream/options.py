@@ -29,6 +29,7 @@ MIN_SAMPLE_RATE = 8000
 MAX_SAMPLE_RATE = 192000
 MAX_HOTWORDS = 5000
 MAX_HOTWORD_CHARS = 100
+MAX_GRAMMAR_PHRASES = 1000  # as dsstream.decoding.grammar.MAX_PHRASES
 
 
 class OptionsError(ValueError):
@@ -67,6 +68,8 @@ class AsrOptions:
     word_timestamps: bool = True  # words with start/end/confidence in finals
     nbest: int = 1  # hypotheses listed in finals (1..10)
     hotwords: tuple[Hotword, ...] = ()  # phrases to favour, each with its boost
+    # Command-and-control: each final is one of these phrases (or empty); none: free text.
+    grammar: tuple[str, ...] = ()
     lm_weight: float | None = None  # LM weight (alpha); None: the model's default
     endpointing: EndpointOptions = field(default_factory=EndpointOptions)
     model: str | None = None  # a model name; None: the server's default
@@ -156,6 +159,21 @@ def _hotwords(value: Any) -> tuple[Hotword, ...]:
     return tuple(_hotword(item) for item in value)
 
 
+def _grammar(value: Any) -> tuple[str, ...]:
+    if value is None:
+        return ()
+    if not isinstance(value, list) or not all(isinstance(p, str) for p in value):
+        raise OptionsError("option 'grammar' must be a list of phrases (strings)")
+    if len(value) > MAX_GRAMMAR_PHRASES:
+        raise OptionsError(f"at most {MAX_GRAMMAR_PHRASES} grammar phrases")
+    phrases = tuple(" ".join(p.split()) for p in value)
+    if not all(phrases):
+        raise OptionsError("a grammar phrase is empty")
+    if any(len(p) > MAX_HOTWORD_CHARS for p in phrases):
+        raise OptionsError(f"grammar phrase longer than {MAX_HOTWORD_CHARS} characters")
+    return phrases
+
+
 def _endpointing(value: Any) -> EndpointOptions:
     if isinstance(value, bool):
         return EndpointOptions(enabled=value)
@@ -198,6 +216,8 @@ def _asr(raw: dict[str, Any]) -> AsrOptions:
             f"encoding {encoding!r} is not supported; use one of {', '.join(ENCODINGS)}",
             "unsupported",
         )
+    if raw.get("grammar") and raw.get("hotwords"):
+        raise OptionsError("options 'grammar' and 'hotwords' do not combine: list the phrases")
     return AsrOptions(
         encoding=encoding,
         sample_rate=_int(
@@ -215,6 +235,7 @@ def _asr(raw: dict[str, Any]) -> AsrOptions:
         word_timestamps=_bool("word_timestamps", raw.get("word_timestamps", d.word_timestamps)),
         nbest=_int("nbest", raw.get("nbest", d.nbest), 1, 10),
         hotwords=_hotwords(raw.get("hotwords", [])),
+        grammar=_grammar(raw.get("grammar")),
         lm_weight=None
         if raw.get("lm_weight") is None
         else _float("lm_weight", raw["lm_weight"], 0.0, 10.0),

@@ -70,6 +70,9 @@ EXPECTED = {
     "dsstream.decoding": {
         "CTCDecoder",
         "DecoderStream",
+        "GrammarStream",
+        "Grammar",
+        "GrammarError",
         "DecodeResult",
         "DecoderConfig",
         "WordInfo",
@@ -187,6 +190,7 @@ def test_all_is_exact_and_resolves(module):
         "dsstream.evaluation",
         "dsstream.decoding.search",
         "dsstream.decoding.hotwords",
+        "dsstream.decoding.grammar",
         "dsstream.decoding.lm",
         "dsstream.decoding.vocab",
         "dsstream.lm.builder",

@@ -19,7 +19,7 @@ import torch
 import torchaudio.functional as AF
 from conftest import async_test, running_server, server_thread
 
-from dsstream.client import Client
+from dsstream.client import Client, ServerError
 from dsstream.evaluation import wer
 from dsstream.local import transcribe
 from dsstream.pipelines.defaults import SAMPLES_DIR, default_registry
@@ -114,6 +114,38 @@ def test_hotwords_change_what_they_should(registry):
     assert wer([REFS[name]], [boosted]) < wer([REFS[name]], [plain])
 
 
+def test_a_grammar_turns_each_clip_into_its_phrase(registry):
+    """Command-and-control: with the clips' sentences among the phrases each
+    comes out exactly (the free search gets 2 and 7 of their words wrong);
+    with other phrases and "[unk]", speech outside them is reported as such;
+    silence gives an empty final.  Phrases are normalized as transcripts are."""
+    commands = ["Turn ON the light!", "turn off the light", "open the door", "yes", "no"]
+    for name in sorted(CARD_WER):
+        audio, rate = clip(name)
+        said = transcribe(audio, rate, registry=registry, grammar=[*commands, *REFS.values()])
+        assert said.text == REFS[name]
+        assert [w.word for w in said.words] == REFS[name].split()
+        other = transcribe(audio, rate, registry=registry, grammar=[*commands, "[unk]"])
+        assert other.text == "[unk]"
+    quiet = transcribe(np.zeros(32000, np.float32), 16000, registry=registry, grammar=commands)
+    assert quiet.text == ""
+
+    async def remote():
+        async with running_server(registry) as server:
+            audio, rate = clip("LJ001-0011.flac")
+            events = await stream(server, audio, rate, grammar=[*commands, REFS["LJ001-0011.flac"]])
+            async with Client(server.url) as client:
+                with pytest.raises(ServerError) as refused:
+                    await client.start("asr", grammar=["yes", "!!!"])
+            return events, refused.value
+
+    events, refused = asyncio.run(remote())
+    assert text_of(events) == REFS["LJ001-0011.flac"]
+    partials = [e.text for e in events if isinstance(e, Partial)]
+    assert partials and all(REFS["LJ001-0011.flac"].startswith(p) for p in partials)
+    assert refused.code.value == "bad_message" and "empty" in str(refused)
+
+
 def test_in_process_transcribe_equals_the_server(registry):
     name = "LJ001-0011.flac"
     audio, rate = clip(name)
@@ -144,6 +176,8 @@ def test_cli_transcribes_with_and_without_a_server(registry):
     remote_text = " ".join(e["text"] for e in finals if e["type"] == "final" and e["text"])
     assert " ".join(local.stdout.split()) == remote_text
     assert wer([REFS[name]], [remote_text]) <= CARD_WER[name] + 1e-9
+    phrases = ["--grammar", "yes", "--grammar", REFS[name]]
+    assert _cli("transcribe", path, *phrases).stdout.strip() == REFS[name]
 
 
 def test_partials_arrive_while_audio_is_still_being_sent(registry):

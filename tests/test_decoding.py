@@ -3,6 +3,7 @@ streaming against whole-matrix decoding, results, and input errors."""
 
 import numpy as np
 import pytest
+import torch
 from emissions import emissions
 
 from dsstream.decoding import (
@@ -15,6 +16,7 @@ from dsstream.decoding import (
     VocabularyError,
     greedy_decode,
 )
+from dsstream.decoding.grammar import Grammar, GrammarError, GrammarSearch
 from dsstream.decoding.hotwords import HotwordState
 from dsstream.decoding.search import native_available
 from dsstream.evaluation import cer, wer
@@ -374,6 +376,107 @@ def test_native_bpe_vocabulary_matches_python():
     x = rng.normal(0, 2, (60, len(pieces))).astype(np.float32)
     results = [CTCDecoder(vocab, backend=b).decode(x, nbest=4) for b in ("python", "native")]
     assert results[0] == results[1]
+
+
+# -- closed grammars (command-and-control) ----------------------------------------
+
+COMMANDS = ["turn on the light", "turn off the light", "open the door", "close the door",
+            "yes", "no", "stop", "go back"]  # fmt: skip
+
+
+def test_a_grammar_recovers_commands_the_free_search_misspells():
+    """Noisy emissions of each command: the free search spells most of them
+    wrong, the grammar gets every one, in any chunking, with partials that
+    start a command and words timed in order."""
+    rng = np.random.default_rng(7)
+    free = right = 0
+    decoder = CTCDecoder(beam_width=16)
+    for trial in range(24):
+        said = COMMANDS[trial % len(COMMANDS)]
+        x = emissions(said, rng, confusion=0.5, noise=2.0)
+        stream = decoder.begin(grammar=COMMANDS, time_offset=1.0)
+        partials = [stream.step(c) for c in np.array_split(x, 4)]
+        assert all(any(c.startswith(p) for c in COMMANDS) for p in partials)
+        streamed = stream.end(nbest=3)
+        whole = decoder.decode(x, grammar=COMMANDS, nbest=3)
+        assert (whole.text, whole.score, whole.nbest) == (streamed.text, streamed.score,
+                                                          streamed.nbest)  # fmt: skip
+        assert whole.nbest[0] == (whole.text, whole.score) and len(whole.nbest) <= 3
+        assert [s for _, s in whole.nbest] == sorted((s for _, s in whole.nbest), reverse=True)
+        words = streamed.words
+        assert [w.word for w in words] == streamed.text.split()
+        assert all(1.0 <= w.start < w.end <= 1.0 + len(x) * 0.04 + 1e-9 for w in words)
+        assert all(a.end <= b.start + 1e-9 for a, b in zip(words, words[1:]))
+        right += whole.text == said
+        free += decoder.decode(x).text == said
+    assert right == 24 and free <= 6
+
+
+def test_a_grammar_scores_each_phrase_exactly_as_ctc_does():
+    """log P(phrase) = the CTC probability of its letters, with or without the
+    optional delimiter before and after (torch's ctc_loss as the reference)."""
+    rng = np.random.default_rng(11)
+    x = emissions("go back", rng, confusion=0.4, noise=1.5)
+    logp = torch.log_softmax(torch.from_numpy(x).double(), dim=1)
+    search = GrammarSearch(Grammar.parse(COMMANDS), ENGLISH_CHARS)
+    search.advance(logp.numpy())
+    ids = {t: i for i, t in enumerate(ENGLISH_CHARS.tokens)}
+    for phrase, score in zip(COMMANDS, search.scores()):
+        core = [ids["|" if c == " " else c] for c in phrase]
+        variants = [core, [1, *core], [*core, 1], [1, *core, 1]]
+        losses = [
+            torch.nn.functional.ctc_loss(
+                logp[:, None],
+                torch.tensor([v]),
+                [len(x)],
+                [len(v)],
+                reduction="sum",
+                zero_infinity=False,
+            )  # fmt: skip
+            for v in variants
+        ]
+        expected = torch.logsumexp(-torch.stack(losses), 0).item()
+        assert score == pytest.approx(expected, abs=1e-9), phrase
+
+
+def test_a_grammar_result_is_a_phrase_nothing_or_unk():
+    rng = np.random.default_rng(3)
+    decoder = CTCDecoder()
+    for text in ["the cat sat on the mat", "yes", "go", "turn on the"]:
+        x = emissions(text, rng, confusion=0.2)
+        result = decoder.decode(x, grammar=COMMANDS, nbest=5)
+        assert result.text in COMMANDS or (result.text, result.words) == ("", ())
+        assert all(t in COMMANDS for t, _ in result.nbest)
+    silence = np.log(np.full((20, len(ENGLISH_CHARS)), 1e-6, np.float32))
+    silence[:, 0] = 0.0
+    assert decoder.decode(silence, grammar=COMMANDS).text == ""  # nothing said
+    # With "[unk]": other speech is reported as such, the commands still win.
+    with_unk = [*COMMANDS, "[unk]"]
+    other = emissions("the quick brown fox jumps over the lazy dog", rng, confusion=0.2)
+    assert decoder.decode(other, grammar=COMMANDS).text in COMMANDS  # forced
+    assert decoder.decode(other, grammar=with_unk).text == "[unk]"
+    said = emissions("close the door", rng, confusion=0.3, noise=1.5)
+    assert decoder.decode(said, grammar=with_unk).text == "close the door"
+
+
+def test_a_grammar_that_cannot_be_spelled_is_refused():
+    decoder = CTCDecoder()
+    for phrases, message in [
+        ([], "no phrases"),
+        (["[unk]"], "no phrases"),
+        (["yes", "  "], "empty"),
+        (["caf\u00e9"], "cannot spell"),
+        (["room 101"], "cannot spell"),
+        (["x" * 201], "longer than"),
+        ([f"word {'a' * (i % 9)}b{i // 9 * 'c'}" for i in range(1001)], "at most 1000"),
+    ]:
+        with pytest.raises(GrammarError, match=message):
+            decoder.begin(grammar=phrases)
+    with pytest.raises(ValueError, match="do not combine"):
+        decoder.begin(hotwords=["yes"], grammar=["yes", "no"])
+    bpe = Vocabulary(("<blank>", "\u2581ye", "s", "\u2581no"), 0, kind="bpe")
+    with pytest.raises(GrammarError, match="character vocabulary"):
+        CTCDecoder(bpe).begin(grammar=["yes", "no"])
 
 
 def test_backend_choice():

@@ -232,3 +232,26 @@ def test_vqa_speech_option_is_validated():
         parse_task_options("vqa", {"speech": "yes"})
     with pytest.raises(OptionsError, match="sample_rte"):
         parse_task_options("vqa", {"speech": {"sample_rte": 1}})
+
+
+def test_grammar_option_is_validated_and_echoed():
+    from dsstream.options import OptionsError, parse_task_options
+
+    options = parse_task_options("asr", {"grammar": ["turn  on the light", "[unk]"]})
+    assert options.grammar == ("turn on the light", "[unk]")
+    assert parse_task_options("asr", {}).grammar == ()
+    proto = ServerProtocol()
+    (item,) = proto.receive_text('{"type":"start","task":"asr","grammar":["yes","no"]}')
+    started = proto.accept_start("s", options_dict(item.options))
+    assert parse_server_event(encode_event(started)).options["grammar"] == ["yes", "no"]
+    for bad, message in [
+        ("yes", "list of phrases"),
+        ([1, 2], "list of phrases"),
+        (["yes", " "], "empty"),
+        (["x" * 101], "longer than"),
+        ([f"p{i}" for i in range(1001)], "at most 1000"),
+    ]:
+        with pytest.raises(OptionsError, match=message):
+            parse_task_options("asr", {"grammar": bad})
+    with pytest.raises(OptionsError, match="do not combine"):
+        parse_task_options("asr", {"grammar": ["yes"], "hotwords": ["no"]})

@@ -5,9 +5,11 @@ from dsstream.decoding.decoder import (
     CTCDecoder,
     DecodeResult,
     DecoderStream,
+    GrammarStream,
     WordInfo,
     greedy_decode,
 )
+from dsstream.decoding.grammar import Grammar, GrammarError
 from dsstream.decoding.hotwords import HotwordTrie
 from dsstream.decoding.lm import KenLM, LMError
 from dsstream.decoding.search import DecoderConfig
@@ -16,6 +18,9 @@ from dsstream.decoding.vocab import Vocabulary, VocabularyError
 __all__ = [
     "CTCDecoder",
     "DecoderStream",
+    "GrammarStream",
+    "Grammar",
+    "GrammarError",
     "DecodeResult",
     "DecoderConfig",
     "WordInfo",

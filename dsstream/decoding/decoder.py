@@ -12,6 +12,7 @@ from typing import Any, Iterable, Sequence
 
 import numpy as np
 
+from dsstream.decoding.grammar import UNK, Grammar, GrammarSearch
 from dsstream.decoding.hotwords import HotwordTrie
 from dsstream.decoding.lm import KenLM
 from dsstream.decoding.search import (
@@ -26,6 +27,7 @@ from dsstream.decoding.vocab import Vocabulary
 __all__ = [
     "CTCDecoder",
     "DecoderStream",
+    "GrammarStream",
     "DecodeResult",
     "WordInfo",
     "ENGLISH_CHARS",
@@ -36,6 +38,7 @@ __all__ = [
 ENGLISH_CHARS = Vocabulary(("<blank>", "|", "'", *"abcdefghijklmnopqrstuvwxyz"), 0)
 
 HotwordsArg = Iterable[str | tuple[str, float]] | None
+GrammarArg = Grammar | Iterable[str] | None
 
 
 @dataclass(frozen=True)
@@ -209,9 +212,27 @@ class CTCDecoder:
         self._pool_lock = threading.Lock()
 
     def begin(
-        self, hotwords: HotwordsArg = None, time_offset: float = 0.0, **overrides: Any
-    ) -> DecoderStream:
-        """Start a stream; ``overrides`` change config fields for this stream only."""
+        self,
+        hotwords: HotwordsArg = None,
+        time_offset: float = 0.0,
+        grammar: GrammarArg = None,
+        **overrides: Any,
+    ) -> DecoderStream | GrammarStream:
+        """Start a stream; ``overrides`` change config fields for this stream only.
+
+        ``grammar``: phrases (or a :class:`Grammar`) the result must be one of,
+        for command-and-control (:mod:`dsstream.decoding.grammar`): each is
+        scored exactly, every phrase equally likely before the audio, so the
+        LM, the beam and hotwords do not apply.  A stream that matches no
+        phrase (it stopped inside one) ends with an empty text; with
+        ``"[unk]"`` among the phrases, speech far from all of them ends as
+        ``"[unk]"``."""
+        if grammar is not None:
+            if hotwords:
+                raise ValueError("hotwords and a grammar do not combine: list the phrases")
+            if not isinstance(grammar, Grammar):
+                grammar = Grammar.parse(grammar, self.alphabet)
+            return GrammarStream(self, GrammarSearch(grammar, self.vocab), time_offset)
         config = replace(self.config, **overrides) if overrides else self.config
         trie = _hotwords(hotwords, self.hotword_boost)
         if trie is not None and len(trie) and self.hotword_beam_width is not None:
@@ -221,11 +242,21 @@ class CTCDecoder:
         search = search_cls(self.vocab, config, self.lm, trie)
         return DecoderStream(self, search, time_offset)
 
+    @property
+    def alphabet(self) -> set[str]:
+        """The characters the vocabulary can spell."""
+        return {ch for _, chars in self.vocab.token_parts() for ch in chars}
+
     def decode(
-        self, logits: Any, hotwords: HotwordsArg = None, nbest: int = 1, **overrides: Any
+        self,
+        logits: Any,
+        hotwords: HotwordsArg = None,
+        nbest: int = 1,
+        grammar: GrammarArg = None,
+        **overrides: Any,
     ) -> DecodeResult:
         """Decode one utterance ``[frames, vocab]``."""
-        stream = self.begin(hotwords, **overrides)
+        stream = self.begin(hotwords, grammar=grammar, **overrides)
         stream.step(logits)
         return stream.end(nbest)
 
@@ -330,16 +361,70 @@ class DecoderStream:
         )
 
     def _words(self, node: int) -> list[WordInfo]:
-        shift, off = self.decoder.frame_shift_s, self.time_offset
-        out = []
-        for word, frames, logps in word_spans(self.search.parts, self.search.path_info(node)):
-            mean_logp = sum(logps) / len(logps)
-            out.append(
-                WordInfo(
-                    word,
-                    round(off + frames[0] * shift, 4),
-                    round(off + (frames[-1] + 1) * shift, 4),
-                    round(math.exp(mean_logp), 4),
-                )
+        info = self.search.path_info(node)
+        return _word_infos(self.search.parts, info, self.decoder.frame_shift_s, self.time_offset)
+
+
+class GrammarStream:
+    """A stream whose result is one of a grammar's phrases (``CTCDecoder.begin(
+    grammar=...)``), with :class:`DecoderStream`'s calls; partials are the
+    start of the most probable phrase."""
+
+    def __init__(self, decoder: CTCDecoder, search: GrammarSearch, time_offset: float) -> None:
+        self.decoder = decoder
+        self.search = search
+        self.time_offset = time_offset
+        self.ended = False
+
+    @property
+    def frames(self) -> int:
+        return self.search.frames
+
+    def step(self, log_probs: Any) -> str:
+        if self.ended:
+            raise RuntimeError("decoder stream has ended")
+        self.search.advance(_as_matrix(log_probs, len(self.decoder.vocab)))
+        return self.partial()
+
+    def partial(self) -> str:
+        return self.search.partial()
+
+    def end(self, nbest: int = 1) -> DecodeResult:
+        """The most probable phrase (or none, or ``"[unk]"``) and the next ones."""
+        if self.ended:
+            raise RuntimeError("decoder stream has ended")
+        self.ended = True
+        search, frames = self.search, self.search.frames
+        scores = search.scores()
+        order = [int(p) for p in np.argsort(-scores, kind="stable") if np.isfinite(scores[p])]
+        if not order or search.silence >= scores[order[0]]:  # nothing was said
+            return DecodeResult("", search.silence, (), (), frames)
+        best = float(scores[order[0]])
+        if search.rejects(order[0], best):
+            return DecodeResult(UNK, best, (), ((UNK, best),), frames)
+        phrases = search.grammar.phrases
+        parts = self.decoder.vocab.token_parts()
+        words = _word_infos(parts, search.alignment(order[0]), self.decoder.frame_shift_s,
+                            self.time_offset)  # fmt: skip
+        listed = tuple((phrases[p], float(scores[p])) for p in order[:nbest])
+        return DecodeResult(phrases[order[0]], best, tuple(words), listed, frames)
+
+
+def _word_infos(
+    parts: list[tuple[bool, str]],
+    info: tuple[list[int], list[int], list[float]],
+    frame_shift_s: float,
+    time_offset: float,
+) -> list[WordInfo]:
+    out = []
+    for word, frames, logps in word_spans(parts, info):
+        mean_logp = sum(logps) / len(logps)
+        out.append(
+            WordInfo(
+                word,
+                round(time_offset + frames[0] * frame_shift_s, 4),
+                round(time_offset + (frames[-1] + 1) * frame_shift_s, 4),
+                round(math.exp(mean_logp), 4),
             )
-        return out
+        )
+    return out

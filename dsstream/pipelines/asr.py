@@ -31,6 +31,7 @@ import numpy as np
 
 from dsstream.audio import ResampleError, StreamingResampler
 from dsstream.decoding import CTCDecoder, Vocabulary
+from dsstream.decoding.grammar import UNK, Grammar, GrammarError
 from dsstream.endpoint import Endpointer
 from dsstream.frontend import Fbank, FbankConfig, StreamingFbank
 from dsstream.options import AsrOptions, OptionsError, parse_task_options
@@ -284,6 +285,7 @@ class AsrPipeline:
         self.vad = rt.vad.stream()
         self.endpointer = Endpointer(options.endpointing)
         self.hotwords = [(h.phrase, h.boost) for h in options.hotwords]
+        self.grammar = self._grammar(options.grammar)
         self.overrides = {} if options.lm_weight is None else {"alpha": options.lm_weight}
         self.held: list[np.ndarray] = []  # audio not yet through the VAD and frontend
         self.held_samples = 0
@@ -357,9 +359,24 @@ class AsrPipeline:
         if self._ended:
             raise PipelineError(ErrorCode.BAD_MESSAGE, "the stream has ended")
 
+    def _grammar(self, phrases: tuple[str, ...]) -> Grammar | None:
+        """The session's phrases spelled as transcripts are (lowercase, numbers
+        in words, no punctuation); refused at ``start`` if the model cannot."""
+        if not phrases:
+            return None
+        from dsstream.lm import normalize_sentence
+
+        spelled = [p if p == UNK else normalize_sentence(p) for p in phrases]
+        try:
+            return Grammar.parse(spelled, self.runtime.decoder.alphabet)
+        except GrammarError as exc:
+            raise PipelineError(ErrorCode.BAD_MESSAGE, str(exc), True) from None
+
     def _new_decoder(self) -> None:
         offset = self.segment_frame * self.spec.frame_shift_s
-        self.decoder = self.runtime.decoder.begin(self.hotwords, offset, **self.overrides)
+        self.decoder = self.runtime.decoder.begin(
+            self.hotwords, offset, grammar=self.grammar, **self.overrides
+        )
         self.partial_text = ""
         self.partial_time = -math.inf
 

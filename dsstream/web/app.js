@@ -77,12 +77,21 @@ function showFinal(event) {
   $("partial").textContent = "";
 }
 
-function hotwordOption() {
-  return $("hotwords").value.split(",").map((w) => w.trim()).filter((w) => w.length > 0);
+function listOption(id) {
+  return $(id).value.split(",").map((w) => w.trim()).filter((w) => w.length > 0);
+}
+
+// Commands: a grammar (each final one of them, "[unk]" for other speech); else hotwords.
+function wordOptions() {
+  const commands = listOption("commands");
+  return commands.length ? { grammar: [...commands, "[unk]"] } : { hotwords: listOption("hotwords") };
 }
 
 async function startMic() {
   $("mic-start").disabled = true;
+  // A session stopped just before still sends its last events and closes later:
+  // from now on it is not the current one, so it cannot touch the new capture.
+  asr.session = null;
   $("asr-status").textContent = "starting…";
   try {
     // The audio graph is ready before the microphone opens, and what it captures
@@ -97,13 +106,15 @@ async function startMic() {
       audio: { channelCount: 1, echoCancellation: false, noiseSuppression: false, autoGainControl: false },
     });
     asr.context.createMediaStreamSource(asr.stream).connect(asr.node);
-    const options = { encoding: "f32le", sample_rate: asr.context.sampleRate, hotwords: hotwordOption() };
-    asr.session = openSession("asr", options, {
-      partial: (e) => { $("partial").textContent = e.text; },
+    const options = { encoding: "f32le", sample_rate: asr.context.sampleRate, ...wordOptions() };
+    let session = null;  // only the current session updates the status and capture
+    const current = (fn) => (e) => { if (asr.session === session) fn(e); };
+    session = asr.session = openSession("asr", options, {
+      partial: current((e) => { $("partial").textContent = e.text; }),
       final: showFinal,
-      ended: () => { $("asr-status").textContent = "ended"; },
-      error: (e) => { $("asr-status").textContent = `error: ${e.code}: ${e.message}`; },
-      close: () => stopCapture(),
+      ended: current(() => { $("asr-status").textContent = "ended"; }),
+      error: current((e) => { $("asr-status").textContent = `error: ${e.code}: ${e.message}`; }),
+      close: current(() => stopCapture()),
     });
     const started = await asr.session.ready;
     $("asr-status").textContent = `listening (${started.options.model || "model"}, ${options.sample_rate} Hz)`;

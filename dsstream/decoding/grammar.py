@@ -1,0 +1,227 @@
+"""A closed grammar for command-and-control: each segment's result is one of
+the given phrases, scored exactly.
+
+For every phrase the CTC forward algorithm runs over its whole label
+sequence, all phrases at once in NumPy (``[phrases, states]`` per frame), so
+``log P(phrase | audio)`` sums over every alignment and no phrase is lost to
+beam pruning: a beam search constrained to the phrases lost the right one
+where the model prefers other letters (the sample model hears LJ001-0011's
+"first importance" as "forest ports"), since hypotheses that had not yet
+spelled the unlikely letters outranked the ones that had.  A phrase is its
+words' characters with the word delimiter between words, and optionally one
+before the first word and one after the last.  The cost per frame is
+linear in the total length of the phrases.
+
+Nothing said (blanks alone explain the audio better than any phrase) gives
+an empty result.  Speech outside the grammar is still forced onto the
+closest phrase; with ``"[unk]"`` among the phrases (Vosk's convention), a
+segment whose best phrase explains the audio much worse than the
+unconstrained best path (by more than ``REJECT_BELOW`` nats per letter)
+comes out as ``"[unk]"``.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Iterable
+
+import numpy as np
+
+from dsstream.decoding.vocab import Vocabulary
+
+__all__ = [
+    "Grammar",
+    "GrammarError",
+    "GrammarSearch",
+    "UNK",
+    "MAX_PHRASES",
+    "MAX_PHRASE_CHARS",
+    "REJECT_BELOW",
+]
+
+UNK = "[unk]"
+MAX_PHRASES = 1000
+MAX_PHRASE_CHARS = 200
+# Nats per letter by which the best phrase may fall short of the free best path
+# before "[unk]" wins; measured with the sample model (docs/asr.md, "Grammars").
+REJECT_BELOW = -2.5
+NEG = -np.inf
+
+
+class GrammarError(ValueError):
+    """Phrases the decoder cannot constrain to (empty, unspellable, too many)."""
+
+
+@dataclass(frozen=True)
+class Grammar:
+    """The allowed phrases (words separated by single spaces), and whether
+    out-of-grammar speech is reported as ``"[unk]"`` instead of forced onto a
+    phrase.  ``Grammar.parse(phrases)`` validates and builds one."""
+
+    phrases: tuple[str, ...]
+    unk: bool = False
+
+    @classmethod
+    def parse(cls, phrases: Iterable[str], alphabet: Iterable[str] | None = None) -> Grammar:
+        """``alphabet``: the characters the model can spell; a phrase with
+        another character could never be recognized, so it is refused."""
+        letters = set(alphabet) if alphabet is not None else None
+        seen: list[str] = []
+        unk = False
+        for raw in phrases:
+            phrase = " ".join(str(raw).split())
+            if phrase == UNK:
+                unk = True
+                continue
+            if not phrase:
+                raise GrammarError("a grammar phrase is empty")
+            if len(phrase) > MAX_PHRASE_CHARS:
+                raise GrammarError(f"grammar phrase {phrase[:40]!r}... is longer than "
+                                   f"{MAX_PHRASE_CHARS} characters")  # fmt: skip
+            bad = sorted(
+                {c for c in phrase if c != " " and letters is not None and c not in letters}
+            )
+            if bad:
+                raise GrammarError(
+                    f"grammar phrase {phrase!r} has characters the model cannot spell: "
+                    f"{''.join(bad)!r}"
+                )
+            if phrase not in seen:
+                seen.append(phrase)
+        if not seen:
+            raise GrammarError("the grammar has no phrases")
+        if len(seen) > MAX_PHRASES:
+            raise GrammarError(f"the grammar has {len(seen)} phrases; at most {MAX_PHRASES}")
+        return cls(tuple(seen), unk)
+
+    def __len__(self) -> int:
+        return len(self.phrases)
+
+
+class GrammarSearch:
+    """The CTC forward algorithm over every phrase of ``grammar`` at once.
+
+    States per phrase: the labels ``[b, |, b, c1, b, c2, ..., cN, b, |, b]``
+    (``b`` blank, ``|`` the word delimiter; the outer delimiters optional),
+    padded to the longest phrase.  ``advance`` takes ``[T, V]`` log-probs."""
+
+    def __init__(self, grammar: Grammar, vocab: Vocabulary) -> None:
+        if vocab.kind != "char":
+            raise GrammarError("grammars need a character vocabulary (one token per letter)")
+        self.grammar, self.vocab = grammar, vocab
+        index = {tok: i for i, tok in enumerate(vocab.tokens)}
+        blank, delim = vocab.blank_id, index[vocab.delimiter]
+        labels = [
+            [delim, *(delim if c == " " else index[c] for c in phrase), delim]
+            for phrase in grammar.phrases
+        ]
+        width = 2 * max(len(seq) for seq in labels) + 1
+        n = len(labels)
+        self.states = np.full((n, width), blank, np.int64)  # token of each state
+        self.valid = np.zeros((n, width), bool)
+        self.skip = np.zeros((n, width), bool)  # s-2 -> s allowed
+        self.final = np.zeros((n, width), bool)
+        self.chars = np.zeros((n, width), np.int64)  # phrase characters spelled at s
+        for p, seq in enumerate(labels):
+            size = 2 * len(seq) + 1
+            self.states[p, 1:size:2] = seq
+            self.valid[p, :size] = True
+            for s in range(3, size, 2):
+                self.skip[p, s] = self.states[p, s] != self.states[p, s - 2]
+            self.final[p, size - 4 : size] = True  # last letter, blank, "|", blank
+            # State 2k+1 is label k: the leading "|" spells nothing, label k>=1
+            # ends the phrase's first k characters (the trailing "|" none more).
+            for s in range(size):
+                self.chars[p, s] = min(max((s - 1) // 2, 0), len(grammar.phrases[p]))
+        self.alpha = np.full((n, width), NEG)
+        self.rows: list[np.ndarray] = []  # kept for the final alignment
+        self.free = 0.0  # the unconstrained best path's log-prob
+        self.silence = 0.0  # log-prob of blanks only: nothing was said
+        self.blank = blank
+        self.frames = 0
+
+    def advance(self, log_probs: np.ndarray) -> None:
+        for row in log_probs:
+            emit = np.where(self.valid, row[self.states], NEG)
+            if self.frames == 0:
+                start = np.full_like(self.alpha, NEG)
+                start[:, :2] = 0.0  # blank, or the optional "|"
+                start[:, 3] = 0.0  # or the first letter
+                self.alpha = start + emit
+            else:
+                a = self.alpha
+                prev = np.concatenate([np.full((len(a), 1), NEG), a[:, :-1]], axis=1)
+                skip = np.concatenate([np.full((len(a), 2), NEG), a[:, :-2]], axis=1)
+                skip = np.where(self.skip, skip, NEG)
+                skip[:, 3] = np.logaddexp(skip[:, 3], a[:, 0])  # past the optional "|"
+                self.alpha = np.logaddexp(np.logaddexp(a, prev), skip) + emit
+            self.rows.append(row)
+            self.free += float(row.max())
+            self.silence += float(row[self.blank])
+            self.frames += 1
+
+    def partial(self) -> str:
+        """The phrase prefix of the most probable state now."""
+        if self.frames == 0:
+            return ""
+        p, s = np.unravel_index(int(np.argmax(self.alpha)), self.alpha.shape)
+        return self.grammar.phrases[p][: self.chars[p, s]].strip()
+
+    def scores(self) -> np.ndarray:
+        """``log P(phrase | frames so far)`` per phrase (-inf where it cannot end yet)."""
+        if self.frames == 0:
+            return np.full(len(self.grammar), NEG)
+        return np.logaddexp.reduce(np.where(self.final, self.alpha, NEG), axis=1)
+
+    def rejects(self, phrase: int, score: float) -> bool:
+        """Whether ``"[unk]"`` wins over ``phrase``, scored ``score``: it explains
+        the audio worse than the free best path by more than ``REJECT_BELOW``
+        per letter (per letter, not per frame: a short command forced onto a
+        long stretch of other speech or noise still costs its every letter)."""
+        if not self.grammar.unk:
+            return False
+        return bool((score - self.free) / len(self.grammar.phrases[phrase]) < REJECT_BELOW)
+
+    def alignment(self, p: int) -> tuple[list[int], list[int], list[float]]:
+        """The most probable alignment of phrase ``p``: its tokens, the frame
+        each is emitted at most confidently, and that frame's log-prob (as
+        :meth:`BeamSearch.path_info` gives them, for ``word_spans``)."""
+        size = int(self.valid[p].sum())
+        tokens = self.states[p, :size]
+        emit = np.stack(self.rows)[:, tokens]  # [T, size]
+        here = np.arange(size)
+        # Predecessors of each state: itself, s-1, s-2 (a skip over a blank), and
+        # for the first letter the blank before the optional "|" (s-3).
+        allowed = np.stack([np.ones(size, bool), here >= 1, self.skip[p, :size], here == 3])
+        score = np.full(size, NEG)
+        score[[0, 1, 3]] = emit[0, [0, 1, 3]]
+        back = np.zeros((len(emit), size), np.int64)
+        for t in range(1, len(emit)):
+            cands = np.stack([score, _shift(score, 1), _shift(score, 2), _shift(score, 3)])
+            cands = np.where(allowed, cands, NEG)
+            choice = np.argmax(cands, axis=0)  # ties: the nearer predecessor
+            back[t] = here - choice
+            score = cands[choice, here] + emit[t]
+        finals = np.flatnonzero(self.final[p, :size])
+        state = int(finals[np.argmax(score[finals])])
+        path = [state]
+        for t in range(len(emit) - 1, 0, -1):
+            state = int(back[t, state])
+            path.append(state)
+        path.reverse()
+        out: tuple[list[int], list[int], list[float]] = ([], [], [])
+        last = -1
+        for t, s in enumerate(path):
+            if s % 2 == 1:  # a label, not a blank
+                if s != last:
+                    out[0].append(int(tokens[s]))
+                    out[1].append(t)
+                    out[2].append(float(emit[t, s]))
+                elif emit[t, s] > out[2][-1]:  # its most confident frame
+                    out[1][-1], out[2][-1] = t, float(emit[t, s])
+            last = s
+        return out
+
+
+def _shift(x: np.ndarray, k: int) -> np.ndarray:
+    return np.concatenate([np.full(k, NEG), x[:-k]])
