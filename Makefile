@@ -31,6 +31,7 @@ lint: $(STAMP)
 bench: $(STAMP)
 	# Peers compared in the same run; --no-deps: pyctcdecode pins numpy<2 but runs on 2.
 	$(PY) -m pip install --quiet --no-deps pyctcdecode==0.5.0 pygtrie flashlight-text
+	$(PY) -m pip install --quiet pocketsphinx==5.1.1  # its wheel carries its model and LM
 	$(PY) -m pytest -q tests/bench -o python_files='bench_*.py' -s --timeout=3600
 
 clean:

@@ -261,7 +261,9 @@ Each epoch is scored on the first 200 held-out utterances (release 1 voices).
 {lj_test_row}
 The LM is `lm.arpa` (see LM.md), built without the held-out voices' sentences;
 {decoder_note}. For reference,
-CMU pocketsphinx with its 27 MB LM gets 27.7% WER on a sample of LJ Speech.
+CMU PocketSphinx 5 (its US English model and 27 MB LM) gets 27.3% WER (CER
+13.6%) on the same 186 LJ001 clips, measured beside this model by
+`tests/bench/bench_asr_peers.py`, at 6.6 times its CPU (docs/benchmarks.md).
 
 Shipped clips (`clips/`: `heldout-espeak-david.flac` is espeak-ng's
 en-gb-x-gbcwmd+david, a voice held out from training; `LJ001-0011.flac` is LJ

@@ -1,0 +1,129 @@
+"""Recognizers on real speech, in the same run: dsstream's sample model through
+its streaming pipeline (``dsstream.transcribe``: resampling, Silero VAD
+endpointing, the streaming model, the beam search with the sample LM at the
+settings recorded in the artifact) against CMU PocketSphinx 5 with its
+bundled US English acoustic model, dictionary and LM (the recognizer the
+sample model's issue names as the reference), fed whole utterances and fed
+100 ms pieces as a live stream.
+
+Data: LJ Speech's LJ001 clips in ../shared/data/speech (one US reader,
+22.05 kHz; ``BENCH_LJ_CLIPS`` of them, all 186 by default).  Both take the
+same float samples; each recognizer's time is the CPU time of this process
+(every thread) while it works, its own resampling to 16 kHz included, per
+second of audio.  One recognizer runs at a time.
+
+Needs: ``pip install pocketsphinx==5.1.1`` (``make bench`` does it; its
+wheel carries the model) and ../shared/data/speech.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+import time
+from pathlib import Path
+from typing import Callable
+
+import numpy as np
+import pytest
+import soundfile as sf
+
+HERE = Path(__file__).resolve().parent
+ROOT = HERE.parents[1]
+LJ001 = ROOT.parent / "shared" / "data" / "speech" / "lj001"
+N_CLIPS = int(os.environ.get("BENCH_LJ_CLIPS", "186"))
+PIECE_S = 0.1  # a live client's frame
+
+Recognizer = Callable[[np.ndarray, int], str]
+
+
+def clips() -> tuple[list[str], list[tuple[np.ndarray, int]]]:
+    from dsstream.lm import normalize_sentence
+
+    lines = (LJ001 / "transcripts.tsv").read_text(encoding="utf-8").splitlines()[:N_CLIPS]
+    refs, audio = [], []
+    for line in lines:
+        name, text = line.split("\t", 1)
+        samples, rate = sf.read(LJ001 / f"{name}.flac", dtype="float32")
+        refs.append(normalize_sentence(text))
+        audio.append((samples, rate))
+    return refs, audio
+
+
+def dsstream_recognizer(int8: bool) -> Recognizer:
+    import dsstream
+    from dsstream.pipelines.defaults import default_registry
+
+    registry = default_registry(int8=int8)
+    return lambda samples, rate: dsstream.transcribe(samples, rate, registry=registry).text
+
+
+def _pcm16(samples: np.ndarray, rate: int) -> bytes:
+    import torch
+    import torchaudio
+
+    x = torch.from_numpy(samples)
+    if rate != 16000:
+        x = torchaudio.functional.resample(x, rate, 16000)
+    return (x.clamp(-1, 1) * 32767).to(torch.int16).numpy().tobytes()
+
+
+def pocketsphinx_recognizer(streaming: bool) -> Recognizer:
+    from pocketsphinx import Decoder
+
+    decoder = Decoder(samprate=16000, logfn=os.devnull)
+    piece = int(16000 * PIECE_S) * 2  # bytes of 16-bit samples
+
+    def recognize(samples: np.ndarray, rate: int) -> str:
+        pcm = _pcm16(samples, rate)
+        decoder.start_utt()
+        if streaming:
+            for i in range(0, len(pcm), piece):
+                decoder.process_raw(pcm[i : i + piece], False, False)
+        else:
+            decoder.process_raw(pcm, False, True)
+        decoder.end_utt()
+        hyp = decoder.hyp()
+        return hyp.hypstr if hyp is not None else ""
+
+    return recognize
+
+
+def run(recognize: Recognizer, audio: list[tuple[np.ndarray, int]]) -> tuple[list[str], float]:
+    """Hypotheses (normalized as the references) and CPU seconds per second of audio."""
+    from dsstream.lm import normalize_sentence
+
+    recognize(*audio[0])  # loads the models and warms the caches; not timed
+    hyps, cpu = [], 0.0
+    for samples, rate in audio:
+        start = time.process_time()
+        text = recognize(samples, rate)
+        cpu += time.process_time() - start
+        hyps.append(normalize_sentence(text))
+    return hyps, cpu / sum(len(s) / r for s, r in audio)
+
+
+def test_bench_asr_against_pocketsphinx_on_real_speech():
+    pytest.importorskip("pocketsphinx", reason="pip install pocketsphinx==5.1.1")
+    if not (LJ001 / "transcripts.tsv").is_file():
+        pytest.skip(f"{LJ001} is not there")
+    from dsstream.evaluation import cer, wer
+
+    refs, audio = clips()
+    seconds = sum(len(s) / r for s, r in audio)
+    rows = [
+        ("dsstream, INT8 (served)", dsstream_recognizer(int8=True)),
+        ("dsstream, float32", dsstream_recognizer(int8=False)),
+        ("pocketsphinx, whole utterance", pocketsphinx_recognizer(streaming=False)),
+        ("pocketsphinx, 100 ms pieces", pocketsphinx_recognizer(streaming=True)),
+    ]
+    print(f"\nLJ001: {len(refs)} clips, {seconds:.0f} s of real speech; {sys.platform}")
+    print("recognizer                        WER      CER   CPU s per s of audio")
+    results = {}
+    for name, recognize in rows:
+        hyps, cpu = run(recognize, audio)
+        results[name] = (wer(refs, hyps), cer(refs, hyps), cpu)
+        print(f"{name:30s} {results[name][0]:7.1%}  {results[name][1]:7.1%}  {cpu:10.3f}")
+    ours, theirs = results[rows[0][0]], results[rows[2][0]]
+    print(f"dsstream INT8 / pocketsphinx (whole): WER x{ours[0] / theirs[0]:.2f}, "
+          f"CPU x{ours[2] / theirs[2]:.2f}")  # fmt: skip
