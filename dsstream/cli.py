@@ -106,6 +106,8 @@ def build_parser() -> argparse.ArgumentParser:
     tr.add_argument("--nbest", type=int, default=1)
     tr.add_argument("--no-endpointing", action="store_true")
     tr.add_argument("--json", action="store_true", help="print every event as a JSON line")
+    tr.add_argument("--captions", choices=("srt", "vtt"),
+                    help="print subtitles timed by the words, once the file is done")  # fmt: skip
     tr.add_argument("--samples", type=Path, help="folder of the sample models (in-process)")
 
     ask = sub.add_parser("ask", help="ask a question about an image")
@@ -215,16 +217,24 @@ def _serve(args: argparse.Namespace) -> int:
 
 
 class _Printer:
-    """Partials on one updating line (on a terminal), finals as lines."""
+    """Partials on one updating line (on a terminal), finals as lines; or the
+    events as JSON lines; or, with ``captions``, subtitles at the end."""
 
-    def __init__(self, as_json: bool) -> None:
+    def __init__(self, as_json: bool, captions: str | None = None) -> None:
         self.as_json = as_json
+        self.captions = captions
+        self.finals: list[Final] = []
         self.tty = sys.stdout.isatty()
         self.partial_shown = False
 
     def __call__(self, event: ServerEvent) -> None:
         if self.as_json:
             print(encode_event(event), flush=True)
+        elif self.captions is not None:
+            if isinstance(event, Final):
+                self.finals.append(event)
+            elif isinstance(event, Error):
+                print(f"error: {event.code.value}: {event.message}", file=sys.stderr, flush=True)
         elif isinstance(event, Partial):
             if self.tty:
                 print(f"\r\x1b[K{event.text}", end="", flush=True)
@@ -283,10 +293,16 @@ def _transcribe_local(args: argparse.Namespace, show: _Printer) -> int:
 
 
 def _transcribe(args: argparse.Namespace) -> int:
-    show = _Printer(args.json)
+    from dsstream.captions import to_srt, to_vtt
+
+    show = _Printer(args.json, args.captions)
     if args.server:
-        return asyncio.run(_transcribe_remote(args, show))
-    return _transcribe_local(args, show)
+        status = asyncio.run(_transcribe_remote(args, show))
+    else:
+        status = _transcribe_local(args, show)
+    if args.captions is not None:
+        print((to_srt if args.captions == "srt" else to_vtt)(show.finals), end="", flush=True)
+    return status
 
 
 # -- ask ---------------------------------------------------------------------------

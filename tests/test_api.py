@@ -191,6 +191,7 @@ def test_all_is_exact_and_resolves(module):
         "dsstream.decoding.search",
         "dsstream.decoding.hotwords",
         "dsstream.decoding.grammar",
+        "dsstream.captions",
         "dsstream.decoding.lm",
         "dsstream.decoding.vocab",
         "dsstream.lm.builder",

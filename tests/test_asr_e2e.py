@@ -178,6 +178,15 @@ def test_cli_transcribes_with_and_without_a_server(registry):
     assert wer([REFS[name]], [remote_text]) <= CARD_WER[name] + 1e-9
     phrases = ["--grammar", "yes", "--grammar", REFS[name]]
     assert _cli("transcribe", path, *phrases).stdout.strip() == REFS[name]
+    # Subtitles: the words of the transcript, in cues of at most 42 characters.
+    srt = _cli("transcribe", path, "--captions", "srt").stdout.strip().split("\n\n")
+    cues = [block.split("\n") for block in srt]
+    assert [c[0] for c in cues] == [str(i) for i in range(1, len(cues) + 1)]
+    assert " ".join(c[2] for c in cues) == " ".join(local.stdout.split())
+    assert all(len(c[2]) <= 42 for c in cues) and len(cues) >= 2
+    times = [t for c in cues for t in c[1].split(" --> ")]  # HH:MM:SS,mmm sort as text
+    seconds = float(times[-1][6:].replace(",", "."))
+    assert times == sorted(times) and seconds <= sf.info(path).duration + 1e-3
 
 
 def test_partials_arrive_while_audio_is_still_being_sent(registry):
