@@ -302,16 +302,12 @@ class CTCDecoder:
             return self._executor
 
 
-class DecoderStream:
-    """One stream's decoding: ``step`` chunks of frames, then ``end``.
+class _Stream:
+    """What both kinds of stream share: ``step`` feeds the search its frames."""
 
-    Beams persist across chunks, so any chunking gives exactly the result of
-    decoding the whole matrix at once.
-    """
+    search: Any  # has advance([T, V] log-probs) and frames
 
-    def __init__(
-        self, decoder: CTCDecoder, search: BeamSearch | NativeBeamSearch, time_offset: float
-    ) -> None:
+    def __init__(self, decoder: CTCDecoder, search: Any, time_offset: float) -> None:
         self.decoder = decoder
         self.search = search
         self.time_offset = time_offset
@@ -319,15 +315,27 @@ class DecoderStream:
 
     @property
     def frames(self) -> int:
-        return self.search.frames
+        return int(self.search.frames)
 
     def step(self, log_probs: Any) -> str:
         """Consume ``[frames, vocab]``; return the current best partial text."""
         if self.ended:
             raise RuntimeError("decoder stream has ended")
-        matrix = _as_matrix(log_probs, len(self.decoder.vocab))
-        self.search.advance(matrix)
+        self.search.advance(_as_matrix(log_probs, len(self.decoder.vocab)))
         return self.partial()
+
+    def partial(self) -> str:
+        raise NotImplementedError
+
+
+class DecoderStream(_Stream):
+    """One stream's decoding: ``step`` chunks of frames, then ``end``.
+
+    Beams persist across chunks, so any chunking gives exactly the result of
+    decoding the whole matrix at once.
+    """
+
+    search: BeamSearch | NativeBeamSearch
 
     def partial(self) -> str:
         return self._text(self.search.beams[0][0])
@@ -365,26 +373,12 @@ class DecoderStream:
         return _word_infos(self.search.parts, info, self.decoder.frame_shift_s, self.time_offset)
 
 
-class GrammarStream:
+class GrammarStream(_Stream):
     """A stream whose result is one of a grammar's phrases (``CTCDecoder.begin(
     grammar=...)``), with :class:`DecoderStream`'s calls; partials are the
     start of the most probable phrase."""
 
-    def __init__(self, decoder: CTCDecoder, search: GrammarSearch, time_offset: float) -> None:
-        self.decoder = decoder
-        self.search = search
-        self.time_offset = time_offset
-        self.ended = False
-
-    @property
-    def frames(self) -> int:
-        return self.search.frames
-
-    def step(self, log_probs: Any) -> str:
-        if self.ended:
-            raise RuntimeError("decoder stream has ended")
-        self.search.advance(_as_matrix(log_probs, len(self.decoder.vocab)))
-        return self.partial()
+    search: GrammarSearch
 
     def partial(self) -> str:
         return self.search.partial()
