@@ -5,6 +5,7 @@ Pure functions over ``Final`` events (a live session's or
 most ``max_chars`` characters and ``max_seconds`` each, at word boundaries,
 each cue from its first word's start to its last word's end; a segment
 without word times (``word_timestamps`` off) is one cue over the segment.
+With ``split_channels`` a cue starts with its channel, ``[0]`` or ``[1]``.
 """
 
 from __future__ import annotations
@@ -33,23 +34,24 @@ def cues(finals: Iterable[Final], max_chars: int = 42, max_seconds: float = 6.0)
     for final in finals:
         if not final.text:
             continue
+        label = f"[{final.channel}] " if final.channel is not None else ""
         if not final.words:
-            out.append(Cue(final.start, max(final.end, final.start), final.text))
+            out.append(Cue(final.start, max(final.end, final.start), label + final.text))
             continue
         group: list[Word] = []
         for word in final.words:
             text = " ".join(w.word for w in [*group, word])
             if group and (len(text) > max_chars or word.end - group[0].start > max_seconds):
-                out.append(_cue(group))
+                out.append(_cue(group, label))
                 group = []
             group.append(word)
-        out.append(_cue(group))
-    return out
+        out.append(_cue(group, label))
+    return sorted(out, key=lambda c: c.start)  # channels' segments interleave in time
 
 
-def _cue(words: list[Word]) -> Cue:
+def _cue(words: list[Word], label: str) -> Cue:
     return Cue(words[0].start, max(words[-1].end, words[0].start),
-               " ".join(w.word for w in words))  # fmt: skip
+               label + " ".join(w.word for w in words))  # fmt: skip
 
 
 def _clock(seconds: float, decimal: str) -> str:

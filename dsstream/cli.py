@@ -104,6 +104,9 @@ def build_parser() -> argparse.ArgumentParser:
         help="recognize only these phrases (repeat it; '[unk]' reports other speech as such)",
     )  # fmt: skip
     tr.add_argument("--nbest", type=int, default=1)
+    tr.add_argument("--split-channels", action="store_true",
+                    help="recognize each channel of a stereo file on its own (a call's two "
+                         "parties); lines start with the channel")  # fmt: skip
     tr.add_argument("--no-endpointing", action="store_true")
     tr.add_argument("--json", action="store_true", help="print every event as a JSON line")
     tr.add_argument("--captions", choices=("srt", "vtt"),
@@ -244,7 +247,8 @@ class _Printer:
                 print("\r\x1b[K", end="")
                 self.partial_shown = False
             if event.text:
-                print(event.text, flush=True)
+                label = f"[{event.channel}] " if event.channel is not None else ""
+                print(f"{label}{event.text}", flush=True)
         elif isinstance(event, Error):
             print(f"error: {event.code.value}: {event.message}", file=sys.stderr, flush=True)
 
@@ -257,6 +261,8 @@ def _asr_options(args: argparse.Namespace) -> dict[str, Any]:
         options["grammar"] = list(args.grammar)
     if args.no_endpointing:
         options["endpointing"] = False
+    if args.split_channels:
+        options["split_channels"] = True
     return options
 
 
@@ -264,7 +270,8 @@ async def _transcribe_remote(args: argparse.Namespace, show: _Printer) -> int:
     from dsstream.audio import load_audio
     from dsstream.client import Client
 
-    audio = load_audio(args.file)  # a bad file fails before any connection is made
+    # A bad file fails before any connection is made.
+    audio = load_audio(args.file, mono=not args.split_channels)
     status = 0
     async with Client(args.server, args.token) as client:
         async for event in client.transcribe(
@@ -281,9 +288,12 @@ def _transcribe_local(args: argparse.Namespace, show: _Printer) -> int:
     from dsstream.local import LocalSession
     from dsstream.pipelines.defaults import default_registry
 
-    samples, rate = load_audio(args.file)
+    samples, rate = load_audio(args.file, mono=not args.split_channels)
     registry = default_registry(args.samples)
-    with LocalSession("asr", registry, sample_rate=rate, **_asr_options(args)) as session:
+    options = _asr_options(args)
+    if args.split_channels:
+        options["channels"] = samples.shape[1]
+    with LocalSession("asr", registry, sample_rate=rate, **options) as session:
         for chunk in iter_chunks(samples, rate, args.chunk_ms):
             for event in session.send_audio(chunk):
                 show(event)

@@ -46,11 +46,13 @@ class ServerError(Exception):
         self.code: ErrorCode = event.code
 
 
-def _read_source(source: AudioSource) -> tuple[np.ndarray, int]:
+def _read_source(source: AudioSource, channels: bool = False) -> tuple[np.ndarray, int]:
+    """Samples ``[n]``, or ``[n, channels]`` when ``channels`` (split_channels)."""
     if isinstance(source, tuple):
         samples, rate = source
-        return np.asarray(samples, dtype=np.float32).reshape(-1), int(rate)
-    return load_audio(source)
+        arr = np.asarray(samples, dtype=np.float32)
+        return (arr if channels else arr.reshape(-1)), int(rate)
+    return load_audio(source, mono=not channels)
 
 
 def _read_image(image: bytes | str | Path) -> bytes:
@@ -221,7 +223,12 @@ class Client:
         Audio is sent concurrently with reading events, so partials arrive while
         the audio is still being sent.
         """
-        samples, rate = _read_source(source)
+        split = bool(options.get("split_channels"))
+        samples, rate = _read_source(source, split)
+        if split:
+            if samples.ndim != 2:
+                raise ValueError("split_channels needs audio of several channels, [n, channels]")
+            options = {**options, "channels": samples.shape[1]}
         await self.start("asr", sample_rate=rate, **options)
 
         async def feed() -> None:

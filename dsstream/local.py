@@ -54,10 +54,13 @@ class LocalSession:
         self._ended = False
 
     def send_audio(self, samples: np.ndarray) -> list[ServerEvent]:
-        """Feed float32 mono samples ``[n]`` at the ``sample_rate`` given at start."""
+        """Feed float32 mono samples ``[n]`` (``[n, channels]`` with
+        ``split_channels``) at the ``sample_rate`` given at start."""
         if not isinstance(self.options, AsrOptions):
             raise PipelineError(ErrorCode.BAD_MESSAGE, "audio belongs to an asr session")
-        chunk = np.asarray(samples, dtype=np.float32).reshape(-1)
+        chunk = np.asarray(samples, dtype=np.float32)
+        if not self.options.split_channels:
+            chunk = chunk.reshape(-1)
         if not np.all(np.isfinite(chunk)):
             raise PipelineError(ErrorCode.BAD_AUDIO, "audio contains NaN or infinity")
         return self._step(AudioChunk(chunk, self.options.sample_rate))
@@ -133,22 +136,29 @@ def transcribe(
     ``audio`` is a path (any format soundfile reads; multichannel is averaged)
     or float samples ``[n]`` or ``[n, channels]`` at ``sample_rate`` Hz
     (default 16000).  ``options`` are those of a ``start`` message (hotwords,
-    nbest, lm_weight, endpointing...).  The audio is streamed through the same
-    pipeline as the server's, so the result equals a live session's finals.
+    nbest, lm_weight, endpointing...); with ``split_channels=True`` each
+    channel of a stereo recording is recognized on its own, and the segments
+    (in time order) carry their channel.  The audio is streamed through the
+    same pipeline as the server's, so the result equals a live session's finals.
     """
     from dsstream.audio import load_audio
 
+    split = bool(options.get("split_channels"))
     if isinstance(audio, (str, Path)):
         if sample_rate is not None:
             raise ValueError("sample_rate is read from the file; pass it only with an array")
-        samples, rate = load_audio(audio)
+        samples, rate = load_audio(audio, mono=not split)
     else:
         samples = np.asarray(audio, dtype=np.float32)
-        if samples.ndim == 2:
-            samples = samples.mean(axis=1)
-        if samples.ndim != 1:
+        if samples.ndim not in (1, 2):
             raise ValueError(f"audio must be [n] or [n, channels], got shape {samples.shape}")
         rate = 16000 if sample_rate is None else int(sample_rate)
+    if samples.ndim == 2 and not split:
+        samples = samples.mean(axis=1)
+    if split:
+        if samples.ndim != 2:
+            raise ValueError("split_channels needs audio of several channels, [n, channels]")
+        options = {**options, "channels": samples.shape[1]}
     finals: list[Final] = []
     session = LocalSession("asr", registry, sample_rate=rate, **options)
     try:
@@ -157,5 +167,7 @@ def transcribe(
             finals += [e for e in session.send_audio(samples[i : i + step]) if isinstance(e, Final)]
     finally:
         finals += [e for e in session.end() if isinstance(e, Final)]
+    if split:  # each channel's segments are in order; the call's are by time
+        finals.sort(key=lambda f: (f.start, f.channel or 0))
     text = " ".join(f.text for f in finals if f.text)
     return Transcript(text, tuple(finals))

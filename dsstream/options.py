@@ -62,7 +62,9 @@ class EndpointOptions:
 class AsrOptions:
     encoding: str = "pcm_s16le"  # "pcm_s16le" or "f32le", little endian
     sample_rate: int = 16000  # Hz of the audio the client sends
-    channels: int = 1  # 1, or 2 interleaved (averaged to mono)
+    channels: int = 1  # 1, or 2 interleaved (averaged to mono unless split_channels)
+    # Each channel recognized on its own (a call's two parties); events carry their channel.
+    split_channels: bool = False
     partials: bool = True  # send partial results
     partial_interval_ms: int = 200  # at most one partial per this much audio
     word_timestamps: bool = True  # words with start/end/confidence in finals
@@ -216,6 +218,8 @@ def _asr(raw: dict[str, Any]) -> AsrOptions:
             f"encoding {encoding!r} is not supported; use one of {', '.join(ENCODINGS)}",
             "unsupported",
         )
+    if raw.get("split_channels") is True and raw.get("channels", d.channels) == 1:
+        raise OptionsError("option 'split_channels' needs 'channels': 2")
     if raw.get("grammar") and raw.get("hotwords"):
         raise OptionsError("options 'grammar' and 'hotwords' do not combine: list the phrases")
     return AsrOptions(
@@ -228,6 +232,7 @@ def _asr(raw: dict[str, Any]) -> AsrOptions:
             "unsupported",
         ),
         channels=_int("channels", raw.get("channels", d.channels), 1, 2, "unsupported"),
+        split_channels=_bool("split_channels", raw.get("split_channels", d.split_channels)),
         partials=_bool("partials", raw.get("partials", d.partials)),
         partial_interval_ms=_int(
             "partial_interval_ms", raw.get("partial_interval_ms", d.partial_interval_ms), 0, 60000

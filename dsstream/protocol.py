@@ -141,8 +141,9 @@ class StartSession:
 class AudioChunk:
     """Decoded audio of one binary frame.
 
-    ``samples`` is float32 of shape ``[n]`` (mono, already downmixed), in
-    [-1, 1] for PCM input, at ``sample_rate`` Hz as declared in ``start``.
+    ``samples`` is float32 of shape ``[n]`` (mono, already downmixed), or
+    ``[n, channels]`` in a session with ``split_channels``, in [-1, 1] for PCM
+    input, at ``sample_rate`` Hz as declared in ``start``.
     """
 
     samples: np.ndarray
@@ -212,6 +213,7 @@ class Partial:
     text: str
     segment: int  # index of the utterance within the stream, from 0
     time: float | None = None  # seconds of the stream's audio the partial covers
+    channel: int | None = None  # with split_channels: the audio channel, from 0
     type: str = field(default="partial", init=False)
 
 
@@ -223,6 +225,7 @@ class Final:
     end: float
     words: tuple[Word, ...] = ()
     nbest: tuple[Hypothesis, ...] = ()
+    channel: int | None = None  # with split_channels: the audio channel, from 0
     type: str = field(default="final", init=False)
 
 
@@ -231,6 +234,7 @@ class Endpoint:
     segment: int  # the segment this endpoint closes
     time: float  # seconds from the start of the stream
     reason: str  # "trailing_silence", "no_speech", "max_length", "flush" or "end"
+    channel: int | None = None  # with split_channels: the audio channel, from 0
     type: str = field(default="endpoint", init=False)
 
 
@@ -292,6 +296,7 @@ def _parse_final(obj: dict[str, Any]) -> Final:
         end=obj["end"],
         words=words,
         nbest=nbest,
+        channel=obj.get("channel"),
     )
 
 
@@ -335,7 +340,8 @@ KIND_IMAGE, KIND_AUDIO = 1, 2
 
 
 def decode_audio(data: bytes, options: AsrOptions) -> np.ndarray:
-    """Decode one binary frame into mono float32 samples, shape ``[n]``.
+    """Decode one binary frame into mono float32 samples, shape ``[n]``
+    (``[n, channels]`` with ``split_channels``).
 
     Raises :class:`ProtocolError` (``bad_audio``) when the byte count does not
     fit the encoding and channel count, or float samples are not finite.
@@ -354,8 +360,9 @@ def decode_audio(data: bytes, options: AsrOptions) -> np.ndarray:
         if not np.all(np.isfinite(samples)):
             raise ProtocolError(ErrorCode.BAD_AUDIO, "f32le audio contains NaN or infinity")
     if options.channels > 1:
-        # Documented behaviour: interleaved channels are averaged to mono.
-        samples = samples.reshape(-1, options.channels).mean(axis=1, dtype=np.float32)
+        samples = samples.reshape(-1, options.channels)
+        if not options.split_channels:  # documented: interleaved channels averaged to mono
+            samples = samples.mean(axis=1, dtype=np.float32)
     return samples
 
 

@@ -146,6 +146,41 @@ def test_a_grammar_turns_each_clip_into_its_phrase(registry):
     assert refused.code.value == "bad_message" and "empty" in str(refused)
 
 
+def test_split_channels_recognize_each_party_of_a_call(registry, tmp_path):
+    """A stereo call, one clip on each channel at different times: with
+    split_channels each channel's finals are that channel's own transcript
+    (equal to the channel alone, words timed from the call's start), over
+    loopback, in process and through the CLI."""
+    a, rate = clip("heldout-espeak-david.flac")
+    b, _ = clip("LJ001-0011.flac")
+    n = len(a) + len(b) + rate
+    call = np.zeros((n, 2), np.float32)
+    call[: len(a), 0] = a
+    call[len(a) + rate // 2 : len(a) + rate // 2 + len(b), 1] = b
+    alone = [transcribe(call[:, ch], rate, registry=registry) for ch in (0, 1)]
+    assert alone[0].text and alone[1].text
+
+    def by_channel(finals) -> list[list]:
+        return [[(f.text, f.words) for f in finals if f.channel == ch and f.text] for ch in (0, 1)]
+
+    expected = [[(f.text, f.words) for f in t.segments if f.text] for t in alone]
+    local = transcribe(call, rate, registry=registry, split_channels=True)
+    assert by_channel(local.segments) == expected
+    assert [f.start for f in local.segments] == sorted(f.start for f in local.segments)
+
+    async def remote():
+        async with running_server(registry) as server:
+            return await stream(server, call, rate, split_channels=True)
+
+    events = asyncio.run(remote())
+    assert by_channel([e for e in events if isinstance(e, Final)]) == expected
+    assert {e.channel for e in events if isinstance(e, Partial)} == {0, 1}
+    path = tmp_path / "call.wav"
+    sf.write(path, call, rate)
+    lines = _cli("transcribe", str(path), "--split-channels").stdout.splitlines()
+    assert lines == [f"[0] {alone[0].text}", f"[1] {alone[1].text}"]
+
+
 def test_in_process_transcribe_equals_the_server(registry):
     name = "LJ001-0011.flac"
     audio, rate = clip(name)

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import math
 import re
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -498,6 +499,21 @@ def test_a_reload_serves_new_sessions_from_the_new_file_while_open_ones_finish_o
     # One model's series on /metrics, the new one's: no family twice.
     assert len(re.findall(r"^engine_compute_seconds_total\{model=\"asr\"\}", metrics, re.M)) == 1
     assert len(re.findall(r"^# TYPE engine_compute_seconds(_total)? counter", metrics, re.M)) == 1
+
+
+def test_split_channels_take_one_column_per_channel(runtime):
+    stream = runtime.stream(sample_rate=16000, channels=2, split_channels=True)
+    with pytest.raises(PipelineError, match=r"\[n, 2\]"):
+        stream.accept(np.zeros(1600, np.float32))  # mono audio: refused, the stream goes on
+    x = clip("heldout-espeak-david.flac")
+    events = stream.accept(np.stack([x, np.zeros_like(x)], axis=1)) + stream.end()
+    for channel, audio in enumerate((x, np.zeros_like(x))):  # each as if streamed alone
+        mono = runtime.stream(sample_rate=16000)
+        alone = mono.accept(audio) + mono.end()
+        assert [e for e in events if e.channel == channel] == [
+            replace(e, channel=channel) for e in alone
+        ]
+    assert all(e.channel in (0, 1) for e in events)  # every event says its channel
 
 
 def test_vad_batches_concurrent_streams_with_unbatched_results(vad):

@@ -255,3 +255,23 @@ def test_grammar_option_is_validated_and_echoed():
             parse_task_options("asr", {"grammar": bad})
     with pytest.raises(OptionsError, match="do not combine"):
         parse_task_options("asr", {"grammar": ["yes"], "hotwords": ["no"]})
+
+
+def test_split_channels_keep_the_channels_and_events_say_which():
+    from dsstream.options import OptionsError, parse_task_options
+    from dsstream.protocol import decode_audio
+
+    with pytest.raises(OptionsError, match="needs 'channels': 2"):
+        parse_task_options("asr", {"split_channels": True})
+    split = parse_task_options("asr", {"channels": 2, "split_channels": True,
+                                       "encoding": "f32le"})  # fmt: skip
+    frames = np.array([[0.5, -0.25], [0.125, 1.0]], np.float32)
+    np.testing.assert_array_equal(decode_audio(frames.tobytes(), split), frames)
+    mixed = parse_task_options("asr", {"channels": 2, "encoding": "f32le"})
+    np.testing.assert_array_equal(decode_audio(frames.tobytes(), mixed), frames.mean(axis=1))
+    final = Final("hi", 0, 0.0, 1.0, channel=1)
+    assert json.loads(encode_event(final))["channel"] == 1
+    assert parse_server_event(encode_event(final)) == final
+    assert "channel" not in json.loads(encode_event(Final("hi", 0, 0.0, 1.0)))
+    for event in (Partial("h", 0, 0.5, channel=0), Endpoint(0, 1.0, "end", channel=1)):
+        assert parse_server_event(encode_event(event)) == event

@@ -25,7 +25,7 @@ import threading
 import time
 from dataclasses import dataclass, replace
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import numpy as np
 
@@ -262,12 +262,15 @@ class AsrPipeline:
         self.spec = runtime.spec
         self.options: AsrOptions | None = None
         self._ended = False
+        self.parts: list[AsrPipeline] = []  # split_channels: one stream per channel
 
     # -- Pipeline protocol -----------------------------------------------------------
 
     def begin(self, options: Any) -> dict[str, Any]:
         if not isinstance(options, AsrOptions):
             raise PipelineError(ErrorCode.BAD_MESSAGE, "the ASR pipeline needs asr options", True)
+        if options.split_channels:
+            return self._begin_channels(options)
         rt, spec = self.runtime, self.spec
         try:
             self.resampler = StreamingResampler(options.sample_rate, spec.sample_rate)
@@ -306,6 +309,8 @@ class AsrPipeline:
 
     def step(self, frame: Any) -> list[ServerEvent]:
         self._check()
+        if self.parts and isinstance(frame, Flush):
+            return self.flush()
         if isinstance(frame, AudioChunk):
             return self.accept(frame.samples, frame.sample_rate)
         if isinstance(frame, Flush):
@@ -319,6 +324,9 @@ class AsrPipeline:
         if self._ended or self.options is None:
             self._ended = True
             return []
+        if self.parts:
+            self._ended = True
+            return _each_channel(self.parts, lambda part, _: part.end())
         try:
             events = self._feed(self.resampler.finish())
             self._pad_frontend()
@@ -330,7 +338,8 @@ class AsrPipeline:
     # -- in-process calls ---------------------------------------------------------------
 
     def accept(self, samples: np.ndarray, sample_rate: int | None = None) -> list[ServerEvent]:
-        """Feed float32 mono samples ``[n]`` at the session's rate; the events they produced."""
+        """Feed float32 mono samples ``[n]`` (``[n, channels]`` with
+        ``split_channels``) at the session's rate; the events they produced."""
         self._check()
         assert self.options is not None
         if sample_rate is not None and sample_rate != self.options.sample_rate:
@@ -338,6 +347,8 @@ class AsrPipeline:
                 ErrorCode.BAD_AUDIO,
                 f"audio at {sample_rate} Hz in a session started at {self.options.sample_rate} Hz",
             )
+        if self.parts:
+            return self._accept_channels(np.asarray(samples, dtype=np.float32))
         x = np.asarray(samples, dtype=np.float32).reshape(-1)
         if not np.all(np.isfinite(x)):
             raise PipelineError(ErrorCode.BAD_AUDIO, "audio contains NaN or infinity")
@@ -349,7 +360,37 @@ class AsrPipeline:
     def flush(self) -> list[ServerEvent]:
         """Finalize what was received so far as a segment; the stream goes on."""
         self._check()
+        if self.parts:
+            return _each_channel(self.parts, lambda part, _: part.flush())
         return self._finalize("flush")
+
+    # -- split_channels: one stream per channel, events tagged with it -----------------------
+
+    def _begin_channels(self, options: AsrOptions) -> dict[str, Any]:
+        mono = replace(options, channels=1, split_channels=False)
+        effective: dict[str, Any] = {}
+        try:
+            for _ in range(options.channels):
+                part = AsrPipeline(self.runtime)
+                effective = part.begin(mono)
+                self.parts.append(part)
+        except PipelineError:
+            for part in self.parts:
+                part.end()
+            self.parts = []
+            raise
+        self.options = options
+        return effective
+
+    def _accept_channels(self, x: np.ndarray) -> list[ServerEvent]:
+        assert self.options is not None
+        if x.ndim != 2 or x.shape[1] != len(self.parts):
+            raise PipelineError(
+                ErrorCode.BAD_AUDIO,
+                f"a session with split_channels takes audio [n, {len(self.parts)}], "
+                f"got shape {list(x.shape)}",
+            )
+        return _each_channel(self.parts, lambda part, i: part.accept(x[:, i]))
 
     # -- internals ---------------------------------------------------------------------------
 
@@ -502,6 +543,19 @@ class AsrPipeline:
         self.endpointer.reset(self.frames * shift)
         self._new_decoder()
         return events
+
+
+def _each_channel(
+    parts: list[AsrPipeline], call: Callable[[AsrPipeline, int], list[ServerEvent]]
+) -> list[ServerEvent]:
+    """``call`` on each channel's stream, its transcript events tagged with the channel."""
+    out: list[ServerEvent] = []
+    for i, part in enumerate(parts):
+        for event in call(part, i):
+            if isinstance(event, (Partial, Final, Endpoint)):
+                event = replace(event, channel=i)
+            out.append(event)
+    return out
 
 
 def load(model: Path, lm: Path | None = None, name: str = "asr", **config: Any) -> AsrRuntime:
