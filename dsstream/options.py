@@ -100,7 +100,10 @@ def _speech(value: Any) -> AsrOptions | None:
         return AsrOptions()
     if not isinstance(value, dict):
         raise OptionsError("option 'speech' must be true, false or an object of asr options")
-    return _asr(value)
+    speech = _asr(value)
+    if speech.split_channels:
+        raise OptionsError("spoken questions are one voice: 'speech' takes no 'split_channels'")
+    return speech
 
 
 def _is_number(value: Any) -> bool:

@@ -263,6 +263,8 @@ def test_split_channels_keep_the_channels_and_events_say_which():
 
     with pytest.raises(OptionsError, match="needs 'channels': 2"):
         parse_task_options("asr", {"split_channels": True})
+    with pytest.raises(OptionsError, match="one voice"):
+        parse_task_options("vqa", {"speech": {"channels": 2, "split_channels": True}})
     split = parse_task_options("asr", {"channels": 2, "split_channels": True,
                                        "encoding": "f32le"})  # fmt: skip
     frames = np.array([[0.5, -0.25], [0.125, 1.0]], np.float32)
