@@ -565,3 +565,9 @@ def test_decoders_of_one_lm_file_share_one_model_until_the_file_changes(tmp_path
     text = path.read_text()
     path.write_text(text.replace("\n\\end\\", "\n\n\\end\\"))  # another file at that path
     assert CTCDecoder(language_model=path).lm is not a.lm
+    # The old version is no longer held for that path (a reloading server's LM).
+    from dsstream.decoding.lm import _SHARED
+
+    assert [k for k in _SHARED if k[0] == str(path.resolve())] == [
+        (str(path.resolve()), path.stat().st_size, path.stat().st_mtime_ns)
+    ]

@@ -123,6 +123,10 @@ class KenLM:
             model = _SHARED.get(key)
             if model is None:
                 model = _SHARED[key] = cls(path)
+                # A changed file (a server reloading its models) replaces the old
+                # version here; decoders still using it keep it until they go.
+                for old in [k for k in _SHARED if k[0] == key[0] and k != key]:
+                    del _SHARED[old]
         return model
 
     def _intern(self, state: object) -> int:
