@@ -103,6 +103,10 @@ def build_parser() -> argparse.ArgumentParser:
         "--grammar", action="append", default=[], metavar="PHRASE",
         help="recognize only these phrases (repeat it; '[unk]' reports other speech as such)",
     )  # fmt: skip
+    tr.add_argument(
+        "--grammar-sequence", action="store_true",
+        help="a result may be several grammar phrases in a row (digits, codes)",
+    )  # fmt: skip
     tr.add_argument("--nbest", type=int, default=1)
     tr.add_argument("--split-channels", action="store_true",
                     help="recognize each channel of a stereo file on its own (a call's two "
@@ -259,6 +263,7 @@ def _asr_options(args: argparse.Namespace) -> dict[str, Any]:
         options["hotwords"] = [_hotword(h) for h in args.hotword]
     if args.grammar:
         options["grammar"] = list(args.grammar)
+        options["grammar_sequence"] = args.grammar_sequence
     if args.no_endpointing:
         options["endpointing"] = False
     if args.split_channels:

@@ -72,6 +72,7 @@ class AsrOptions:
     hotwords: tuple[Hotword, ...] = ()  # phrases to favour, each with its boost
     # Command-and-control: each final is one of these phrases (or empty); none: free text.
     grammar: tuple[str, ...] = ()
+    grammar_sequence: bool = False  # a final may be several phrases in a row (digits)
     lm_weight: float | None = None  # LM weight (alpha); None: the model's default
     endpointing: EndpointOptions = field(default_factory=EndpointOptions)
     model: str | None = None  # a model name; None: the server's default
@@ -223,6 +224,8 @@ def _asr(raw: dict[str, Any]) -> AsrOptions:
         )
     if raw.get("split_channels") is True and raw.get("channels", d.channels) == 1:
         raise OptionsError("option 'split_channels' needs 'channels': 2")
+    if raw.get("grammar_sequence") is True and not raw.get("grammar"):
+        raise OptionsError("option 'grammar_sequence' needs a 'grammar'")
     if raw.get("grammar") and raw.get("hotwords"):
         raise OptionsError("options 'grammar' and 'hotwords' do not combine: list the phrases")
     return AsrOptions(
@@ -244,6 +247,7 @@ def _asr(raw: dict[str, Any]) -> AsrOptions:
         nbest=_int("nbest", raw.get("nbest", d.nbest), 1, 10),
         hotwords=_hotwords(raw.get("hotwords", [])),
         grammar=_grammar(raw.get("grammar")),
+        grammar_sequence=_bool("grammar_sequence", raw.get("grammar_sequence", d.grammar_sequence)),
         lm_weight=None
         if raw.get("lm_weight") is None
         else _float("lm_weight", raw["lm_weight"], 0.0, 10.0),

@@ -459,6 +459,33 @@ def test_a_grammar_result_is_a_phrase_nothing_or_unk():
     assert decoder.decode(said, grammar=with_unk).text == "close the door"
 
 
+def test_a_sequence_grammar_reads_digit_strings():
+    """grammar_sequence: several phrases in a row (here digits), by the Viterbi
+    path through the phrase loop; the free search misspells them."""
+    digits = "zero one two three four five six seven eight nine".split()
+    grammar = Grammar.parse(digits, sequence=True)
+    rng = np.random.default_rng(1)
+    decoder = CTCDecoder()
+    right = free = 0
+    for _ in range(12):
+        said = " ".join(rng.choice(digits, rng.integers(1, 6)))
+        x = emissions(said, rng, confusion=0.5, noise=2.0)
+        stream = decoder.begin(grammar=grammar)
+        partials = [stream.step(c) for c in np.array_split(x, 5)]
+        streamed, whole = stream.end(), decoder.decode(x, grammar=grammar)
+        assert (streamed.text, streamed.score) == (whole.text, whole.score)
+        assert [w.word for w in whole.words] == whole.text.split()
+        assert all(a.end <= b.start + 1e-9 for a, b in zip(whole.words, whole.words[1:]))
+        assert all(set(p.split()[:-1]) <= set(digits) for p in partials)
+        right += whole.text == said
+        free += decoder.decode(x).text == said
+    assert right == 12 and free <= 2
+    # One command said: the same answer as the one-phrase grammar.
+    x = emissions("close the door", rng, confusion=0.3, noise=1.5)
+    one = decoder.decode(x, grammar=COMMANDS).text
+    assert decoder.decode(x, grammar=Grammar.parse(COMMANDS, sequence=True)).text == one
+
+
 def test_a_grammar_that_cannot_be_spelled_is_refused():
     decoder = CTCDecoder()
     for phrases, message in [

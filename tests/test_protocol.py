@@ -255,6 +255,11 @@ def test_grammar_option_is_validated_and_echoed():
             parse_task_options("asr", {"grammar": bad})
     with pytest.raises(OptionsError, match="do not combine"):
         parse_task_options("asr", {"grammar": ["yes"], "hotwords": ["no"]})
+    with pytest.raises(OptionsError, match="needs a 'grammar'"):
+        parse_task_options("asr", {"grammar_sequence": True})
+    assert parse_task_options(
+        "asr", {"grammar": ["one"], "grammar_sequence": True}
+    ).grammar_sequence
 
 
 def test_split_channels_keep_the_channels_and_events_say_which():

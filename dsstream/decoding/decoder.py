@@ -12,7 +12,7 @@ from typing import Any, Iterable, Sequence
 
 import numpy as np
 
-from dsstream.decoding.grammar import UNK, Grammar, GrammarSearch
+from dsstream.decoding.grammar import UNK, Grammar, GrammarSearch, search_for
 from dsstream.decoding.hotwords import HotwordTrie
 from dsstream.decoding.lm import KenLM
 from dsstream.decoding.search import (
@@ -232,7 +232,7 @@ class CTCDecoder:
                 raise ValueError("hotwords and a grammar do not combine: list the phrases")
             if not isinstance(grammar, Grammar):
                 grammar = Grammar.parse(grammar, self.alphabet)
-            return GrammarStream(self, GrammarSearch(grammar, self.vocab), time_offset)
+            return GrammarStream(self, search_for(grammar, self.vocab), time_offset)
         config = replace(self.config, **overrides) if overrides else self.config
         trie = _hotwords(hotwords, self.hotword_boost)
         if trie is not None and len(trie) and self.hotword_beam_width is not None:
@@ -389,19 +389,16 @@ class GrammarStream(_Stream):
             raise RuntimeError("decoder stream has ended")
         self.ended = True
         search, frames = self.search, self.search.frames
-        scores = search.scores()
-        order = [int(p) for p in np.argsort(-scores, kind="stable") if np.isfinite(scores[p])]
-        if not order or search.silence >= scores[order[0]]:  # nothing was said
+        ranked = search.ranked()
+        if not ranked or search.silence >= ranked[0][1]:  # nothing was said
             return DecodeResult("", search.silence, (), (), frames)
-        best = float(scores[order[0]])
-        if search.rejects(order[0], best):
+        text, best = ranked[0]
+        if search.rejects(text, best):
             return DecodeResult(UNK, best, (), ((UNK, best),), frames)
-        phrases = search.grammar.phrases
         parts = self.decoder.vocab.token_parts()
-        words = _word_infos(parts, search.alignment(order[0]), self.decoder.frame_shift_s,
+        words = _word_infos(parts, search.align(text), self.decoder.frame_shift_s,
                             self.time_offset)  # fmt: skip
-        listed = tuple((phrases[p], float(scores[p])) for p in order[:nbest])
-        return DecodeResult(phrases[order[0]], best, tuple(words), listed, frames)
+        return DecodeResult(text, best, tuple(words), tuple(ranked[:nbest]), frames)
 
 
 def _word_infos(

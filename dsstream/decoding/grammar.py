@@ -33,6 +33,8 @@ __all__ = [
     "Grammar",
     "GrammarError",
     "GrammarSearch",
+    "SequenceSearch",
+    "search_for",
     "UNK",
     "MAX_PHRASES",
     "MAX_PHRASE_CHARS",
@@ -60,9 +62,12 @@ class Grammar:
 
     phrases: tuple[str, ...]
     unk: bool = False
+    sequence: bool = False  # a result may be several phrases in a row (digits, codes)
 
     @classmethod
-    def parse(cls, phrases: Iterable[str], alphabet: Iterable[str] | None = None) -> Grammar:
+    def parse(
+        cls, phrases: Iterable[str], alphabet: Iterable[str] | None = None, sequence: bool = False
+    ) -> Grammar:
         """``alphabet``: the characters the model can spell; a phrase with
         another character could never be recognized, so it is refused."""
         letters = set(alphabet) if alphabet is not None else None
@@ -92,7 +97,7 @@ class Grammar:
             raise GrammarError("the grammar has no phrases")
         if len(seen) > MAX_PHRASES:
             raise GrammarError(f"the grammar has {len(seen)} phrases; at most {MAX_PHRASES}")
-        return cls(tuple(seen), unk)
+        return cls(tuple(seen), unk, sequence)
 
     def __len__(self) -> int:
         return len(self.phrases)
@@ -121,6 +126,7 @@ class GrammarSearch:
         self.valid = np.zeros((n, width), bool)
         self.skip = np.zeros((n, width), bool)  # s-2 -> s allowed
         self.final = np.zeros((n, width), bool)
+        self.loop_from = np.zeros((n, width), bool)
         self.chars = np.zeros((n, width), np.int64)  # phrase characters spelled at s
         for p, seq in enumerate(labels):
             size = 2 * len(seq) + 1
@@ -129,6 +135,7 @@ class GrammarSearch:
             for s in range(3, size, 2):
                 self.skip[p, s] = self.states[p, s] != self.states[p, s - 2]
             self.final[p, size - 4 : size] = True  # last letter, blank, "|", blank
+            self.loop_from[p, size - 2 : size] = True  # "|" and blank: the next phrase may start
             # State 2k+1 is label k: the leading "|" spells nothing, label k>=1
             # ends the phrase's first k characters (the trailing "|" none more).
             for s in range(size):
@@ -173,14 +180,25 @@ class GrammarSearch:
             return np.full(len(self.grammar), NEG)
         return np.logaddexp.reduce(np.where(self.final, self.alpha, NEG), axis=1)
 
-    def rejects(self, phrase: int, score: float) -> bool:
-        """Whether ``"[unk]"`` wins over ``phrase``, scored ``score``: it explains
-        the audio worse than the free best path by more than ``REJECT_BELOW``
-        per letter (per letter, not per frame: a short command forced onto a
-        long stretch of other speech or noise still costs its every letter)."""
+    def ranked(self) -> list[tuple[str, float]]:
+        """The phrases that can end here with their ``log P``, best first."""
+        scores = self.scores()
+        order = [int(p) for p in np.argsort(-scores, kind="stable") if np.isfinite(scores[p])]
+        return [(self.grammar.phrases[p], float(scores[p])) for p in order]
+
+    def align(self, text: str) -> tuple[list[int], list[int], list[float]]:
+        """The alignment of a result (one of the phrases), for its word times."""
+        return self.alignment(self.grammar.phrases.index(text))
+
+    def rejects(self, text: str, score: float) -> bool:
+        """Whether ``"[unk]"`` wins over the result ``text``, scored ``score``: it
+        explains the audio worse than the free best path by more than
+        ``REJECT_BELOW`` per letter (per letter, not per frame: a short command
+        forced onto a long stretch of other speech or noise still costs its
+        every letter)."""
         if not self.grammar.unk:
             return False
-        return bool((score - self.free) / len(self.grammar.phrases[phrase]) < REJECT_BELOW)
+        return bool((score - self.free) / len(text) < REJECT_BELOW)
 
     def alignment(self, p: int) -> tuple[list[int], list[int], list[float]]:
         """The most probable alignment of phrase ``p``: its tokens, the frame
@@ -223,5 +241,92 @@ class GrammarSearch:
         return out
 
 
+class SequenceSearch(GrammarSearch):
+    """One or more phrases in a row (``Grammar.sequence``): the Viterbi
+    algorithm over the same states, where the trailing ``|`` of any phrase may
+    go on to the first letter of any phrase.  Each state keeps the phrases its
+    best path has completed, as a node in a shared history (one per frame), so
+    the best sequence is read back at the end; its score is that path's."""
+
+    def __init__(self, grammar: Grammar, vocab: Vocabulary) -> None:
+        super().__init__(grammar, vocab)
+        self.history = np.full(self.alpha.shape, -1, np.int64)  # -1: no phrase completed
+        self.nodes: list[tuple[int, int]] = []  # (previous node, completed phrase)
+
+    def advance(self, log_probs: np.ndarray) -> None:
+        for row in log_probs:
+            emit = np.where(self.valid, row[self.states], NEG)
+            if self.frames == 0:
+                self.alpha = np.full_like(self.alpha, NEG)
+                self.alpha[:, [0, 1, 3]] = emit[:, [0, 1, 3]]
+            else:
+                self._viterbi_step(emit)
+            self.rows.append(row)
+            self.free += float(row.max())
+            self.silence += float(row[self.blank])
+            self.frames += 1
+
+    def _viterbi_step(self, emit: np.ndarray) -> None:
+        a, h = self.alpha, self.history
+        n, width = a.shape
+        ends = np.where(self.loop_from, a, NEG)
+        p_end, s_end = np.unravel_index(int(np.argmax(ends)), ends.shape)
+        node = len(self.nodes)
+        into_first = np.full((n, width), NEG)
+        into_first[:, 3] = a[:, 0]  # past the optional "|"
+        loop = np.full((n, width), NEG)
+        loop[:, 3] = ends[p_end, s_end]  # after another phrase (or this one again)
+        cands = np.stack([a, _shift2d(a, 1, NEG), np.where(self.skip, _shift2d(a, 2, NEG), NEG),
+                          into_first, loop])  # fmt: skip
+        choice = np.argmax(cands, axis=0)  # ties: the nearer predecessor
+        self.alpha = np.take_along_axis(cands, choice[None], 0)[0] + emit
+        first_h = np.full((n, width), -1, np.int64)
+        first_h[:, 3] = h[:, 0]
+        hists = np.stack([h, _shift2d(h, 1, -1), _shift2d(h, 2, -1), first_h,
+                          np.full((n, width), node, np.int64)])  # fmt: skip
+        self.history = np.take_along_axis(hists, choice[None], 0)[0]
+        self.nodes.append((int(h[p_end, s_end]), int(p_end)))
+
+    def _phrases(self, node: int) -> list[str]:
+        out = []
+        while node >= 0:
+            node, phrase = self.nodes[node]
+            out.append(self.grammar.phrases[phrase])
+        return out[::-1]
+
+    def partial(self) -> str:
+        if self.frames == 0:
+            return ""
+        p, s = np.unravel_index(int(np.argmax(self.alpha)), self.alpha.shape)
+        done = self._phrases(int(self.history[p, s]))
+        return " ".join([*done, self.grammar.phrases[p][: self.chars[p, s]]]).strip()
+
+    def ranked(self) -> list[tuple[str, float]]:
+        """The best sequence and its path's ``log P`` (none before one can end)."""
+        if self.frames == 0:
+            return []
+        ends = np.where(self.final, self.alpha, NEG)
+        p, s = np.unravel_index(int(np.argmax(ends)), ends.shape)
+        if not np.isfinite(ends[p, s]):
+            return []
+        words = [*self._phrases(int(self.history[p, s])), self.grammar.phrases[p]]
+        return [(" ".join(words), float(ends[p, s]))]
+
+    def align(self, text: str) -> tuple[list[int], list[int], list[float]]:
+        one = GrammarSearch(Grammar((text,)), self.vocab)
+        one.advance(np.stack(self.rows))
+        return one.alignment(0)
+
+
+def search_for(grammar: Grammar, vocab: Vocabulary) -> GrammarSearch:
+    """The search a grammar needs: one phrase scored exactly, or sequences."""
+    return (SequenceSearch if grammar.sequence else GrammarSearch)(grammar, vocab)
+
+
 def _shift(x: np.ndarray, k: int) -> np.ndarray:
     return np.concatenate([np.full(k, NEG), x[:-k]])
+
+
+def _shift2d(x: np.ndarray, k: int, fill: float) -> np.ndarray:
+    """``x`` moved ``k`` states right along each phrase, ``fill`` coming in."""
+    return np.concatenate([np.full((len(x), k), fill, x.dtype), x[:, :-k]], axis=1)

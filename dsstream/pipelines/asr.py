@@ -288,7 +288,7 @@ class AsrPipeline:
         self.vad = rt.vad.stream()
         self.endpointer = Endpointer(options.endpointing)
         self.hotwords = [(h.phrase, h.boost) for h in options.hotwords]
-        self.grammar = self._grammar(options.grammar)
+        self.grammar = self._grammar(options.grammar, options.grammar_sequence)
         self.overrides = {} if options.lm_weight is None else {"alpha": options.lm_weight}
         self.held: list[np.ndarray] = []  # audio not yet through the VAD and frontend
         self.held_samples = 0
@@ -400,7 +400,7 @@ class AsrPipeline:
         if self._ended:
             raise PipelineError(ErrorCode.BAD_MESSAGE, "the stream has ended")
 
-    def _grammar(self, phrases: tuple[str, ...]) -> Grammar | None:
+    def _grammar(self, phrases: tuple[str, ...], sequence: bool) -> Grammar | None:
         """The session's phrases spelled as transcripts are (lowercase, numbers
         in words, no punctuation); refused at ``start`` if the model cannot."""
         if not phrases:
@@ -409,7 +409,7 @@ class AsrPipeline:
 
         spelled = [p if p == UNK else normalize_sentence(p) for p in phrases]
         try:
-            return Grammar.parse(spelled, self.runtime.decoder.alphabet)
+            return Grammar.parse(spelled, self.runtime.decoder.alphabet, sequence)
         except GrammarError as exc:
             raise PipelineError(ErrorCode.BAD_MESSAGE, str(exc), True) from None
 
