@@ -145,12 +145,14 @@ class StreamServer:
             return False
         self._reloading = True
         loop = asyncio.get_running_loop()
-        new = registry if registry is not None else self.registry.reloaded()
+        new = registry
         try:
+            new = registry if registry is not None else self.registry.reloaded()
             await loop.run_in_executor(self.executor, new.load)
         except Exception as exc:
             log.error("reload failed, the loaded models keep serving: %s", exc)
-            await loop.run_in_executor(self.executor, new.close, self.registry)
+            if new is not None:
+                await loop.run_in_executor(self.executor, new.close, self.registry)
             return False
         finally:
             self._reloading = False
@@ -188,7 +190,10 @@ class StreamServer:
         if id(registry) in self._retired and id(registry) not in self._pins:
             del self._retired[id(registry)]
             # Closing joins the engines' threads: off the event loop.
-            asyncio.get_running_loop().run_in_executor(None, registry.close, self.registry)
+            closing = asyncio.get_running_loop().run_in_executor(
+                None, registry.close, self.registry
+            )
+            closing.add_done_callback(_log_failure("releasing the replaced models"))
 
     async def start(self) -> None:
         limits = self.config.limits
@@ -383,6 +388,14 @@ async def _reload(server: StreamServer, rebuild: Callable[[], PipelineRegistry] 
               "models they started with", flush=True)  # fmt: skip
     else:
         print("reload: failed, see the log; the models loaded before keep serving", flush=True)
+
+
+def _log_failure(what: str) -> Callable[[asyncio.Future[Any]], None]:
+    def check(future: asyncio.Future[Any]) -> None:
+        if not future.cancelled() and future.exception() is not None:
+            log.error("%s failed: %s", what, future.exception())
+
+    return check
 
 
 def server_urls(host: str, port: int, path: str) -> tuple[str, str]:
