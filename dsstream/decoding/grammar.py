@@ -18,6 +18,10 @@ closest phrase; with ``"[unk]"`` among the phrases (Vosk's convention), a
 segment whose best phrase explains the audio much worse than the
 unconstrained best path (by more than ``REJECT_BELOW`` nats per letter)
 comes out as ``"[unk]"``.
+
+With ``Grammar.sequence`` a result may be several phrases in a row
+(:class:`SequenceSearch`: the Viterbi path through a loop from each phrase's
+end to every phrase's start).
 """
 
 from __future__ import annotations
