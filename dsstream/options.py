@@ -84,6 +84,9 @@ class VqaOptions:
     # Spoken questions: the ASR options of the question audio; None: typed only.
     # With speech on, each binary frame starts with a kind byte (1 image, 2 audio).
     speech: AsrOptions | None = None
+    # Spoken questions are matched to the model's question forms (a grammar) where
+    # its artifact lists them and ``speech`` brings no grammar of its own.
+    question_forms: bool = True
 
 
 def options_dict(options: AsrOptions | VqaOptions) -> dict[str, Any]:
@@ -258,7 +261,11 @@ def _asr(raw: dict[str, Any]) -> AsrOptions:
 
 def _vqa(raw: dict[str, Any]) -> VqaOptions:
     _check_keys("vqa", raw, VqaOptions)
-    return VqaOptions(model=_model(raw.get("model")), speech=_speech(raw.get("speech")))
+    return VqaOptions(
+        model=_model(raw.get("model")),
+        speech=_speech(raw.get("speech")),
+        question_forms=_bool("question_forms", raw.get("question_forms", True)),
+    )
 
 
 def parse_task_options(task: str, raw: dict[str, Any]) -> AsrOptions | VqaOptions:

@@ -15,7 +15,7 @@ import hashlib
 import io
 import json
 import zipfile
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -28,6 +28,7 @@ __all__ = [
     "write_artifact",
     "read_manifest",
     "read_member",
+    "update_extra",
 ]
 
 FORMAT = "dsstream-engine"
@@ -152,6 +153,16 @@ def read_member(path: str | Path, name: str, checksums: dict[str, str]) -> bytes
     if _sha256(data) != checksums[name]:
         raise ArtifactError(f"{path}: member {name!r} fails its checksum (corrupt file)")
     return data
+
+
+def update_extra(path: str | Path, **changes: Any) -> Path:
+    """Rewrite an artifact with ``changes`` merged into its manifest's ``extra``
+    (facts about the model added after conversion, e.g. the questions a VQA
+    model was trained on); the members are copied as they are, checksums
+    verified, atomically."""
+    manifest, checksums = read_manifest(path)
+    members = {name: read_member(path, name, checksums) for name in checksums}
+    return write_artifact(path, replace(manifest, extra={**manifest.extra, **changes}), members)
 
 
 def torch_save_bytes(obj: Any) -> bytes:

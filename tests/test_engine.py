@@ -133,6 +133,23 @@ def test_manifest_describes_the_model(artifact):
     assert set(checksums) == {"torch/program.pt2", "onnx/model.onnx"}
 
 
+def test_update_extra_adds_facts_and_keeps_the_model(artifact, tmp_path):
+    import shutil
+
+    from engine.artifact import update_extra
+
+    _, path = artifact
+    copy = shutil.copy(path, tmp_path / "net.ds")
+    update_extra(copy, questions=["what is it"], note="replaced")
+    before, sums = read_manifest(path)
+    after, sums_after = read_manifest(copy)
+    assert after.extra == {"note": "replaced", "questions": ["what is it"]}
+    assert sums_after == sums and after.inputs == before.inputs
+    x = torch.randn(1, 20, 16).numpy()
+    with InferenceEngine(path) as a, InferenceEngine(copy) as b:
+        np.testing.assert_array_equal(a.infer({"x": x})["output_0"], b.infer({"x": x})["output_0"])
+
+
 @pytest.mark.parametrize("backend", ["onnx", "torch"])
 def test_backends_match_eager_on_dynamic_shapes(artifact, backend):
     model, path = artifact

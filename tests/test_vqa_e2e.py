@@ -65,3 +65,39 @@ def test_model_card_reports_both_accuracies():
     card = (VQA / "MODEL.md").read_text()
     for key in ("non-relational", "relational", "test"):
         assert key in card
+
+
+def test_spoken_questions_are_matched_to_the_models_question_forms():
+    """A held-out synthetic voice asks a question (samples/vqa/clips). Free text
+    mishears it ("it is the green object a square or a curl"); matched to the
+    150 question forms the fuser's artifact lists, it is heard right and
+    answered as the typed question is."""
+    import soundfile as sf
+
+    from dsstream.protocol import Answer, Ended
+
+    name, said = (VQA / "clips" / "transcripts.tsv").read_text().strip().split("\t")
+    audio, rate = sf.read(VQA / "clips" / name, dtype="float32")
+    image = VQA / "images" / _questions()[0][0]
+
+    async def ask(url: str, **options) -> tuple[dict, Answer, Answer]:
+        async with Client(url) as client:
+            started = await client.start("vqa", speech={"sample_rate": rate}, **options)
+            await client.send_image(image)
+            typed = await client.ask(said)
+            await client.stream_audio(audio, rate)
+            await client.flush()
+            await client.end()
+            events = [e async for e in client.events()]
+        assert isinstance(events[-1], Ended)
+        (spoken,) = [e for e in events if isinstance(e, Answer)]
+        return started.options, typed, spoken
+
+    async def main():
+        async with running_server(default_registry()) as server:
+            return await ask(server.url), await ask(server.url, question_forms=False)
+
+    (options, typed, spoken), (free_options, _, free) = asyncio.run(main())
+    assert options["question_forms"] == 150 and free_options["question_forms"] == 0
+    assert spoken.transcript == said and (spoken.text, spoken.score) == (typed.text, typed.score)
+    assert free.transcript != said  # what the forms fix

@@ -18,7 +18,7 @@ import torch
 from torch.export import Dim
 
 from apps.vqa.model import VqaModel
-from apps.vqa.scenes import ANSWERS
+from apps.vqa.scenes import ANSWERS, all_template_texts
 from dsstream.tokenizer import WordTokenizer
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -65,9 +65,21 @@ def export_stages(
                          max=cfg.max_len)}, {0: Dim("batch", min=1, max=256)}),
         input_names=["tokens", "kv"], output_names=["probs"], output=out / f"fuser{suffix}.ds",
         extra={**common, "stage": "fuser", "answers": list(ANSWERS),
-               "tokenizer": {"vocab": list(tok.vocab), "max_len": tok.max_len}},
+               "tokenizer": {"vocab": list(tok.vocab), "max_len": tok.max_len},
+               "questions": all_template_texts()},
     )  # fmt: skip
     return image_path, fuser_path
+
+
+def stamp_questions(folder: Path) -> list[Path]:
+    """Add the question forms to fuser artifacts exported before they were
+    recorded (the weights and graphs are copied as they are)."""
+    from engine.artifact import update_extra
+
+    paths = sorted(folder.glob("fuser*.ds"))
+    for path in paths:
+        update_extra(path, questions=all_template_texts())
+    return paths
 
 
 def write_samples(out: Path, count: int = 4, seed: int = 2026) -> Path:
@@ -89,12 +101,21 @@ def write_samples(out: Path, count: int = 4, seed: int = 2026) -> Path:
     return folder
 
 
-def main(argv: list[str] | None = None) -> tuple[Path, Path]:
+def main(argv: list[str] | None = None) -> tuple[Path, ...]:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--data", type=Path, default=ROOT / "cache" / "vqa")
     parser.add_argument("--checkpoint", type=Path, help="default: <data>/ckpt/last.pt")
     parser.add_argument("--out", type=Path, default=ROOT / "samples" / "vqa")
+    parser.add_argument(
+        "--stamp-questions", action="store_true",
+        help="only add the question forms to the fuser artifacts in --out (no checkpoint needed)",
+    )  # fmt: skip
     args = parser.parse_args(argv)
+    if args.stamp_questions:
+        stamped = stamp_questions(args.out)
+        for p in stamped:
+            print(f"added {len(all_template_texts())} question forms to {p}")
+        return tuple(stamped)
     from apps.vqa.train import load_checkpoint
 
     model, tok, _ = load_checkpoint(args.checkpoint or args.data / "ckpt" / "last.pt")

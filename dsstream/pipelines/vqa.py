@@ -152,6 +152,9 @@ class VqaRuntime:
         self.tokenizer = WordTokenizer(tuple(fus["tokenizer"]["vocab"]),
                                        int(fus["tokenizer"]["max_len"]))  # fmt: skip
         self.answers = tuple(fus["answers"])
+        # The question forms the model was trained on, where its artifact lists them:
+        # spoken questions are matched to them (VqaOptions.question_forms).
+        self.questions = tuple(fus.get("questions", ()))
         self.cache = ImageKVCache(kv_shape, config.cache_bytes)  # type: ignore[arg-type]
 
     def pipeline(self) -> VqaPipeline:
@@ -222,8 +225,12 @@ class VqaPipeline:
                 raise PipelineError(
                     ErrorCode.MODEL_UNAVAILABLE, f"spoken questions need ASR: {why}", True
                 )
+            speech = options.speech
+            if options.question_forms and rt.questions and not (speech.grammar or speech.hotwords):
+                speech = replace(speech, grammar=rt.questions)
             self.asr = rt.asr.create()
-            effective["speech"] = self.asr.begin(options.speech)
+            effective["speech"] = self.asr.begin(speech)
+            effective["question_forms"] = len(speech.grammar)
         return effective
 
     def step(self, frame: Any) -> list[ServerEvent]:
