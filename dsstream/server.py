@@ -30,6 +30,7 @@ from dsstream.metrics import CONTENT_TYPE, ServerMetrics
 from dsstream.pipelines.base import PipelineRegistry
 from dsstream.protocol import CloseCode, ErrorCode, Limits, ServerProtocol, encode_event
 from dsstream.session import SessionRunner
+from dsstream.vosk import serve_vosk
 from dsstream.workers import (
     WorkerInfo,
     gather_metrics,
@@ -56,6 +57,7 @@ class ServerConfig:
     host: str = "127.0.0.1"
     port: int = 8765  # 0 picks a free port (see StreamServer.port)
     path: str = "/v1/stream"  # the WebSocket endpoint
+    vosk_path: str | None = "/vosk"  # Vosk-server-compatible endpoint (dsstream.vosk); None: off
     limits: Limits = field(default_factory=Limits)
     max_sessions: int = 128  # concurrent sessions; beyond it, ``busy``
     session_queue_frames: int = 64  # per-session queue; full means the reader pauses
@@ -113,6 +115,7 @@ class StreamServer:
         self._server: Server | None = None
         self._closing = False
         self._closed: asyncio.Event | None = None
+        self.stopping = asyncio.Event()  # set when a graceful shutdown begins
         self._metrics_server: asyncio.Server | None = None  # worker mode: for the others
 
     # -- lifecycle -------------------------------------------------------------
@@ -199,6 +202,7 @@ class StreamServer:
         limits = self.config.limits
         hard = self.config.hard_frame_factor * max(limits.max_frame_bytes, limits.max_text_bytes)
         self._closed = asyncio.Event()
+        self.stopping = asyncio.Event()
         fd = self.config.listen_fd
         where: dict[str, Any] = (
             {"sock": listening_socket(fd)}
@@ -241,6 +245,7 @@ class StreamServer:
         log.info("shutting down: finishing %d open session(s)", len(self.runners))
         for runner in list(self.runners):
             runner.request_stop("shutdown")
+        self.stopping.set()  # Vosk-protocol sessions finish on it
         self._server.close(close_connections=False)
         try:
             await asyncio.wait_for(self._server.wait_closed(), self.config.shutdown_grace_s + 5)
@@ -298,7 +303,7 @@ class StreamServer:
     ) -> Response | None:
         path = urlsplit(request.path).path
         upgrade = "websocket" in request.headers.get("Upgrade", "").lower()
-        if path == self.config.path and upgrade:
+        if path in (self.config.path, self.config.vosk_path) and upgrade:
             return None  # go on with the WebSocket handshake
         if path == self.config.path:
             return connection.respond(http.HTTPStatus.UPGRADE_REQUIRED, "WebSocket endpoint\n")
@@ -335,6 +340,10 @@ class StreamServer:
         refusal = self._refusal(ws)
         if refusal:
             await self._refuse(ws, *refusal)
+            return
+        assert ws.request is not None
+        if urlsplit(ws.request.path).path == self.config.vosk_path:
+            await serve_vosk(self, ws)
             return
         runner = SessionRunner(self, ws)
         self.runners.add(runner)

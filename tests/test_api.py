@@ -192,6 +192,7 @@ def test_all_is_exact_and_resolves(module):
         "dsstream.decoding.hotwords",
         "dsstream.decoding.grammar",
         "dsstream.captions",
+        "dsstream.vosk",
         "dsstream.decoding.lm",
         "dsstream.decoding.vocab",
         "dsstream.lm.builder",
