@@ -186,6 +186,8 @@ async def serve_vosk(server: StreamServer, ws: ServerConnection) -> None:
                 finals = [e for e in events if isinstance(e, Final)]
                 await ws.send(json.dumps(vosk.result(finals)))
                 break
+            server.metrics.binary_frames.inc()
+            server.metrics.binary_bytes.inc(len(message))
             if pipeline is None:
                 try:
                     options = vosk.options()
