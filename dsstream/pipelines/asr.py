@@ -324,9 +324,18 @@ class AsrPipeline:
         if self._ended or self.options is None:
             self._ended = True
             return []
-        if self.parts:
+        if self.parts:  # every channel's stream ends, even after one failed to
             self._ended = True
-            return _each_channel(self.parts, lambda part, _: part.end())
+            events: list[ServerEvent] = []
+            failure: Exception | None = None
+            for i, part in enumerate(self.parts):
+                try:
+                    events += _each_channel([part], lambda p, _: p.end(), first=i)
+                except Exception as exc:
+                    failure = failure or exc
+            if failure is not None:
+                raise failure
+            return events
         try:
             events = self._feed(self.resampler.finish())
             self._pad_frontend()
@@ -546,11 +555,14 @@ class AsrPipeline:
 
 
 def _each_channel(
-    parts: list[AsrPipeline], call: Callable[[AsrPipeline, int], list[ServerEvent]]
+    parts: list[AsrPipeline],
+    call: Callable[[AsrPipeline, int], list[ServerEvent]],
+    first: int = 0,
 ) -> list[ServerEvent]:
-    """``call`` on each channel's stream, its transcript events tagged with the channel."""
+    """``call`` on each channel's stream (``parts`` are channels ``first``, ...),
+    its transcript events tagged with the channel."""
     out: list[ServerEvent] = []
-    for i, part in enumerate(parts):
+    for i, part in enumerate(parts, first):
         for event in call(part, i):
             if isinstance(event, (Partial, Final, Endpoint)):
                 event = replace(event, channel=i)

@@ -230,7 +230,7 @@ class VqaPipeline:
                 speech = replace(speech, grammar=rt.questions)
             self.asr = rt.asr.create()
             effective["speech"] = self.asr.begin(speech)
-            effective["question_forms"] = len(speech.grammar)
+            effective["question_forms"] = len(rt.questions) if speech is not options.speech else 0
         return effective
 
     def step(self, frame: Any) -> list[ServerEvent]:
