@@ -169,10 +169,13 @@ async def serve_vosk(server: StreamServer, ws: ServerConnection) -> None:
     registry = server.pin(server.registry)
     server.active_sessions += 1
     server.metrics.sessions_active.labels("asr").inc()
+    limits = server.config.limits
+    deadline = loop.time() + limits.max_session_s
     try:
         while True:
-            message = await _next_message(ws, server.stopping)
-            if message is None:  # the server shuts down: the utterance's result, then close
+            wait = min(limits.idle_timeout_s, deadline - loop.time())
+            message = await _next_message(ws, server.stopping, max(wait, 0.0))
+            if message is None:  # shutdown, idle or too long: the last result, then close
                 message = '{"eof" : 1}'
             if isinstance(message, str):
                 try:
@@ -202,6 +205,10 @@ async def serve_vosk(server: StreamServer, ws: ServerConnection) -> None:
                 reply = vosk.reply(events)
             except (VoskError, PipelineError) as exc:  # a bad frame: the session goes on
                 reply = {"error": _message(exc)}
+            except Exception:
+                log.exception("vosk session: the pipeline failed")
+                await ws.send(json.dumps({"error": "internal error while processing audio"}))
+                break
             await ws.send(json.dumps(reply))
     except _Closed:
         pass  # the client went away: its pipeline is released below
@@ -220,20 +227,25 @@ class _Closed(Exception):
     pass
 
 
-async def _next_message(ws: ServerConnection, stopping: asyncio.Event) -> str | bytes | None:
-    """The client's next message, or None once ``stopping`` is set; a closed
-    connection ends the session (``_Closed``)."""
+async def _next_message(
+    ws: ServerConnection, stopping: asyncio.Event, timeout: float
+) -> str | bytes | None:
+    """The client's next message; None once ``stopping`` is set or after
+    ``timeout`` seconds without one; a closed connection ends the session
+    (``_Closed``)."""
     from websockets.exceptions import ConnectionClosed
 
     if stopping.is_set():
         return None
     receive = asyncio.ensure_future(ws.recv())
     stop = asyncio.ensure_future(stopping.wait())
-    done, _ = await asyncio.wait({receive, stop}, return_when=asyncio.FIRST_COMPLETED)
+    done, _ = await asyncio.wait(
+        {receive, stop}, timeout=timeout, return_when=asyncio.FIRST_COMPLETED
+    )
+    stop.cancel()
     if receive not in done:
         receive.cancel()
         return None
-    stop.cancel()
     try:
         return receive.result()
     except ConnectionClosed:

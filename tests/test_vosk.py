@@ -168,3 +168,21 @@ def test_a_shutdown_sends_a_vosk_client_its_last_result_then_closes():
 
     last = asyncio.run(main())
     assert last["text"] == expected  # the audio so far, finalized
+
+
+@pytestmark_model
+def test_an_idle_vosk_client_gets_its_last_result_and_is_closed():
+    from dsstream.protocol import Limits
+
+    async def main():
+        async with running_server(default_registry(), Limits(idle_timeout_s=0.5)) as server:
+            url = server.http_url.replace("http", "ws") + "vosk"
+            async with connect(url) as ws:
+                await ws.send(np.zeros(1600, "<i2").tobytes())
+                first = json.loads(await ws.recv())
+                last = json.loads(await asyncio.wait_for(ws.recv(), 10))  # nothing sent
+                await asyncio.wait_for(ws.wait_closed(), 10)
+                return first, last, server.active_sessions
+
+    first, last, active = asyncio.run(main())
+    assert first == {"partial": ""} and last == {"result": [], "text": ""} and active == 0
