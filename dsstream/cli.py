@@ -214,6 +214,9 @@ def _serve(args: argparse.Namespace) -> int:
         print(f"dsstream {__version__} serving {url} ({args.workers} worker processes)",
               flush=True)  # fmt: skip
         print(f"demo page: {page}", flush=True)
+        if config.vosk_path:
+            print(f"Vosk-compatible endpoint: {server_urls(args.host, port, config.vosk_path)[0]}",
+                  flush=True)  # fmt: skip
 
     return supervise(
         worker, args.workers, args.host, args.port, announce, lambda: preload(args.samples)

@@ -466,6 +466,9 @@ async def run_server(
         )
         print(f"dsstream {__version__} serving {server.url}", flush=True)
         print(f"demo page: {server.http_url}", flush=True)
+        if config.vosk_path:
+            vosk = server_urls(config.host, server.port, config.vosk_path)[0]
+            print(f"Vosk-compatible endpoint: {vosk}", flush=True)
     try:
         await server.serve_forever()
     finally:

@@ -156,6 +156,11 @@ def test_workers_share_the_port_merge_metrics_restart_and_stop_together(tmp_path
             ws.send(json.dumps({"type": "start", "task": "asr", "sample_rate": 16000}))
             error = json.loads(ws.recv(timeout=10))
         assert error["type"] == "error" and error["code"] == "model_unavailable"
+        # And the Vosk-compatible endpoint (no audio sent: an empty result, then the close).
+        assert f"Vosk-compatible endpoint: ws://127.0.0.1:{port}/vosk" in log.read_text()
+        with connect(f"ws://127.0.0.1:{port}/vosk") as ws:
+            ws.send('{"eof" : 1}')
+            assert json.loads(ws.recv(timeout=10)) == {"result": [], "text": ""}
         # A worker that dies is started again.
         victim = min(workers)
         os.kill(victim, signal.SIGKILL)
