@@ -54,6 +54,35 @@ def test_config_becomes_options_and_bad_messages_say_why():
         VoskTranslator().audio(b"\x00\x01\x02", VoskTranslator().options())
 
 
+def test_any_message_is_a_config_an_eof_or_a_vosk_error():
+    """Seeded junk: every text message either applies, ends, or raises VoskError
+    (the reply ``{"error": ...}``), never anything else; so for audio bytes."""
+    rng = np.random.default_rng(5)
+    values = [None, True, 0, -3, 1e9, "8000", "x", [], ["a", 1], {}, {"a": 1}, 3.5]
+    keys = ["sample_rate", "words", "max_alternatives", "phrase_list", "other"]
+    for _ in range(300):
+        vosk = VoskTranslator()
+        config = {str(k): values[int(rng.integers(len(values)))] for k in
+                  rng.choice(keys, int(rng.integers(0, 4)), replace=False)}  # fmt: skip
+        for message in (json.dumps({"config": config}), json.dumps(values[int(rng.integers(12))]),
+                        bytes(rng.integers(0, 256, int(rng.integers(0, 40)), np.uint8)).decode(
+                            "latin-1")):  # fmt: skip
+            try:
+                vosk.text(message)
+            except VoskError:
+                pass
+        try:
+            options = vosk.options()
+        except VoskError:
+            continue
+        data = bytes(rng.integers(0, 256, int(rng.integers(0, 9)), np.uint8))
+        try:
+            chunk = vosk.audio(data, options)
+            assert chunk.samples.shape == (len(data) // 2,)
+        except VoskError:
+            assert len(data) % 2
+
+
 def test_replies_repeat_the_partial_until_a_result():
     vosk = VoskTranslator()
     assert vosk.reply([]) == {"partial": ""}
