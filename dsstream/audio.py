@@ -15,7 +15,7 @@ from typing import Any
 
 import numpy as np
 
-__all__ = ["load_audio", "iter_chunks", "StreamingResampler", "ResampleError"]
+__all__ = ["load_audio", "iter_chunks", "channel_options", "StreamingResampler", "ResampleError"]
 
 # A kernel is [new, 1, orig + 2*width] floats for the reduced ratio orig:new;
 # rates with a huge reduced ratio (e.g. 8001 Hz -> 16 kHz) would need hundreds
@@ -42,6 +42,16 @@ def load_audio(path: str | Path, mono: bool = True) -> tuple[np.ndarray, int]:
     if mono:
         return data.mean(axis=1, dtype=np.float32), int(rate)
     return data, int(rate)
+
+
+def channel_options(samples: np.ndarray, options: dict[str, Any]) -> dict[str, Any]:
+    """A session's options for ``samples``: with ``split_channels`` the channel
+    count is the array's (``[n, channels]``, each channel recognized alone)."""
+    if not options.get("split_channels"):
+        return options
+    if samples.ndim != 2:
+        raise ValueError("split_channels needs audio of several channels, [n, channels]")
+    return {**options, "channels": samples.shape[1]}
 
 
 def iter_chunks(samples: np.ndarray, sample_rate: int, chunk_ms: float) -> Iterator[np.ndarray]:

@@ -292,15 +292,13 @@ async def _transcribe_remote(args: argparse.Namespace, show: _Printer) -> int:
 
 
 def _transcribe_local(args: argparse.Namespace, show: _Printer) -> int:
-    from dsstream.audio import iter_chunks, load_audio
+    from dsstream.audio import channel_options, iter_chunks, load_audio
     from dsstream.local import LocalSession
     from dsstream.pipelines.defaults import default_registry
 
     samples, rate = load_audio(args.file, mono=not args.split_channels)
     registry = default_registry(args.samples)
-    options = _asr_options(args)
-    if args.split_channels:
-        options["channels"] = samples.shape[1]
+    options = channel_options(samples, _asr_options(args))
     with LocalSession("asr", registry, sample_rate=rate, **options) as session:
         for chunk in iter_chunks(samples, rate, args.chunk_ms):
             for event in session.send_audio(chunk):

@@ -18,7 +18,7 @@ import numpy as np
 from websockets.asyncio.client import ClientConnection, connect
 from websockets.exceptions import ConnectionClosed
 
-from dsstream.audio import iter_chunks, load_audio
+from dsstream.audio import channel_options, iter_chunks, load_audio
 from dsstream.protocol import (
     Answer,
     ClientProtocol,
@@ -223,12 +223,8 @@ class Client:
         Audio is sent concurrently with reading events, so partials arrive while
         the audio is still being sent.
         """
-        split = bool(options.get("split_channels"))
-        samples, rate = _read_source(source, split)
-        if split:
-            if samples.ndim != 2:
-                raise ValueError("split_channels needs audio of several channels, [n, channels]")
-            options = {**options, "channels": samples.shape[1]}
+        samples, rate = _read_source(source, bool(options.get("split_channels")))
+        options = channel_options(samples, options)
         await self.start("asr", sample_rate=rate, **options)
 
         async def feed() -> None:

@@ -141,7 +141,7 @@ def transcribe(
     (in time order) carry their channel.  The audio is streamed through the
     same pipeline as the server's, so the result equals a live session's finals.
     """
-    from dsstream.audio import load_audio
+    from dsstream.audio import channel_options, load_audio
 
     split = bool(options.get("split_channels"))
     if isinstance(audio, (str, Path)):
@@ -155,10 +155,7 @@ def transcribe(
         rate = 16000 if sample_rate is None else int(sample_rate)
     if samples.ndim == 2 and not split:
         samples = samples.mean(axis=1)
-    if split:
-        if samples.ndim != 2:
-            raise ValueError("split_channels needs audio of several channels, [n, channels]")
-        options = {**options, "channels": samples.shape[1]}
+    options = channel_options(samples, options)
     finals: list[Final] = []
     session = LocalSession("asr", registry, sample_rate=rate, **options)
     try:
