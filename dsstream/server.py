@@ -175,13 +175,23 @@ class StreamServer:
             if self._adopted.pop(id(collector), None) is not None:
                 self.metrics.exclude(collector)
 
-    def pin(self, registry: PipelineRegistry) -> PipelineRegistry:
-        """Count a session on ``registry`` (the one it resolved its model in)."""
+    def admit(self, task: str) -> PipelineRegistry | None:
+        """Take a session slot for ``task`` (None at ``max_sessions``): the
+        current models, kept for the session until :meth:`release`, even
+        across a reload."""
+        if self.active_sessions >= self.config.max_sessions:
+            return None
+        self.active_sessions += 1
+        self.metrics.sessions_active.labels(task).inc()
+        registry = self.registry
         self._pins[id(registry)] = self._pins.get(id(registry), 0) + 1
         return registry
 
-    def unpin(self, registry: PipelineRegistry) -> None:
-        """A session on ``registry`` ended; a replaced one with none left is released."""
+    def release(self, task: str, registry: PipelineRegistry) -> None:
+        """Give back a slot :meth:`admit` took; models a reload replaced are
+        released with the last session that used them."""
+        self.active_sessions -= 1
+        self.metrics.sessions_active.labels(task).dec()
         left = self._pins[id(registry)] - 1
         if left:
             self._pins[id(registry)] = left

@@ -114,12 +114,9 @@ class SessionRunner:
             self.close_code = CloseCode.GOING_AWAY
 
     def _release(self) -> None:
-        if self._counted:
+        if self._counted and self._registry is not None and self.task is not None:
             self._counted = False
-            self.server.active_sessions -= 1
-            if self._registry is not None:
-                self.server.unpin(self._registry)
-            self.metrics.sessions_active.labels(self.task).dec()
+            self.server.release(self.task, self._registry)
             self.metrics.session_seconds.labels(self.task).observe(time.monotonic() - self.opened)
 
     # -- reading -------------------------------------------------------------
@@ -207,25 +204,23 @@ class SessionRunner:
     async def _start(self, request: StartSession) -> bool:
         """Admit, create and begin the pipeline; False when the session must close."""
         server = self.server
-        if server.active_sessions >= self.config.max_sessions:
+        # The slot is taken before awaiting, so concurrent starts cannot overshoot;
+        # the models it comes with stay until this session ends, across a reload.
+        registry = server.admit(request.task)
+        if registry is None:
             await self._fatal(
                 ErrorCode.BUSY,
                 f"server is at its limit of {self.config.max_sessions} sessions; retry later",
                 self.config.busy_retry_after_ms,
             )
             return False
-        registry = server.registry
         try:
             factory = registry.resolve(request.task, request.options.model)
         except ModelUnavailable as exc:
+            server.release(request.task, registry)
             await self._fatal(ErrorCode.MODEL_UNAVAILABLE, str(exc))
             return False
-        # Reserve the slot before awaiting, so concurrent starts cannot overshoot;
-        # and keep the models a reload may replace meanwhile until this session ends.
-        server.active_sessions += 1
-        self._counted, self.task = True, request.task
-        self._registry = server.pin(registry)
-        self.metrics.sessions_active.labels(request.task).inc()
+        self._counted, self.task, self._registry = True, request.task, registry
         try:
             self.pipeline = await self._call(factory.create)
             server.adopt_metrics(factory)

@@ -161,14 +161,12 @@ async def serve_vosk(server: StreamServer, ws: ServerConnection) -> None:
     async def call(fn: Any, *args: Any) -> Any:
         return await loop.run_in_executor(server.executor, fn, *args)
 
-    if server.active_sessions >= server.config.max_sessions:
+    registry = server.admit("asr")
+    if registry is None:
         await ws.send(json.dumps({"error": "the server is at its session limit; retry later"}))
         return
     vosk = VoskTranslator()
     pipeline: Pipeline | None = None
-    registry = server.pin(server.registry)
-    server.active_sessions += 1
-    server.metrics.sessions_active.labels("asr").inc()
     limits = server.config.limits
     deadline = loop.time() + limits.max_session_s
     try:
@@ -218,9 +216,7 @@ async def serve_vosk(server: StreamServer, ws: ServerConnection) -> None:
                 await call(pipeline.end)
             except Exception:
                 log.exception("ending a vosk session failed")
-        server.active_sessions -= 1
-        server.metrics.sessions_active.labels("asr").dec()
-        server.unpin(registry)
+        server.release("asr", registry)
 
 
 class _Closed(Exception):
