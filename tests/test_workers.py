@@ -191,6 +191,9 @@ def test_workers_stop_when_their_supervisor_is_killed(tmp_path):
 
 
 SAMPLES = Path(__file__).resolve().parents[1] / "samples"
+needs_sample_models = pytest.mark.skipif(
+    not (SAMPLES / "asr" / "model-int8.ds").exists(), reason="the sample models are not in samples/"
+)
 
 
 @pytest.mark.skipif(
@@ -231,9 +234,7 @@ def test_forked_workers_transcribe_as_one_process_does(tmp_path):
         supervisor.wait(timeout=60)
 
 
-@pytest.mark.skipif(
-    not (SAMPLES / "asr" / "model-int8.ds").exists(), reason="the sample models are not in samples/"
-)
+@needs_sample_models
 def test_reload_replaces_workers_while_open_sessions_go_on(tmp_path):
     """SIGHUP: new workers load the models again; a session open on an old worker
     goes on to its own end there; a replacement that cannot load leaves the
@@ -285,9 +286,7 @@ def test_reload_replaces_workers_while_open_sessions_go_on(tmp_path):
         supervisor.wait(timeout=60)
 
 
-@pytest.mark.skipif(
-    not (SAMPLES / "asr" / "model-int8.ds").exists(), reason="the sample models are not in samples/"
-)
+@needs_sample_models
 def test_a_single_process_server_reloads_its_models_on_sighup(tmp_path):
     """SIGHUP to the one-process server: StreamServer.reload (tested with a
     model replaced under open sessions in test_asr_pipeline.py); a model that
