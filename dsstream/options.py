@@ -29,7 +29,7 @@ MIN_SAMPLE_RATE = 8000
 MAX_SAMPLE_RATE = 192000
 MAX_HOTWORDS = 5000
 MAX_HOTWORD_CHARS = 100
-MAX_GRAMMAR_PHRASES = 1000  # as dsstream.decoding.grammar.MAX_PHRASES
+MAX_GRAMMAR_PHRASES = 1000  # phrases in a grammar (dsstream.decoding.grammar uses it too)
 
 
 class OptionsError(ValueError):

@@ -33,6 +33,7 @@ from typing import Iterable
 import numpy as np
 
 from dsstream.decoding.vocab import Vocabulary
+from dsstream.options import MAX_GRAMMAR_PHRASES
 
 __all__ = [
     "Grammar",
@@ -47,7 +48,7 @@ __all__ = [
 ]
 
 UNK = "[unk]"
-MAX_PHRASES = 1000
+MAX_PHRASES = MAX_GRAMMAR_PHRASES  # the protocol's limit (dsstream.options)
 MAX_PHRASE_CHARS = 200
 # Nats per letter by which the best phrase may fall short of the free best path
 # before "[unk]" wins; measured with the sample model (docs/asr.md, "Grammars").
