@@ -3,8 +3,12 @@
     python -m apps.asr.evaluate [--data cache/asr] [--lm samples/asr/lm.arpa]
 
 CER and WER, greedy and with the LM (beam search + KenLM), per held-out voice
-and per voice release (apps.asr.voices), and on the real speech of
-../shared/data/speech/lj001.  Writes ``<data>/eval.json``.
+and per voice release (apps.asr.voices); per corpus on the real speakers
+held out by apps.asr.corpora (``real_dev``: what choices were made on;
+``real_test``: never chosen on); and on the real speech of
+../shared/data/speech/lj001, at 16 kHz and through 8 kHz (the telephone
+path: down to 8 kHz and back up, as the pipeline resamples an 8 kHz caller).
+Writes ``<data>/eval.json``.
 """
 
 from __future__ import annotations
@@ -27,7 +31,10 @@ from dsstream.lm import normalize_sentence
 
 ROOT = Path(__file__).resolve().parents[2]
 
-__all__ = ["DEFAULT_DECODER", "decoder_settings", "main", "score", "evaluate"]
+__all__ = [
+    "DEFAULT_DECODER", "decoder_settings", "evaluate", "main", "real_sets", "score",
+    "score_groups", "telephone_rate",
+]  # fmt: skip
 
 # The decoder settings when apps.asr.tune has not chosen any (<data>/decoder.json).
 DEFAULT_DECODER = {"beam_width": 32, "alpha": 0.5, "beta": 1.0}
@@ -61,6 +68,39 @@ def score(refs: list[str], mats: list[np.ndarray], decoder: Any) -> dict[str, fl
     return {k: round(v, 4) for k, v in out.items()}
 
 
+def telephone_rate(wave: np.ndarray, rate: int = 8000) -> np.ndarray:
+    """16 kHz ``wave`` as an 8 kHz caller's: down to ``rate`` and back to 16 kHz
+    with torchaudio's resampler (which the streaming resampler equals)."""
+    import torchaudio
+
+    x = torchaudio.functional.resample(torch.from_numpy(wave), 16000, rate)
+    return torchaudio.functional.resample(x, rate, 16000).numpy()
+
+
+def real_sets(data: Path) -> dict[str, list[dict[str, Any]]]:
+    """The held-out real speakers' utterances (apps.asr.corpora): ``dev`` and
+    ``test``, each empty when not prepared."""
+    out = {}
+    for split in ("dev", "test"):
+        path = data / f"real_{split}.jsonl"
+        out[split] = read_manifest(path) if path.is_file() else []
+    return out
+
+
+def score_groups(
+    rows: list[dict[str, Any]], mats: list[np.ndarray], key: str, decoder: Any
+) -> dict[str, Any]:
+    """``score`` over all ``rows`` (as ``"all"``) and per value of ``row[key]``."""
+    groups: dict[str, list[int]] = defaultdict(list)
+    for i, row in enumerate(rows):
+        groups[str(row[key])].append(i)
+    refs = [r["text"] for r in rows]
+    out = {"all": score(refs, mats, decoder)}
+    for name, idx in sorted(groups.items()):
+        out[name] = score([refs[i] for i in idx], [mats[i] for i in idx], decoder)
+    return out
+
+
 def lj_set(limit: int) -> list[tuple[str, str]]:
     folder = SHARED / "speech" / "lj001"
     lines = (folder / "transcripts.tsv").read_text(encoding="utf-8").splitlines()[:limit]
@@ -87,7 +127,8 @@ def evaluate(
         from dsstream.decoding import CTCDecoder
 
         decoder = CTCDecoder(beam_width=beam, language_model=lm, alpha=alpha, beta=beta)
-    rows = read_manifest(data / "valid.jsonl")[:limit]
+    valid = data / "valid.jsonl"
+    rows = read_manifest(valid)[:limit] if valid.is_file() else []
     by_voice: dict[str, list[int]] = defaultdict(list)
     by_release: dict[str, list[int]] = defaultdict(list)
     for i, row in enumerate(rows):
@@ -101,13 +142,20 @@ def evaluate(
             name: score([refs[i] for i in idx], [mats[i] for i in idx], decoder)
             for name, idx in sorted(groups.items())
         }
+    for split, real in real_sets(data).items():
+        if real:
+            real_mats = [_logp(model, fbank, load_wave(r["path"])) for r in real]
+            report[f"real_{split}"] = score_groups(real, real_mats, "corpus", decoder)
     if (SHARED / "speech" / "lj001").is_dir() and lj_limit:
         pairs = lj_set(lj_limit)
+        lj_refs = [t for _, t in pairs]
         lj_mats = [_logp(model, fbank, load_wave(p)) for p, _ in pairs]
-        report["lj001"] = score([t for _, t in pairs], lj_mats, decoder)
+        report["lj001"] = score(lj_refs, lj_mats, decoder)
         if 0 < lj_dev < len(pairs):
-            report["lj001_test"] = score([t for _, t in pairs[lj_dev:]], lj_mats[lj_dev:], decoder)
+            report["lj001_test"] = score(lj_refs[lj_dev:], lj_mats[lj_dev:], decoder)
             report["lj001_test"]["first_clip"] = lj_dev + 1
+        tel_mats = [_logp(model, fbank, telephone_rate(load_wave(p))) for p, _ in pairs]
+        report["lj001_8k"] = score(lj_refs, tel_mats, decoder)
     return report
 
 
@@ -136,14 +184,19 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     for name, held in held_out + [(f" (release {r})", s) for r, s in report["per_release"].items()]:
         print(f"held-out voices{name}: CER {held['cer_greedy']:.2%} greedy"
               + (f", WER {held['wer_lm']:.2%} with LM" if "wer_lm" in held else ""))  # fmt: skip
-    for key, name in (
+    lines = [
+        (f"real {split[5:]} speakers, {corpus}", s)
+        for split in ("real_dev", "real_test")
+        for corpus, s in report.get(split, {}).items()
+    ]
+    lines += [(name, report[key]) for key, name in (
         ("lj001", "LJ001 real speech"),
         ("lj001_test", "LJ001 past the tuning clips"),
-    ):
-        if key in report:
-            lj = report[key]
-            print(f"{name}: WER {lj['wer_greedy']:.2%} greedy"
-                  + (f", {lj['wer_lm']:.2%} with LM" if "wer_lm" in lj else ""))  # fmt: skip
+        ("lj001_8k", "LJ001 through 8 kHz"),
+    ) if key in report]  # fmt: skip
+    for name, s in lines:
+        print(f"{name}: WER {s['wer_greedy']:.2%} greedy"
+              + (f", {s['wer_lm']:.2%} with LM" if "wer_lm" in s else ""))  # fmt: skip
     return report
 
 

@@ -1,14 +1,17 @@
 """Recipe: the sample ASR app's n-gram LM from ../shared/data/text.
 
     python -m apps.asr.lm [--order 4] [--prune 0 0 1 1] [--out samples/asr/lm.arpa]
-        [--held-out-voices cache/asr/valid.jsonl]
+        [--held-out-voices cache/asr/valid.jsonl] [--real-text N]
 
 Every sentence is normalized to the acoustic model's vocabulary.  Sentences
-of the evaluation speech (../shared/data/speech/*/transcripts.tsv) are left
-out, and so are the sentences the held-out voices speak (``apps.asr.prepare``'s
-valid.jsonl, when it exists), so that the held-out voices' score with the LM
-measures text the LM has not seen; 1% of the sentences, chosen by a hash of
-their text, are held out to measure perplexity, reported in samples/asr/LM.md.
+of the speech corpora (../shared/data/speech/*/transcripts.tsv) and of the
+shipped test clips are left out, and so are the sentences the held-out voices
+speak (``apps.asr.prepare``'s valid.jsonl, when it exists), so that the
+held-out voices' score with the LM measures text the LM has not seen; 1% of
+the sentences, chosen by a hash of their text, are held out to measure
+perplexity, reported in samples/asr/LM.md.  ``--real-text N`` adds the
+transcripts of the real training speech N times (never a held-out real
+speaker's sentence).
 """
 
 from __future__ import annotations
@@ -52,6 +55,26 @@ def spoken_by_held_out_voices(manifest: Path) -> set[str]:
     return {row["text"] for row in read_manifest(manifest)} if manifest.is_file() else set()
 
 
+def real_training_text(data: Path, shared: Path) -> list[str]:
+    """The transcripts of the real speech the acoustic model trains on
+    (``<data>/real_train.jsonl`` from apps.asr.corpora), without any sentence
+    that a held-out real speaker (``real_dev``/``real_test``) or LJ001 says:
+    speechocean762's speakers read the same prompts, so a dev speaker's
+    sentence is often a training speaker's too."""
+    from apps.asr.train import read_manifest
+
+    path = data / "real_train.jsonl"
+    if not path.is_file():
+        raise SystemExit(f"{path} not found: python -m apps.asr.corpora writes it")
+    said = {normalize_sentence(line.split("\t", 1)[1])
+            for line in (shared / "speech" / "lj001" / "transcripts.tsv")
+            .read_text(encoding="utf-8").splitlines() if "\t" in line}  # fmt: skip
+    for split in ("dev", "test"):
+        held = data / f"real_{split}.jsonl"
+        said |= {r["text"] for r in read_manifest(held)} if held.is_file() else set()
+    return [r["text"] for r in read_manifest(path) if r["text"] not in said]
+
+
 def held_out(sentence: str, percent: int = 1) -> bool:
     return int(hashlib.sha1(sentence.encode()).hexdigest()[:8], 16) % 100 < percent
 
@@ -67,9 +90,21 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--held-out-voices", type=Path,
                         default=ROOT / "cache" / "asr" / "valid.jsonl",
                         help="a manifest whose sentences are left out")  # fmt: skip
+    parser.add_argument("--real-text", type=int, default=0, metavar="N",
+                        help="add the real training speech's transcripts N times "
+                        "(apps.asr.corpora's real_train.jsonl, held-out speakers' "
+                        "sentences left out)")  # fmt: skip
+    parser.add_argument("--data", type=Path, default=ROOT / "cache" / "asr",
+                        help="where apps.asr.corpora wrote its manifests")  # fmt: skip
     args = parser.parse_args(argv)
 
     excluded = evaluation_sentences(args.shared)
+    # The shipped clips' sentences: a test decodes them, so the LM must not
+    # have memorized them (the held-out voice's is in no manifest any more).
+    clips = ROOT / "samples" / "asr" / "clips" / "transcripts.tsv"
+    if clips.is_file():
+        excluded |= {line.split("\t", 1)[1] for line in clips.read_text().splitlines()
+                     if "\t" in line}  # fmt: skip
     spoken = spoken_by_held_out_voices(args.held_out_voices)
     if not spoken:
         print(f"{args.held_out_voices} not found: no held-out voices' sentences to leave out")
@@ -87,6 +122,8 @@ def main(argv: list[str] | None = None) -> None:
     from apps.vqa.scenes import all_template_texts
 
     train += [t.split() for t in all_template_texts() for _ in range(args.templates)]
+    real = real_training_text(args.data, args.shared) if args.real_text else []
+    train += [t.split() for t in real for _ in range(args.real_text)]
     words = sum(len(s) for s in train)
     print(f"{len(train)} training sentences ({words} words), {len(heldout)} held out")
     t0 = time.time()
@@ -107,18 +144,26 @@ def main(argv: list[str] | None = None) -> None:
         f"built in {seconds:.0f} s: {sizes} n-grams, {mb:.1f} MB; held-out ppl {ppl:.1f}, "
         f"OOV {oov:.2%}"
     )
+    real_words = (
+        f"\nThe transcripts of the acoustic model's real training speech ({len(real)} "
+        f"utterances, {args.real_text} time(s) each; apps.asr.corpora) are added, "
+        "without any sentence a held-out real speaker or LJ001 says."
+        if real else ""
+    )  # fmt: skip
     card = args.out.with_name("LM.md")
     card.write_text(
         f"""# Sample ASR language model (`{args.out.name}`)
 
-Made by `python -m apps.asr.lm --order {args.order} --prune {" ".join(map(str, args.prune))}`
+Made by `python -m apps.asr.lm --order {args.order} --prune {" ".join(map(str, args.prune))}{
+            f" --real-text {args.real_text}" if real else ""
+        }`
 from ../shared/data/text (LJ Speech sentences of LJ003 onwards, seven Project
 Gutenberg novels, NLTK State of the Union and inaugural addresses; all public
 domain), normalized to the acoustic model's vocabulary (a-z, apostrophe,
 numbers spelled out). Sentences of the evaluation speech are excluded, and so
 are the {len(left_out)} sentences the held-out voices of the acoustic model's
 data speak, so that their score with this LM is on unseen text (the VQA
-question forms, added on purpose, are the exception).
+question forms, added on purpose, are the exception).{real_words}
 
 - Estimation: interpolated modified Kneser-Ney, order {args.order}, pruning of
   n-grams with adjusted count <= {args.prune} per order (back-off renormalized).

@@ -125,21 +125,35 @@ def collate(items):
     return batch, lengths, torch.cat(labels), torch.tensor([len(x) for x in labels]), list(texts)
 
 
+def row_weight(row: dict[str, Any], weights: tuple[float, ...], real_weight: float) -> float:
+    """How many times per epoch ``row`` comes: ``real_weight`` for real speech
+    (rows with a ``corpus``, from apps.asr.corpora), else its voice release's
+    entry of ``weights`` (1 past the end)."""
+    if "corpus" in row:
+        return real_weight
+    release = int(row.get("release", 1))
+    return weights[release - 1] if release <= len(weights) else 1.0
+
+
 def epoch_indices(
-    rows: list[dict[str, Any]], weights: tuple[float, ...], seed: int, epoch: int
+    rows: list[dict[str, Any]],
+    weights: tuple[float, ...],
+    seed: int,
+    epoch: int,
+    real_weight: float = 1.0,
 ) -> list[int]:
-    """The utterances one epoch trains on, each release weighted.
+    """The utterances one epoch trains on, each release (and real speech) weighted.
 
     ``weights[r - 1]`` is how many times release ``r``'s utterances come per
-    epoch (releases past the end of ``weights`` count once): the whole part
+    epoch (releases past the end of ``weights`` count once), ``real_weight``
+    how many times each real utterance comes: the whole part
     of a weight repeats every utterance, the fraction draws a seeded share
     that changes from epoch to epoch.  Index ``i + k * len(rows)`` is copy
     ``k`` of row ``i`` (``SpeechSet`` augments each copy differently)."""
     rng = random.Random(seed * 1000 + epoch + 1)
     out: list[int] = []
     for i, row in enumerate(rows):
-        release = int(row.get("release", 1))
-        weight = weights[release - 1] if release <= len(weights) else 1.0
+        weight = row_weight(row, weights, real_weight)
         copies = int(weight) + (rng.random() < weight - int(weight))
         out.extend(i + k * len(rows) for k in range(copies))
     return out
@@ -166,11 +180,19 @@ def length_batches(
     return batches
 
 
+def spread(rows: list[dict[str, Any]], limit: int) -> list[dict[str, Any]]:
+    """At most ``limit`` rows taken evenly across ``rows`` (every corpus and
+    speaker of a manifest in file order, not just the first)."""
+    if len(rows) <= limit:
+        return list(rows)
+    return [rows[i * len(rows) // limit] for i in range(limit)]
+
+
 def evaluate(model: AsrModel, rows, fbank_cfg: FbankConfig, limit: int = 200) -> float:
     from dsstream.evaluation import cer
 
     model.eval()
-    data = SpeechSet(rows[:limit], fbank_cfg, None, 0)
+    data = SpeechSet(spread(rows, limit), fbank_cfg, None, 0)
     refs, hyps = [], []
     with torch.no_grad():
         for i in range(len(data)):
@@ -304,11 +326,32 @@ def _note_data(state: dict[str, Any], rows: list[dict[str, Any]]) -> None:
         seen.append({"epoch": state["epoch"], "utterances": len(rows), "hours": hours})
 
 
+def training_sets(
+    args: argparse.Namespace,
+) -> tuple[list[dict[str, Any]], list[dict[str, Any]], str]:
+    """(training rows, validation rows, validation manifest's name).
+
+    Training: the synthesized speech of ``train.jsonl`` (if prepared) and the
+    real speech of ``real_train.jsonl`` (apps.asr.corpora; unless
+    ``--no-real``).  Each epoch is scored on the real dev speakers when there
+    are any (what the model is for), else on the held-out voices."""
+    rows: list[dict[str, Any]] = []
+    for name in ("train.jsonl",) + (() if args.no_real else ("real_train.jsonl",)):
+        if (args.data / name).is_file():
+            rows += read_manifest(args.data / name)
+    if not rows:
+        raise SystemExit(f"no training data in {args.data}: run python -m apps.asr.prepare "
+                         "and/or python -m apps.asr.corpora first")  # fmt: skip
+    for name in (args.valid,) if args.valid else ("real_dev.jsonl", "valid.jsonl"):
+        if (args.data / name).is_file() and (valid := read_manifest(args.data / name)):
+            return rows, valid, name
+    raise SystemExit(f"no validation manifest in {args.data} (real_dev.jsonl or valid.jsonl)")
+
+
 def train(args: argparse.Namespace) -> dict[str, Any]:
     torch.manual_seed(args.seed)
     torch.set_num_threads(args.threads)
-    train_rows = read_manifest(args.data / "train.jsonl")
-    valid_rows = read_manifest(args.data / "valid.jsonl")
+    train_rows, valid_rows, valid_name = training_sets(args)
     ckpt_dir = args.data / "ckpt"
     ckpt_dir.mkdir(parents=True, exist_ok=True)
     last = ckpt_dir / args.ckpt_name
@@ -379,6 +422,8 @@ def train(args: argparse.Namespace) -> dict[str, Any]:
         if value != _last_change(changes, name, 0.0):
             changes.append({"step": state["step"], name: value})
     weights = _release_weights(args, state, train_rows)
+    if args.real_weight != _last_change(changes, "real_weight", 1.0):
+        changes.append({"step": state["step"], "real_weight": args.real_weight})
     augment = None if args.no_augment else AugmentConfig(vtlp_prob=args.vtlp, eq_prob=args.eq)
     data = SpeechSet(train_rows, fbank_cfg, augment, args.seed)
     started = time.monotonic()
@@ -395,8 +440,10 @@ def train(args: argparse.Namespace) -> dict[str, Any]:
     while state["epoch"] < args.epochs:
         data.epoch = state["epoch"]
         indices = None
-        if weights:
-            indices = epoch_indices(train_rows, weights, args.seed, state["epoch"])
+        if weights or args.real_weight != 1.0:
+            indices = epoch_indices(
+                train_rows, weights, args.seed, state["epoch"], args.real_weight
+            )
         batches = length_batches(train_rows, args.batch_frames, args.seed, state["epoch"], indices)
         done_in_epoch = state.get("batch_in_epoch", 0)
         loader = torch.utils.data.DataLoader(
@@ -430,7 +477,7 @@ def train(args: argparse.Namespace) -> dict[str, Any]:
         state["cer"] = round(evaluate(model, valid_rows, fbank_cfg), 4)
         state["history"].append({
             "epoch": state["epoch"], "step": state["step"],
-            "valid_cer": state["cer"], "loss": round(loss.item(), 4),
+            "valid_cer": state["cer"], "loss": round(loss.item(), 4), "valid": valid_name,
         })  # fmt: skip
         print(f"epoch {state['epoch']}: validation CER {state['cer']:.2%}")
         state["epoch"] += 1
@@ -471,6 +518,13 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         help="times per epoch each voice release's utterances come (release 1 first; "
         "later releases 1); e.g. 0.5 1.5 halves release 1 and adds half of release 2 again",
     )  # fmt: skip
+    parser.add_argument(
+        "--real-weight", type=float, default=1.0, metavar="W",
+        help="times per epoch each real utterance (apps.asr.corpora) comes",
+    )  # fmt: skip
+    parser.add_argument("--no-real", action="store_true", help="synthesized speech only")
+    parser.add_argument("--valid", help="validation manifest in --data (default: "
+                        "real_dev.jsonl if prepared, else valid.jsonl)")  # fmt: skip
     parser.add_argument("--no-augment", action="store_true")
     parser.add_argument("--restart", action="store_true", help="ignore an existing checkpoint")
     parser.add_argument("--seed", type=int, default=0)
@@ -484,6 +538,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     args = parser.parse_args(argv)
     if args.release_weights and (min(args.release_weights) < 0 or not any(args.release_weights)):
         parser.error(f"--release-weights must be >= 0, not all 0: got {args.release_weights}")
+    if args.real_weight < 0:
+        parser.error(f"--real-weight must be >= 0: got {args.real_weight}")
     for name in _AUGMENT_PROBABILITIES:
         if not 0.0 <= getattr(args, name) <= 1.0:
             parser.error(

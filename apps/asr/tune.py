@@ -4,9 +4,11 @@
         [--betas 0.5,1.0,1.5,2.0,2.5,3.0] [--lj-dev 60] [--tolerance 1.0]
 
 The development set is real speech: LJ001's first ``--lj-dev`` clips (the
-rest of LJ001 is never used for choosing, so its score stays a test; without
-../shared/data, the held-out voices).  For each beam width the LM weight
-(alpha) and word bonus (beta) with the lowest development WER are found on
+rest of LJ001 is never used for choosing, so its score stays a test) and the
+real dev speakers of apps.asr.corpora (``real_dev.jsonl``; its test speakers
+are never used for choosing); without either, the held-out voices.  For
+each beam width the LM weight (alpha) and word bonus (beta) with the
+lowest development WER are found on
 the grid, with the decoder's CPU time per second of audio on one thread.
 The chosen beam is the narrowest whose WER is within ``--tolerance`` points
 of the best beam's: wider beams cost CPU time in every live stream.  Writes
@@ -26,7 +28,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from apps.asr.evaluate import DEFAULT_DECODER, _logp, lj_set
+from apps.asr.evaluate import DEFAULT_DECODER, _logp, lj_set, real_sets
 from apps.asr.lm import SHARED
 from apps.asr.train import load_checkpoint, load_wave, read_manifest
 from dsstream.evaluation import wer
@@ -66,6 +68,12 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     parser.add_argument("--alphas", default="0.3,0.5,0.65,0.8,1.0")
     parser.add_argument("--betas", default="0.5,1.0,1.5,2.0,2.5,3.0")
     parser.add_argument("--lj-dev", type=int, default=60, help="LJ001 clips to choose on")
+    parser.add_argument(
+        "--no-real-dev",
+        dest="real_dev",
+        action="store_false",
+        help="leave the real dev speakers (real_dev.jsonl) out of the choice",
+    )
     parser.add_argument("--held-out", type=int, default=300, help="held-out utterances, a check")
     parser.add_argument("--tolerance", type=float, default=1.0, help="WER points")
     args = parser.parse_args(argv)
@@ -86,10 +94,17 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     valid = args.data / "valid.jsonl"
     held = read_manifest(valid) if valid.is_file() else []
     held = held[:: max(1, len(held) // max(args.held_out, 1))][: args.held_out]  # every voice
-    dev = lj or [(r["path"], r["text"]) for r in held]
+    real = real_sets(args.data)["dev"] if args.real_dev else []
+    dev = lj + [(r["path"], r["text"]) for r in real]
+    dev_name = " and ".join(
+        ([f"LJ001 clips 1-{len(lj)}"] if lj else [])
+        + ([f"{len(real)} utterances of the real dev speakers"] if real else [])
+    )
+    if not dev:
+        dev = [(r["path"], r["text"]) for r in held]
+        dev_name = f"{len(dev)} held-out utterances"
     if not dev:
         parser.error(f"nothing to tune on: neither ../shared/data/speech/lj001 nor {valid}")
-    dev_name = f"LJ001 clips 1-{len(lj)}" if lj else f"{len(dev)} held-out utterances"
     mats = [_logp(model, fbank, load_wave(p)) for p, _ in dev]
     refs = [t for _, t in dev]
     audio_s = sum(m.shape[0] for m in mats) * 0.04
@@ -111,9 +126,9 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         )
     chosen = choose(grid, args.tolerance / 100)
     result: dict[str, Any] = {k: chosen[k] for k in DEFAULT_DECODER}
-    result |= {"dev": dev_name, "lj_dev": len(lj), "dev_wer": chosen["wer"],
+    result |= {"dev": dev_name, "lj_dev": len(lj), "real_dev": len(real), "dev_wer": chosen["wer"],
                "tolerance": args.tolerance, "grid": grid}  # fmt: skip
-    if lj and held:  # how the choice does on synthetic voices it was not chosen on
+    if (lj or real) and held:  # how the choice does on synthetic voices it was not chosen on
         held_mats = [_logp(model, fbank, load_wave(r["path"])) for r in held]
         texts, _ = _decode(held_mats, lm, chosen["beam_width"], chosen["alpha"], chosen["beta"])
         result["held_out_wer"] = round(wer([r["text"] for r in held], texts), 4)
