@@ -163,17 +163,23 @@ def test_a_missing_synthesizer_names_its_package(tmp_path, monkeypatch):
 @needs_shared
 @pytest.mark.skipif(not shutil.which("espeak-ng"), reason="espeak-ng is not installed")
 def test_tiny_synthesis_run(tmp_path):
-    main(["--hours", "0.01", "--workers", "1", "--templates", "0", "--out", str(tmp_path)])
+    real = (SHARED / "speech" / "an4").is_dir()  # the real corpora come first, when there
+    main(["--hours", "0.01", "--workers", "1", "--templates", "0", "--out", str(tmp_path),
+          *([] if real else ["--no-real"])])  # fmt: skip
     rows = [json.loads(line) for f in ("train.jsonl", "valid.jsonl")
             for line in (tmp_path / f).read_text().splitlines()]  # fmt: skip
     assert rows
+    if real:
+        real_rows = (tmp_path / "real_train.jsonl").read_text().splitlines()
+        assert len(real_rows) > 5000 and json.loads(real_rows[0])["corpus"]
     for row in rows:
         info = sf.info(row["path"])
         assert info.samplerate == 16000 and info.channels == 1
         assert abs(info.duration - row["duration"]) < 1e-3 and info.duration > 0.3
     # A rerun reuses the files (resume after interruption).
     stamp = Path(rows[0]["path"]).stat().st_mtime_ns
-    main(["--hours", "0.01", "--workers", "1", "--templates", "0", "--out", str(tmp_path)])
+    main(["--hours", "0.01", "--workers", "1", "--templates", "0", "--out", str(tmp_path),
+          "--no-real"])  # fmt: skip
     assert Path(rows[0]["path"]).stat().st_mtime_ns == stamp
     assert rendered_text(Path(rows[0]["path"])) == rows[0]["text"]
     assert catalogue()  # the installed engines give voices
@@ -206,7 +212,8 @@ def test_training_runs_is_seeded_and_resumes(tmp_path):
     from apps.asr.train import decode_greedy, encode
     from apps.asr.train import main as train_main
 
-    main(["--hours", "0.01", "--workers", "1", "--templates", "0", "--out", str(tmp_path)])
+    main(["--hours", "0.01", "--workers", "1", "--templates", "0", "--out", str(tmp_path),
+          "--no-real"])  # fmt: skip
     common = ["--data", str(tmp_path), "--size", "tiny", "--warmup", "5", "--workers", "0",
               "--batch-frames", "3000"]  # fmt: skip
     first = train_main([*common, "--epochs", "1", "--restart"])

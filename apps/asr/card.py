@@ -143,9 +143,13 @@ def _int8_section(data: Path, artifact: Path, int8_path: Path) -> str:
         return ""
     q = json.loads(record.read_text())
     rows = []
-    for key, label in (("held", "held-out voices"), ("lj", "LJ001 real speech")):
+    sets = (("held", "held-out voices"), ("lj", "LJ001 real speech"),
+            ("realdev", "real dev speakers"), ("realtest", "real test speakers"))  # fmt: skip
+    for key, label in sets:
         for kind in ("float", "int8"):
-            scores = {k[len(key) + 1 :]: v for k, v in q[kind].items() if k.startswith(key)}
+            scores = {k[len(key) + 1 :]: v for k, v in q[kind].items() if k.startswith(key + "_")}
+            if not scores:
+                continue
             rows.append(_score_row(f"{label}, {'INT8' if kind == 'int8' else 'float32'}",
                                    scores))  # fmt: skip
     table = "\n".join(rows)
@@ -164,107 +168,254 @@ def _int8_section(data: Path, artifact: Path, int8_path: Path) -> str:
 """
 
 
+# Credits the corpora's licences ask for (../shared/data/README.md).
+ATTRIBUTION = """- LibriSpeech ASR corpus (c) 2014 Vassil Panayotov, with Guoguo Chen, Daniel
+  Povey and Sanjeev Khudanpur ("Librispeech: an ASR corpus based on public
+  domain audio books", ICASSP 2015); audio from LibriVox volunteers. CC BY 4.0
+  (https://creativecommons.org/licenses/by/4.0/). Changes: FLAC re-encoded to
+  Opus 24 kbit/s, transcripts lowercased and normalized, subsets selected
+  (Mini LibriSpeech train-clean-5; 8 chapters of train-clean-100).
+- speechocean762, by Junbo Zhang, Zhiwen Zhang, Yongqing Wang, Zhiyong Yan,
+  Qiong Song, Yukai Huang, Ke Li, Daniel Povey and Yujun Wang ("speechocean762:
+  An Open-Source Non-native English Speech Corpus For Pronunciation
+  Assessment", Interspeech 2021). CC BY 4.0. Changes: WAV re-encoded to Opus
+  24 kbit/s, transcripts lowercased, scores and untranscribed audio left out.
+- CMU AN4 alphanumeric database, Carnegie Mellon University (c. 1991), under
+  its BSD-style licence (free for any purpose; copyright notice kept in
+  ../shared/data/speech/an4/LICENSE).
+- Mozilla Common Voice 6.1 English, a sample of 100 clips, CC0 1.0."""
+
+CORPUS_NOTES = {
+    "librispeech-train-clean-5": "read audiobooks",
+    "librispeech-100-sample": "read audiobooks",
+    "speechocean762": "Mandarin-L1 adults and children reading English",
+    "an4": "spelled words, numbers, commands",
+    "commonvoice-en-sample": "various speakers and microphones",
+}
+
+
+def _real_data(data: Path) -> tuple[str, str]:
+    """(the card's lines on the real training speech, on the held-out speakers)."""
+    from apps.asr.corpora import CORPORA
+
+    path = data / "real_speakers.json"
+    if not path.is_file():
+        return "", ""
+    summary = json.loads(path.read_text())
+    splits, held = summary["splits"], summary["held_out"]
+    train_lines, held_lines = [], []
+    for corpus in CORPORA:
+        t = splits["train"].get(corpus.name)
+        if t:
+            train_lines.append(
+                f"\n  - {corpus.name} ({CORPUS_NOTES.get(corpus.name, '')}; {corpus.licence}): "
+                f"{t['utterances']} utterances, {t['hours']:.2f} h, {t['speakers']} speakers"
+            )
+        for split in ("dev", "test"):
+            if held[corpus.name][split]:
+                names = ", ".join(held[corpus.name][split])
+                h = splits[split][corpus.name]
+                held_lines.append(f"\n  - {corpus.name}, {split}: {h['utterances']} utterances, "
+                                  f"{h['hours']:.2f} h; speakers {names}")  # fmt: skip
+    return "".join(train_lines), "".join(held_lines)
+
+
+def _real_score_rows(report: dict[str, Any]) -> str:
+    rows = []
+    for split, words in (("real_test", "test"), ("real_dev", "dev")):
+        for corpus, scores in report.get(split, {}).items():
+            name = "all corpora" if corpus == "all" else corpus
+            rows.append(_score_row(f"real {words} speakers, {name} ({scores['n']} utt.)", scores))
+    return "".join(r + "\n" for r in rows)
+
+
+def _peer_rows(data: Path) -> str:
+    """The streaming pipeline against PocketSphinx on the same sets, from the
+    peers bench's record (tests/bench/bench_asr_peers.py), if it has run."""
+    path = data / "peers.json"
+    if not path.is_file():
+        return ""
+    rows = []
+    for name, by in json.loads(path.read_text()).items():
+        ours, theirs = by.get("dsstream, INT8 (served)"), by.get("pocketsphinx, whole utterance")
+        if ours and theirs:
+            cells = [_pct(ours["wer"]), _pct(theirs["wer"]), f"{ours['cpu']:.3f}",
+                     f"{theirs['cpu']:.3f}"]  # fmt: skip
+            rows.append(f"| {name} ({ours['n']} utt.) | " + " | ".join(cells) + " |")
+    return (
+        "\nThe served INT8 model through the whole streaming pipeline (Silero VAD"
+        " endpointing, the beam search with the LM) against CMU PocketSphinx 5"
+        " (its US English model and 27 MB LM) on the same utterances, measured in"
+        " one run by `tests/bench/bench_asr_peers.py` (CPU s per s of audio):\n\n"
+        "| set | WER, this model | WER, PocketSphinx | CPU, this model | CPU, PocketSphinx |\n"
+        "|---|---:|---:|---:|---:|\n" + "\n".join(rows) + "\n"
+    )
+
+
+def _init_words(state: dict[str, Any]) -> str:
+    """Where the run's weights started: a checkpoint's own run, or from scratch."""
+    if "init" not in state:
+        return "trained from scratch"
+    init = Path(state["init"])
+    before = ""
+    if init.is_file():
+        prior = torch.load(init, map_location="cpu", weights_only=False)["state"]
+        before = (f" (the model shipped before: {prior['epoch']} epochs, {prior['step']} steps"
+                  " on synthesized speech only)")  # fmt: skip
+    return f"initialized from `{init.name}`{before}, then trained"
+
+
+def _clip_rows(samples: Path) -> list[str]:
+    """The shipped clips through the streaming pipeline, float32 and INT8."""
+    from dsstream.local import transcribe
+    from dsstream.pipelines.defaults import default_registry
+
+    clips = samples / "asr" / "clips"
+    refs = dict(line.split("\t") for line in (clips / "transcripts.tsv").read_text().splitlines())
+    rows = []
+    for int8 in (False, True) if (samples / "asr" / "model-int8.ds").is_file() else (False,):
+        registry = default_registry(samples, int8=int8)
+        for name, ref in sorted(refs.items()):
+            hyp = transcribe(clips / name, registry=registry).text
+            label = "INT8" if int8 else "float32"
+            rows.append(f"| {name} | {label} | {ref} | {hyp} | {_pct(wer([ref], [hyp]))} |")
+    return rows
+
+
 def main(argv: list[str] | None = None) -> Path:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--data", type=Path, default=ROOT / "cache" / "asr")
     parser.add_argument("--samples", type=Path, default=ROOT / "samples")
     args = parser.parse_args(argv)
-    from dsstream.local import transcribe
-    from dsstream.pipelines.defaults import default_registry
-
     ckpt = torch.load(args.data / "ckpt" / "last.pt", map_location="cpu", weights_only=False)
     state, cfg = ckpt["state"], ckpt["config"]
     params = sum(v.numel() for v in ckpt["model"].values())
     train = read_manifest(args.data / "train.jsonl")
     valid = read_manifest(args.data / "valid.jsonl")
     report = json.loads((args.data / "eval.json").read_text())
-    held, lj = report["held_out_voices"], report.get("lj001", {})
     artifact = args.samples / "asr" / "model.ds"
     # The chunk geometry the artifact streams with (apps.asr.export --chunk/--left).
     cfg = {**cfg, **read_artifact(artifact)[0].extra.get("model", {})}
-    clips = args.samples / "asr" / "clips"
-    refs = dict(line.split("\t") for line in (clips / "transcripts.tsv").read_text().splitlines())
-    int8_path = args.samples / "asr" / "model-int8.ds"
-    clip_rows = []
-    for int8 in (False, True) if int8_path.is_file() else (False,):
-        registry = default_registry(args.samples, int8=int8)
-        for name, ref in sorted(refs.items()):
-            hyp = transcribe(clips / name, registry=registry).text
-            label = "INT8" if int8 else "float32"
-            clip_rows.append(f"| {name} | {label} | {ref} | {hyp} | {_pct(wer([ref], [hyp]))} |")
-    int8_section = _int8_section(args.data, artifact, int8_path)
+    card = CARD.format(
+        params=params / 1e6, cfg=cfg, mb=artifact.stat().st_size / 1e6,
+        chunk_ms=cfg["chunk"] * 40, left_s=cfg["left"] * 0.04,
+        init=_init_words(state), **_data_fields(args.data, train, valid, state),
+        **_score_fields(args.data, report), clip_rows="\n".join(_clip_rows(args.samples)),
+        int8_section=_int8_section(args.data, artifact, args.samples / "asr" / "model-int8.ds"),
+    )  # fmt: skip
+    out = args.samples / "asr" / "MODEL.md"
+    out.write_text(card)
+    print(f"wrote {out}")
+    return out
+
+
+def _data_fields(data: Path, train: list[dict], valid: list[dict], state: dict) -> dict[str, Any]:
+    real_train, real_held = _real_data(data)
+    with_eq = any(c.get("eq") for c in state.get("changes", []))
+    valid_sets = {h.get("valid", "valid.jsonl") for h in state["history"]}
+    scored_on = (
+        "the real dev speakers (200 utterances across every corpus)"
+        if valid_sets == {"real_dev.jsonl"}
+        else "the first 200 held-out utterances (release 1 voices)"
+    )
+    history = "\n".join(
+        f"| {h['epoch']} | {h['step']} | {h['loss']:.3f} | {_pct(h['valid_cer'])} |"
+        for h in state["history"]
+    )
+    return {
+        "real_train": real_train, "real_held": real_held, "train_n": len(train),
+        "train_h": _hours(train), "train_voices": len({r["speaker"] for r in train}),
+        "train_releases": _by_release(train), "valid_n": len(valid), "valid_h": _hours(valid),
+        "valid_voices": len({r["speaker"] for r in valid}), "valid_releases": _by_release(valid),
+        "channel": " microphone/channel response," if with_eq else "",
+        "epochs": state["epoch"], "steps": state["step"], "scored_on": scored_on,
+        "notes": _run_notes(state), "history": history,
+    }  # fmt: skip
+
+
+def _score_fields(data: Path, report: dict[str, Any]) -> dict[str, Any]:
     decoder = report.get("decoder", DEFAULT_DECODER)
     decoder_note = f"beam {decoder['beam_width']}, alpha {decoder['alpha']}, beta {decoder['beta']}"
     lj_test_row = ""
     if "lj001_test" in report:
         first = report["lj001_test"]["first_clip"]
         decoder_note += (
-            f", chosen by `python -m apps.asr.tune` on LJ001's first {first - 1} clips and"
-            " recorded in the artifact, where the streaming pipeline takes them from"
+            f", chosen by `python -m apps.asr.tune` on LJ001's first {first - 1} clips"
+            " and the real dev speakers, and recorded in the artifact, where the"
+            " streaming pipeline takes them from"
         )
         name = f"LJ001 clips {first}-{first - 1 + report['lj001_test']['n']}, not used to tune"
         lj_test_row = _score_row(name, report["lj001_test"]) + "\n"
+    held, lj = report.get("held_out_voices", {}), report.get("lj001", {})
     per_release = report.get("per_release", {})
-    release_rows = "".join(
+    rows = _real_score_rows(report)
+    rows += _score_row(f"LJ001 real speech ({lj.get('n', 0)} clips)", lj) + "\n" + lj_test_row
+    if "lj001_8k" in report:
+        rows += _score_row("LJ001 through 8 kHz (telephone rate)", report["lj001_8k"]) + "\n"
+    rows += _score_row(f"held-out synthetic voices ({held.get('n', 0)} utt.)", held) + "\n"
+    rows += "".join(
         _score_row(f"held-out voices, release {r} ({sc['n']} utt.)", sc) + "\n"
         for r, sc in per_release.items()
         if len(per_release) > 1
     )
-    data_note = _run_notes(state)
-    with_eq = any(c.get("eq") for c in state.get("changes", []))
-    channel = " microphone/channel response," if with_eq else ""
-    history = "\n".join(
-        f"| {h['epoch']} | {h['step']} | {h['loss']:.3f} | {_pct(h['valid_cer'])} |"
-        for h in state["history"]
-    )
-    card = f"""# Sample ASR model (`model.ds`)
+    return {"score_rows": rows, "decoder_note": decoder_note, "peer_rows": _peer_rows(data)}
+
+
+CARD = (
+    """# Sample ASR model (`model.ds`)
 
 A streaming CTC acoustic model over characters (a-z, apostrophe, word
-delimiter, blank), trained from scratch by the recipe in `apps/asr` on
-synthesized speech only. Made by `python -m apps.asr.prepare`,
+delimiter, blank), {init} on real English speech (five freely licensed
+corpora) mixed with synthesized speech, by the recipe in `apps/asr`:
+`python -m apps.asr.corpora`, `python -m apps.asr.prepare`,
 `python -m apps.asr.train`, `python -m apps.asr.tune`, `python -m apps.asr.evaluate`,
-`python -m apps.asr.export`, `python -m apps.asr.quantize`, `python -m apps.asr.card`.
+`python -m apps.asr.export`, `python -m apps.asr.quantize`, `python -m apps.asr.card`
+(docs/asr.md).
 
 ## Model
 
-- {params / 1e6:.2f} M parameters: conv subsampling x4, {cfg["layers"]} conformer-style blocks
-  (d={cfg["d_model"]}, {cfg["heads"]} heads, causal conv kernel {cfg["conv_kernel"]}),
-  chunked attention: chunk {cfg["chunk"]} frames ({cfg["chunk"] * 40} ms), left context
-  {cfg["left"]} frames ({cfg["left"] * 0.04:g} s); a fixed-size streaming state per layer.
+- {params:.2f} M parameters: conv subsampling x4, {cfg[layers]} conformer-style blocks
+  (d={cfg[d_model]}, {cfg[heads]} heads, causal conv kernel {cfg[conv_kernel]}),
+  chunked attention: chunk {cfg[chunk]} frames ({chunk_ms} ms), left context
+  {cfg[left]} frames ({left_s:g} s); a fixed-size streaming state per layer.
 - Frontend: 80-dim log-mel, 25 ms / 10 ms, global mean/std in the manifest.
-- Artifact: {artifact.stat().st_size / 1e6:.1f} MB (ONNX graph + exported program).
+- Artifact: {mb:.1f} MB (ONNX graph + exported program).
 
 ## Data
 
-- Train: {len(train)} utterances, {_hours(train):.1f} h, {len({r["speaker"] for r in train})} voices
-  (rate and pitch varied) with speed, gain, noise, babble, reverberation,{channel}
-  telephone-band and SpecAugment augmentation:{_by_release(train)}
-- Held-out voices (validation): {len(valid)} utterances, {_hours(valid):.1f} h,
-  {len({r["speaker"] for r in valid})} voices never seen in training:{_by_release(valid)}
+All speech trains with speed (0.9/1.0/1.1), gain, noise, babble,
+reverberation,{channel} telephone-band and SpecAugment augmentation.
+
+- Real speech (`../shared/data/speech`, Ogg Opus at 24 kbit/s; whole speakers
+  held out, below):{real_train}
+- Synthesized speech: {train_n} utterances, {train_h:.1f} h, {train_voices} voices
+  (rate and pitch varied):{train_releases}
+- Held-out real speakers (never trained on; `dev` chose checkpoints and
+  decoder settings, `test` was only measured; the names are the corpora's own
+  speaker ids, also in `cache/asr/real_speakers.json`):{real_held}
+- Held-out synthetic voices: {valid_n} utterances, {valid_h:.1f} h,
+  {valid_voices} voices never seen in training:{valid_releases}
+- Never trained on: LJ Speech (LJ001 is evaluation only).
 
 ## Training
 
-{state["epoch"]} epochs, {state["step"]} steps on 2 CPU cores.
-
-Each epoch is scored on the first 200 held-out utterances (release 1 voices).
-{data_note}
-| epoch | step | train loss | held-out CER (greedy, 200 utt.) |
+{epochs} epochs, {steps} steps on 2 CPU cores. Each epoch is scored on
+{scored_on}.
+{notes}
+| epoch | step | train loss | validation CER (greedy) |
 |---:|---:|---:|---:|
 {history}
 
 ## Scores
 
+Whole utterances through the model (`python -m apps.asr.evaluate`). The real
+speakers' audio is lossy (Opus 24 kbit/s); LJ001 is lossless.
+
 | set | CER greedy | WER greedy | CER with LM | WER with LM |
 |---|---:|---:|---:|---:|
-{_score_row(f"held-out voices ({held['n']} utt.)", held)}
-{release_rows}{_score_row(f"LJ001 real speech ({lj.get('n', 0)} clips)", lj)}
-{lj_test_row}
-The LM is `lm.arpa` (see LM.md), built without the held-out voices' sentences;
-{decoder_note}. For reference,
-CMU PocketSphinx 5 (its US English model and 27 MB LM) gets 27.3% WER (CER
-13.6%) on the same 186 LJ001 clips, measured beside this model by
-`tests/bench/bench_asr_peers.py`, at 6.6 times its CPU (docs/benchmarks.md).
-
+{score_rows}
+The LM is `lm.arpa` (see LM.md); {decoder_note}.
+{peer_rows}
 Shipped clips (`clips/`: `heldout-espeak-david.flac` is espeak-ng's
 en-gb-x-gbcwmd+david, a voice held out from training; `LJ001-0011.flac` is LJ
 Speech 1.1, public domain), through the streaming pipeline
@@ -272,29 +423,24 @@ Speech 1.1, public domain), through the streaming pipeline
 
 | clip | model | reference | recognized | WER |
 |---|---|---|---|---:|
-{chr(10).join(clip_rows)}
+{clip_rows}
 {int8_section}
+
+## Attribution
+
+The weights were trained on these corpora; their licences ask for credit:
+
+"""
+    + ATTRIBUTION
+    + """
 
 ## Limits
 
-Trained on synthetic voices only: voices it never heard score far worse than
-its training voices, and real speech (LJ001) is much harder than unseen
-synthetic voices. What limits real speech, what has been measured to help (the
-natural voices of release 2 and the random microphone/channel response; more
-steps and the accented voices of releases 3 and 4 helped the synthetic voices,
-not LJ001) and what would help next
-is in docs/asr.md ("What limits real speech").
-
-Some training voices have restrictive terms (MBROLA databases, RHVoice
-evgeniy-eng: CC BY-NC-ND 4.0, the OALD lexicon of two festival voices); the
-model holds none of their data, but see docs/asr.md ("The training voices'
-terms") before selling a product built on it.
+About 12 hours of real speech and a 3 M-parameter model trained on 2 CPU
+cores: what limits it and what would help next is in docs/asr.md ("What
+limits real speech"). Some synthesized training voices have restrictive
+terms (MBROLA databases, RHVoice evgeniy-eng: CC BY-NC-ND 4.0, the OALD
+lexicon of two festival voices); the model holds none of their data, but see
+docs/asr.md ("The training voices' terms") before selling a product built on it.
 """
-    out = args.samples / "asr" / "MODEL.md"
-    out.write_text(card)
-    print(f"wrote {out}")
-    return out
-
-
-if __name__ == "__main__":
-    main()
+)

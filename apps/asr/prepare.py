@@ -1,6 +1,10 @@
 """Recipe step 1: sentences and synthesized speech for the sample ASR model.
 
-    python -m apps.asr.prepare [--hours 10 12 5 5] [--workers 2] [--out cache/asr]
+    python -m apps.asr.prepare [--hours 10 12 5 5] [--workers 2] [--out cache/asr] [--no-real]
+
+Real speech first: the corpora of ../shared/data/speech are listed and split by
+speaker (apps.asr.corpora: ``real_train``/``real_dev``/``real_test.jsonl``;
+``--no-real`` leaves them out), then synthesized speech is made to go with them.
 
 Sentences come from ../shared/data/text (never from the evaluation speech),
 normalized to the model's vocabulary; each is spoken by a seeded choice among
@@ -165,8 +169,18 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--shared", type=Path, default=SHARED)
     parser.add_argument("--templates", type=int, default=3,
                         help="times each VQA question form is spoken (0: none)")  # fmt: skip
+    parser.add_argument("--no-real", action="store_true",
+                        help="synthesized speech only (no apps.asr.corpora manifests)")  # fmt: skip
     args = parser.parse_args(argv)
     from tqdm import tqdm
+
+    if not args.no_real:
+        from apps.asr.corpora import prepare as prepare_real
+
+        for split, corpora in prepare_real(args.shared, args.out, args.seed)["splits"].items():
+            hours = sum(c["hours"] for c in corpora.values())
+            print(f"real {split}: {sum(c['utterances'] for c in corpora.values())} utterances, "
+                  f"{hours:.2f} h, {len(corpora)} corpora")  # fmt: skip
 
     from apps.vqa.scenes import all_template_texts
 

@@ -58,8 +58,10 @@ def record_path(data: Path, mode: str, observer: str, keep_float: int = 0) -> Pa
 
 
 def calibration_batches(data: Path, fbank: Fbank, count: int, seed: int = 0) -> list[tuple]:
-    """``count`` training utterances (seeded pick) as ``(feats [1, T, mels],)``."""
-    rows = read_manifest(data / "train.jsonl")
+    """``count`` training utterances (seeded pick; synthesized and real speech
+    alike, as the model trained on both) as ``(feats [1, T, mels],)``."""
+    rows = [row for name in ("train.jsonl", "real_train.jsonl") if (data / name).is_file()
+            for row in read_manifest(data / name)]  # fmt: skip
     pick = random.Random(seed).sample(rows, min(count, len(rows)))
     out = []
     with torch.no_grad():
@@ -70,11 +72,24 @@ def calibration_batches(data: Path, fbank: Fbank, count: int, seed: int = 0) -> 
     return out
 
 
+# The sets a quantization is scored on: key prefix -> where evaluate() reports it.
+SUMMARY_SETS = {
+    "held": ("held_out_voices",),
+    "lj": ("lj001",),
+    "realdev": ("real_dev", "all"),
+    "realtest": ("real_test", "all"),
+}
+
+
 def _summary(report: dict[str, Any]) -> dict[str, float]:
-    held, lj = report["held_out_voices"], report.get("lj001", {})
     keys = ("cer_greedy", "wer_greedy", "cer_lm", "wer_lm")
-    return {**{f"held_{k}": held[k] for k in keys if k in held},
-            **{f"lj_{k}": lj[k] for k in keys if k in lj}}  # fmt: skip
+    out = {}
+    for prefix, path in SUMMARY_SETS.items():
+        scores = report
+        for part in path:
+            scores = scores.get(part, {})
+        out |= {f"{prefix}_{k}": scores[k] for k in keys if k in scores}
+    return out
 
 
 def _from_qat(args: argparse.Namespace, model: torch.nn.Module, fbank: Fbank) -> dict[str, Any]:

@@ -342,10 +342,14 @@ def training_sets(
     if not rows:
         raise SystemExit(f"no training data in {args.data}: run python -m apps.asr.prepare "
                          "and/or python -m apps.asr.corpora first")  # fmt: skip
-    for name in (args.valid,) if args.valid else ("real_dev.jsonl", "valid.jsonl"):
-        if (args.data / name).is_file() and (valid := read_manifest(args.data / name)):
+    names = [n for n in ((args.valid,) if args.valid else ("real_dev.jsonl", "valid.jsonl"))
+             if (args.data / n).is_file()]  # fmt: skip
+    if not names:
+        raise SystemExit(f"no validation manifest in {args.data} (real_dev.jsonl or valid.jsonl)")
+    for name in names:  # the first with rows (a tiny prepare may hold out no voice's utterance)
+        if valid := read_manifest(args.data / name):
             return rows, valid, name
-    raise SystemExit(f"no validation manifest in {args.data} (real_dev.jsonl or valid.jsonl)")
+    return rows, [], names[-1]
 
 
 def train(args: argparse.Namespace) -> dict[str, Any]:
