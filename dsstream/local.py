@@ -13,7 +13,7 @@ from typing import Any
 
 import numpy as np
 
-from dsstream.options import AsrOptions, OptionsError, parse_task_options
+from dsstream.options import AsrOptions, parse_task_options
 from dsstream.pipelines.base import PipelineError, PipelineRegistry
 from dsstream.protocol import (
     Answer,
@@ -42,10 +42,7 @@ class LocalSession:
     def __init__(self, task: str, registry: PipelineRegistry | None = None, **options: Any):
         if registry is None:
             registry = _shared_registry()
-        try:
-            self.options = parse_task_options(task, options)
-        except OptionsError as exc:
-            raise ValueError(str(exc)) from None
+        self.options = parse_task_options(task, options)  # OptionsError is a ValueError
         self.task = task
         factory = registry.resolve(task, self.options.model)
         self.pipeline = factory.create()

@@ -11,6 +11,8 @@ import math
 from dataclasses import asdict, dataclass, field, fields
 from typing import Any
 
+from dsstream.errors import CodedError, ErrorCode
+
 __all__ = [
     "ENCODINGS",
     "MIN_SAMPLE_RATE",
@@ -29,17 +31,15 @@ MIN_SAMPLE_RATE = 8000
 MAX_SAMPLE_RATE = 192000
 MAX_HOTWORDS = 5000
 MAX_HOTWORD_CHARS = 100
-MAX_GRAMMAR_PHRASES = 1000  # phrases in a grammar (dsstream.decoding.grammar uses it too)
+MAX_GRAMMAR_PHRASES = 1000  # phrases in a grammar (the ASR pipeline passes it to the decoder)
 
 
-class OptionsError(ValueError):
-    """Invalid start options; ``code`` is ``bad_message`` or ``unsupported``."""
+class OptionsError(CodedError, ValueError):
+    """Invalid start options; ``code`` is ``bad_message`` or ``unsupported``.
+    A ``ValueError`` too, for in-process callers (``transcribe(..., beam_width=0)``)."""
 
-    def __init__(self, message: str, code: str = "bad_message") -> None:
-        super().__init__(message)
-        from dsstream.protocol import ErrorCode  # local: protocol imports this module
-
-        self.code = ErrorCode(code)
+    def __init__(self, message: str, code: ErrorCode | str = ErrorCode.BAD_MESSAGE) -> None:
+        super().__init__(code, message)
 
 
 @dataclass(frozen=True)

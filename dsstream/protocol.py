@@ -20,12 +20,8 @@ from typing import Any, Union
 
 import numpy as np
 
-from dsstream.options import (
-    AsrOptions,
-    OptionsError,
-    VqaOptions,
-    parse_task_options,
-)
+from dsstream.errors import CloseCode, CodedError, ErrorCode
+from dsstream.options import AsrOptions, VqaOptions, parse_task_options
 
 __all__ = [
     "PROTOCOL_VERSION",
@@ -60,53 +56,8 @@ __all__ = [
 PROTOCOL_VERSION = 1
 
 
-class ErrorCode(enum.StrEnum):
-    """Stable error codes sent in ``error`` events."""
-
-    BAD_MESSAGE = "bad_message"  # malformed JSON, unknown type, invalid field, wrong state
-    BAD_AUDIO = "bad_audio"  # audio bytes that do not fit the declared encoding
-    BAD_IMAGE = "bad_image"  # unreadable, unsupported or oversized image
-    TOO_LARGE = "too_large"  # a frame above the server's max_frame_bytes
-    UNSUPPORTED = "unsupported"  # a valid request the server cannot honour (encoding, rate)
-    BUSY = "busy"  # the server is at its session limit; retry later
-    UNAUTHORIZED = "unauthorized"  # missing or wrong bearer token, or origin not allowed
-    MODEL_UNAVAILABLE = "model_unavailable"  # the task's model is not installed
-    NO_IMAGE = "no_image"  # a question before any image in a vqa session
-    TIMEOUT = "timeout"  # idle timeout or maximum session duration reached
-    INTERNAL = "internal"  # a server-side failure; the session ends, the server goes on
-
-
-class CloseCode(enum.IntEnum):
-    """WebSocket close codes (RFC 6455, section 7.4.1) the server uses."""
-
-    NORMAL = 1000
-    GOING_AWAY = 1001  # server shutting down
-    POLICY_VIOLATION = 1008  # unauthorized
-    INTERNAL_ERROR = 1011
-    TRY_AGAIN_LATER = 1013  # busy
-
-
-# The close code that goes with each fatal error.
-_FATAL_CLOSE = {
-    ErrorCode.UNAUTHORIZED: CloseCode.POLICY_VIOLATION,
-    ErrorCode.BUSY: CloseCode.TRY_AGAIN_LATER,
-    ErrorCode.INTERNAL: CloseCode.INTERNAL_ERROR,
-}
-
-
-def close_code_for(code: ErrorCode) -> CloseCode:
-    """The WebSocket close code that ends a session after fatal error ``code``."""
-    return _FATAL_CLOSE.get(code, CloseCode.NORMAL)
-
-
-class ProtocolError(Exception):
+class ProtocolError(CodedError):
     """A client message that breaks the protocol; becomes an ``error`` event."""
-
-    def __init__(self, code: ErrorCode, message: str, fatal: bool = False) -> None:
-        super().__init__(message)
-        self.code = code
-        self.message = message
-        self.fatal = fatal
 
 
 @dataclass(frozen=True)
@@ -392,13 +343,13 @@ class ServerProtocol:
     def receive_text(self, text: str) -> list[ClientRequest | Error]:
         try:
             return [self._text(text)]
-        except ProtocolError as exc:
+        except CodedError as exc:  # ProtocolError, or OptionsError from a start
             return [self._error(exc)]
 
     def receive_binary(self, data: bytes) -> list[ClientRequest | Error]:
         try:
             return [self._binary(data)]
-        except ProtocolError as exc:
+        except CodedError as exc:
             return [self._error(exc)]
 
     # -- decisions from the server -------------------------------------------
@@ -433,7 +384,7 @@ class ServerProtocol:
 
     # -- internals -----------------------------------------------------------
 
-    def _error(self, exc: ProtocolError) -> Error:
+    def _error(self, exc: CodedError) -> Error:
         if exc.fatal:
             self.state = State.CLOSED
         return Error(exc.code, exc.message, exc.fatal)
@@ -467,10 +418,7 @@ class ServerProtocol:
                 f"unknown task {task!r}; expected one of {', '.join(self.tasks)}",
             )
         raw = {k: v for k, v in msg.items() if k not in ("type", "task")}
-        try:
-            options = parse_task_options(task, raw)
-        except OptionsError as exc:
-            raise ProtocolError(exc.code, str(exc)) from exc
+        options = parse_task_options(task, raw)  # an OptionsError is sent as it is
         self.state, self.task, self.options = State.STARTING, task, options
         return StartSession(task, options)
 

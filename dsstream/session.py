@@ -20,6 +20,7 @@ from typing import TYPE_CHECKING, Any
 from websockets.asyncio.server import ServerConnection
 from websockets.exceptions import ConnectionClosed
 
+from dsstream.errors import close_code_for
 from dsstream.logs import session_logger
 from dsstream.options import options_dict
 from dsstream.pipelines.base import ModelUnavailable, Pipeline, PipelineError, PipelineRegistry
@@ -36,7 +37,6 @@ from dsstream.protocol import (
     ServerProtocol,
     StartSession,
     State,
-    close_code_for,
     encode_event,
 )
 

@@ -205,14 +205,20 @@ def _onnx_dynamic_int8(float_onnx: bytes, per_channel: bool) -> bytes:
 
 
 def _versions() -> dict[str, str]:
+    """The versions that wrote an artifact.  The engine's is its distribution's,
+    from package metadata: the engine knows nothing of the layers above it."""
+    from importlib.metadata import PackageNotFoundError, version
+
     import onnx
     import onnxruntime
 
-    from dsstream import __version__
-
+    try:
+        engine = version("dsstream")  # the distribution that ships the engine
+    except PackageNotFoundError:  # run from a source tree that was never installed
+        engine = "unknown"
     return {
         "torch": torch.__version__,
-        "engine": __version__,
+        "engine": engine,
         "onnx": onnx.__version__,
         "onnxruntime": onnxruntime.__version__,
     }

@@ -154,6 +154,7 @@ EXPECTED = {
         "fake_quantize",
         "qparams_from_range",
     },
+    "dsstream.errors": {"CloseCode", "CodedError", "ErrorCode", "close_code_for"},
     "dsstream.lm": {
         "NGramModel",
         "build_lm",
@@ -224,6 +225,7 @@ def test_all_is_exact_and_resolves(module):
         "kernels._dispatch",
         "dsstream.frontend",
         "apps.asr.model",
+        "apps.asr.corpora",
         "apps.asr.export",
         "apps.asr.evaluate",
         "apps.asr.recover",

@@ -495,10 +495,14 @@ def test_a_grammar_that_cannot_be_spelled_is_refused():
         (["caf\u00e9"], "cannot spell"),
         (["room 101"], "cannot spell"),
         (["x" * 201], "longer than"),
-        ([f"word {'a' * (i % 9)}b{i // 9 * 'c'}" for i in range(1001)], "at most 1000"),
     ]:
         with pytest.raises(GrammarError, match=message):
             decoder.begin(grammar=phrases)
+    # The limit on phrases is the caller's (a server's, from its protocol): none by default.
+    many = [f"word {'a' * (i % 9)}b{i // 9 * 'c'}" for i in range(1001)]
+    assert len(Grammar.parse(many)) == 1001
+    with pytest.raises(GrammarError, match="has 1001 phrases; at most 1000"):
+        Grammar.parse(many, max_phrases=1000)
     with pytest.raises(ValueError, match="do not combine"):
         decoder.begin(hotwords=["yes"], grammar=["yes", "no"])
     bpe = Vocabulary(("<blank>", "\u2581ye", "s", "\u2581no"), 0, kind="bpe")

@@ -33,7 +33,6 @@ from typing import Iterable
 import numpy as np
 
 from dsstream.decoding.vocab import Vocabulary
-from dsstream.options import MAX_GRAMMAR_PHRASES
 
 __all__ = [
     "Grammar",
@@ -42,13 +41,11 @@ __all__ = [
     "SequenceSearch",
     "search_for",
     "UNK",
-    "MAX_PHRASES",
     "MAX_PHRASE_CHARS",
     "REJECT_BELOW",
 ]
 
 UNK = "[unk]"
-MAX_PHRASES = MAX_GRAMMAR_PHRASES  # the protocol's limit (dsstream.options)
 MAX_PHRASE_CHARS = 200
 # Nats per letter by which the best phrase may fall short of the free best path
 # before "[unk]" wins; measured with the sample model (docs/asr.md, "Grammars").
@@ -72,10 +69,16 @@ class Grammar:
 
     @classmethod
     def parse(
-        cls, phrases: Iterable[str], alphabet: Iterable[str] | None = None, sequence: bool = False
+        cls,
+        phrases: Iterable[str],
+        alphabet: Iterable[str] | None = None,
+        sequence: bool = False,
+        max_phrases: int | None = None,
     ) -> Grammar:
         """``alphabet``: the characters the model can spell; a phrase with
-        another character could never be recognized, so it is refused."""
+        another character could never be recognized, so it is refused.
+        ``max_phrases``: the most phrases allowed (a server's limit; none by
+        default, the cost grows with the phrases' total length)."""
         letters = set(alphabet) if alphabet is not None else None
         seen: list[str] = []
         unk = False
@@ -101,8 +104,8 @@ class Grammar:
                 seen.append(phrase)
         if not seen:
             raise GrammarError("the grammar has no phrases")
-        if len(seen) > MAX_PHRASES:
-            raise GrammarError(f"the grammar has {len(seen)} phrases; at most {MAX_PHRASES}")
+        if max_phrases is not None and len(seen) > max_phrases:
+            raise GrammarError(f"the grammar has {len(seen)} phrases; at most {max_phrases}")
         return cls(tuple(seen), unk, sequence)
 
     def __len__(self) -> int:

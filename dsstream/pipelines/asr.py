@@ -34,7 +34,7 @@ from dsstream.decoding import CTCDecoder, Vocabulary
 from dsstream.decoding.grammar import UNK, Grammar, GrammarError
 from dsstream.endpoint import Endpointer
 from dsstream.frontend import Fbank, FbankConfig, StreamingFbank
-from dsstream.options import AsrOptions, OptionsError, parse_task_options
+from dsstream.options import MAX_GRAMMAR_PHRASES, AsrOptions, parse_task_options
 from dsstream.pipelines.base import PipelineError
 from dsstream.protocol import (
     AudioChunk,
@@ -237,10 +237,7 @@ class AsrRuntime:
 
     def stream(self, **options: Any) -> AsrPipeline:
         """A begun pipeline for in-process streaming; ``options`` as in ``start``."""
-        try:
-            opts = parse_task_options("asr", options)
-        except OptionsError as exc:
-            raise ValueError(str(exc)) from None
+        opts = parse_task_options("asr", options)  # OptionsError is a ValueError
         pipe = AsrPipeline(self)
         pipe.begin(opts)
         return pipe
@@ -418,7 +415,8 @@ class AsrPipeline:
 
         spelled = [p if p == UNK else normalize_sentence(p) for p in phrases]
         try:
-            return Grammar.parse(spelled, self.runtime.decoder.alphabet, sequence)
+            return Grammar.parse(spelled, self.runtime.decoder.alphabet, sequence,
+                                 max_phrases=MAX_GRAMMAR_PHRASES)  # fmt: skip
         except GrammarError as exc:
             raise PipelineError(ErrorCode.BAD_MESSAGE, str(exc), True) from None
 

@@ -15,8 +15,9 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any, Callable, Mapping, Protocol, Union
 
+from dsstream.errors import CodedError
 from dsstream.options import AsrOptions, VqaOptions
-from dsstream.protocol import AudioChunk, ErrorCode, Flush, ImageData, Question, ServerEvent
+from dsstream.protocol import AudioChunk, Flush, ImageData, Question, ServerEvent
 
 __all__ = [
     "Frame",
@@ -31,18 +32,12 @@ __all__ = [
 Frame = Union[AudioChunk, ImageData, Question, Flush]
 
 
-class PipelineError(Exception):
+class PipelineError(CodedError):
     """Bad input a pipeline refuses; becomes an ``error`` event.
 
     Non-fatal errors (the default) keep the session: the frame is dropped and
     the next one is processed.
     """
-
-    def __init__(self, code: ErrorCode | str, message: str, fatal: bool = False) -> None:
-        super().__init__(message)
-        self.code = ErrorCode(code)
-        self.message = message
-        self.fatal = fatal
 
 
 class ModelUnavailable(Exception):
