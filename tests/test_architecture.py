@@ -14,7 +14,6 @@ LAYERS = {"kernels": 0, "engine": 1, "dsstream": 2, "apps": 3}  # lower may not 
 KNOWN_CIRCLES = [
     {"engine.engine", "engine.sessions"},
     {"dsstream.server", "dsstream.session", "dsstream.vosk"},
-    {"apps.vqa.export", "apps.vqa.quantize", "apps.vqa.train"},
 ]
 
 

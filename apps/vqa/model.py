@@ -15,6 +15,7 @@ once per question:
 
 from __future__ import annotations
 
+import copy
 from dataclasses import asdict, dataclass
 
 import torch
@@ -25,6 +26,7 @@ from apps.vqa.parse import CELL_OUTPUTS
 
 __all__ = [
     "VqaConfig",
+    "fold_batchnorm",
     "ImageStage",
     "QuestionStage",
     "VqaModel",
@@ -257,3 +259,25 @@ class VqaModel(nn.Module):
 
 def param_count(model: nn.Module) -> int:
     return sum(p.numel() for p in model.parameters())
+
+
+def fold_batchnorm(model: VqaModel) -> VqaModel:
+    """A copy with each Conv2d -> BatchNorm2d pair of the image CNN folded into one conv."""
+    model = copy.deepcopy(model).eval()
+    layers = list(model.image.cnn)
+    out: list[nn.Module] = []
+    i = 0
+    while i < len(layers):
+        conv = layers[i]
+        if (
+            isinstance(conv, nn.Conv2d)
+            and i + 1 < len(layers)
+            and isinstance(layers[i + 1], nn.BatchNorm2d)
+        ):
+            out.append(torch.nn.utils.fusion.fuse_conv_bn_eval(conv, layers[i + 1]))
+            i += 2
+        else:
+            out.append(conv)
+            i += 1
+    model.image.cnn = nn.Sequential(*out)
+    return model

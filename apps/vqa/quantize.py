@@ -14,42 +14,16 @@ quantization-aware fine-tuned model (``python -m apps.vqa.train --qat``).
 from __future__ import annotations
 
 import argparse
-import copy
 import json
 from pathlib import Path
 from typing import Any
 
-import torch
-from torch import nn
-
-from apps.vqa.model import TRAINING_HEADS, VqaModel
+from apps.vqa.model import TRAINING_HEADS, fold_batchnorm
 from apps.vqa.train import Split, accuracy, load_checkpoint, load_split
 
 ROOT = Path(__file__).resolve().parents[2]
 
-__all__ = ["fold_batchnorm", "main"]
-
-
-def fold_batchnorm(model: VqaModel) -> VqaModel:
-    """A copy with each Conv2d -> BatchNorm2d pair of the image CNN folded into one conv."""
-    model = copy.deepcopy(model).eval()
-    layers = list(model.image.cnn)
-    out: list[nn.Module] = []
-    i = 0
-    while i < len(layers):
-        conv = layers[i]
-        if (
-            isinstance(conv, nn.Conv2d)
-            and i + 1 < len(layers)
-            and isinstance(layers[i + 1], nn.BatchNorm2d)
-        ):
-            out.append(torch.nn.utils.fusion.fuse_conv_bn_eval(conv, layers[i + 1]))
-            i += 2
-        else:
-            out.append(conv)
-            i += 1
-    model.image.cnn = nn.Sequential(*out)
-    return model
+__all__ = ["main"]
 
 
 def _batches(split: Split, scenes: int, batch: int = 16) -> list[tuple]:

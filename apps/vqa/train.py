@@ -30,7 +30,7 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from apps.vqa.model import TRAINING_HEADS, VqaConfig, VqaModel, param_count
+from apps.vqa.model import TRAINING_HEADS, VqaConfig, VqaModel, fold_batchnorm, param_count
 from apps.vqa.parse import cell_targets, parse_loss
 from apps.vqa.scenes import ANSWERS, TEMPLATES
 from dsstream.tokenizer import WordTokenizer
@@ -144,7 +144,6 @@ def _quant_config() -> Any:
 def _qat_model(model: VqaModel, saved: dict[str, Any] | None, calib: Split | None) -> VqaModel:
     """``model`` (float weights) with BN folded and fake quantizers: restored from a
     QAT checkpoint (``saved``) or calibrated on ``calib``."""
-    from apps.vqa.quantize import fold_batchnorm
     from engine.quant import QuantConfig, calibrate, enable_fake, load_qat_state, prepare
 
     if saved is not None:
