@@ -310,6 +310,24 @@ def test_sessions_with_hotwords_search_a_wider_beam(runtime):
     assert widths == [4, 16]  # runtime's beam 4; AsrConfig.hotword_beam_width
 
 
+def test_a_sessions_hotword_trie_is_built_once_for_all_its_segments(runtime, monkeypatch):
+    from dsstream.decoding import HotwordTrie
+    from dsstream.options import AsrOptions, Hotword
+
+    given = []
+    begin = runtime.decoder.begin
+    monkeypatch.setattr(
+        runtime.decoder, "begin", lambda h, *a, **k: given.append(h) or begin(h, *a, **k)
+    )
+    pipe = runtime.pipeline()
+    pipe.begin(AsrOptions(hotwords=(Hotword("holmes", 5.0),)))
+    pipe._new_decoder()  # what each endpoint does: a new segment, a new decoder stream
+    pipe._new_decoder()
+    pipe.end()
+    assert len(given) >= 3 and isinstance(given[0], HotwordTrie) and len(given[0]) == 1
+    assert all(h is given[0] for h in given)
+
+
 def test_decoder_settings_come_from_the_artifact_unless_configured(tiny, tmp_path):
     """apps.asr.tune's choice travels in the manifest; AsrConfig overrides it."""
     from apps.asr.export import export_streaming

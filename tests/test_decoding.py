@@ -137,6 +137,25 @@ def test_hotword_changes_an_ambiguous_recognition(lm):
     assert CTCDecoder(beam_width=16).decode(x, hotwords=["kenlm"]).text == "kenlm"
 
 
+@pytest.mark.parametrize("backend", ["python", "native"])
+def test_a_prebuilt_hotword_trie_decodes_as_its_phrases_do(lm, backend):
+    if backend == "native" and not native_available():
+        pytest.skip("native decoder not built")
+    x = _ambiguous("kenlm", "kenlo", np.random.default_rng(4))
+    decoder = CTCDecoder(beam_width=16, language_model=lm, backend=backend)
+    trie = decoder.hotwords(["kenlm", ("holmes", 2.0)])
+    assert isinstance(trie, HotwordTrie) and len(trie) == 2
+    assert trie.score[-1] == 2.0  # "holmes" kept its own boost
+    given, built = (
+        decoder.decode(x, hotwords=["kenlm", ("holmes", 2.0)]),
+        decoder.decode(x, hotwords=trie),
+    )
+    assert (built.text, built.score, built.words) == (given.text, given.score, given.words)
+    assert built.text == "kenlm"
+    assert decoder.hotwords([]) is None and decoder.hotwords(None) is None
+    assert decoder.begin(hotwords=HotwordTrie([])).search.cfg.beam_width == 16  # as none
+
+
 def test_many_unrelated_hotwords_leave_the_best_hypothesis_alone(lm):
     rng = np.random.default_rng(5)
     x = emissions("the cat sat on the mat", rng, confusion=0.2)

@@ -37,7 +37,7 @@ __all__ = [
 # The sample ASR model's output tokens: blank, word delimiter, apostrophe, a-z.
 ENGLISH_CHARS = Vocabulary(("<blank>", "|", "'", *"abcdefghijklmnopqrstuvwxyz"), 0)
 
-HotwordsArg = Iterable[str | tuple[str, float]] | None
+HotwordsArg = HotwordTrie | Iterable[str | tuple[str, float]] | None
 GrammarArg = Grammar | Iterable[str] | None
 
 
@@ -91,6 +91,8 @@ def _as_matrix(logits: Any, vocab_size: int) -> np.ndarray:
 
 
 def _hotwords(hotwords: HotwordsArg, default_boost: float) -> HotwordTrie | None:
+    if isinstance(hotwords, HotwordTrie):  # built once (CTCDecoder.hotwords), used per stream
+        return hotwords if len(hotwords) else None
     if not hotwords:
         return None
     pairs = []
@@ -241,6 +243,12 @@ class CTCDecoder:
         search_cls = NativeBeamSearch if self.backend == "native" else BeamSearch
         search = search_cls(self.vocab, config, self.lm, trie)
         return DecoderStream(self, search, time_offset)
+
+    def hotwords(self, hotwords: HotwordsArg) -> HotwordTrie | None:
+        """``hotwords`` (phrases, or ``(phrase, boost)`` pairs; a bare phrase gets
+        this decoder's ``hotword_boost``) as a trie that ``begin`` takes as it is:
+        a session that starts a stream per segment builds it once."""
+        return _hotwords(hotwords, self.hotword_boost)
 
     @property
     def alphabet(self) -> set[str]:

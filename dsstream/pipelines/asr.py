@@ -284,7 +284,8 @@ class AsrPipeline:
         self.frontend = StreamingFbank(rt.fbank)
         self.vad = rt.vad.stream()
         self.endpointer = Endpointer(options.endpointing)
-        self.hotwords = [(h.phrase, h.boost) for h in options.hotwords]
+        # Built once: every segment's decoder stream searches the same trie.
+        self.hotwords = rt.decoder.hotwords([(h.phrase, h.boost) for h in options.hotwords])
         self.grammar = self._grammar(options.grammar, options.grammar_sequence)
         self.overrides = {} if options.lm_weight is None else {"alpha": options.lm_weight}
         self.held: list[np.ndarray] = []  # audio not yet through the VAD and frontend
