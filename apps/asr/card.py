@@ -213,7 +213,8 @@ def _real_data(data: Path) -> tuple[str, str]:
             )
         for split in ("dev", "test"):
             if held[corpus.name][split]:
-                names = ", ".join(held[corpus.name][split])
+                # Common Voice's ids are 128-character hashes: their first 8 name them here.
+                names = ", ".join(s if len(s) <= 16 else s[:8] for s in held[corpus.name][split])
                 h = splits[split][corpus.name]
                 held_lines.append(f"\n  - {corpus.name}, {split}: {h['utterances']} utterances, "
                                   f"{h['hours']:.2f} h; speakers {names}")  # fmt: skip
@@ -444,3 +445,7 @@ lexicon of two festival voices); the model holds none of their data, but see
 docs/asr.md ("The training voices' terms") before selling a product built on it.
 """
 )
+
+
+if __name__ == "__main__":
+    main()
