@@ -15,7 +15,6 @@ import http
 import json
 import logging
 import signal
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass, field
 from importlib import resources
 from typing import Any, Callable
@@ -26,6 +25,7 @@ from websockets.datastructures import Headers
 from websockets.http11 import Request, Response
 
 from dsstream import __version__
+from dsstream.host import SessionHost, SessionSettings
 from dsstream.metrics import CONTENT_TYPE, ServerMetrics
 from dsstream.pipelines.base import PipelineRegistry
 from dsstream.protocol import CloseCode, ErrorCode, Limits, ServerProtocol, encode_event
@@ -85,6 +85,17 @@ class ServerConfig:
     listen_fd: int | None = None
     worker: WorkerInfo | None = None
 
+    def session_settings(self) -> SessionSettings:
+        """What the per-connection runners read of this config."""
+        return SessionSettings(
+            limits=self.limits,
+            max_sessions=self.max_sessions,
+            session_queue_frames=self.session_queue_frames,
+            max_frames_per_call=self.max_frames_per_call,
+            shutdown_grace_s=self.shutdown_grace_s,
+            busy_retry_after_ms=self.busy_retry_after_ms,
+        )
+
 
 class StreamServer:
     """The dsstream WebSocket server.
@@ -99,36 +110,40 @@ class StreamServer:
         config: ServerConfig | None = None,
         metrics: ServerMetrics | None = None,
     ) -> None:
-        self.registry = registry
         self.config = config or ServerConfig()
-        self.metrics = metrics or ServerMetrics()
-        self._adopted: dict[int, Any] = {}  # the collectors on /metrics, by id
+        # What sessions may use of the server: admission, the pool, limits, metrics.
+        self.host = SessionHost(
+            registry, self.config.session_settings(), metrics, self.config.worker_threads
+        )
         self.reloads = 0  # model reloads done (:meth:`reload`)
         self._reloading = False
-        # Sessions per registry generation (by id): a registry replaced by a reload
-        # is closed once the last session that started on it has ended.
-        self._pins: dict[int, int] = {}
-        self._retired: dict[int, PipelineRegistry] = {}
-        self.executor = ThreadPoolExecutor(self.config.worker_threads, "dsstream-pipeline")
-        self.active_sessions = 0
         self.runners: set[SessionRunner] = set()
         self._server: Server | None = None
         self._closing = False
         self._closed: asyncio.Event | None = None
-        self.stopping = asyncio.Event()  # set when a graceful shutdown begins
+        # Open connections of either protocol; drain waits for the last to end.
+        self._connections = 0
+        self._no_connections = asyncio.Event()
+        self._no_connections.set()
         self._metrics_server: asyncio.Server | None = None  # worker mode: for the others
 
-    # -- lifecycle -------------------------------------------------------------
+    @property
+    def registry(self) -> PipelineRegistry:
+        """The models new sessions get."""
+        return self.host.registry
 
-    def adopt_metrics(self, factory: Any) -> None:
-        """Expose a loaded model's collectors (engine, pipeline stages) on /metrics,
-        once; a model a reload replaced is left off (its successor has the names)."""
-        if not any(f is factory for f in self.registry.factories()):
-            return
-        for collector in getattr(factory, "collectors", lambda: [])():
-            if id(collector) not in self._adopted:
-                self._adopted[id(collector)] = collector
-                self.metrics.include(collector)
+    @property
+    def metrics(self) -> ServerMetrics:
+        return self.host.metrics
+
+    @property
+    def active_sessions(self) -> int:
+        return self.host.active_sessions
+
+    @property
+    def stopping(self) -> asyncio.Event:
+        """Set when a graceful shutdown begins."""
+        return self.host.stopping
 
     # -- reload ------------------------------------------------------------------
 
@@ -147,72 +162,26 @@ class StreamServer:
             log.warning("reload ignored: %s", "one is loading" if self._reloading else "closing")
             return False
         self._reloading = True
-        loop = asyncio.get_running_loop()
         new = registry
         try:
             new = registry if registry is not None else self.registry.reloaded()
-            await loop.run_in_executor(self.executor, new.load)
+            await self.host.run(new.load)
         except Exception as exc:
             log.error("reload failed, the loaded models keep serving: %s", exc)
             if new is not None:
-                await loop.run_in_executor(self.executor, new.close, self.registry)
+                await self.host.run(new.close, self.registry)
             return False
         finally:
             self._reloading = False
-        old, self.registry = self.registry, new
-        for factory in old.factories():
-            self._forget_metrics(factory)
-        for factory in new.factories():
-            self.adopt_metrics(factory)
+        self.host.swap(new)
         self.reloads += 1
-        self._retired[id(old)] = old
-        self._release_if_unused(old)
         log.info("models reloaded (reload %d)", self.reloads)
         return True
-
-    def _forget_metrics(self, factory: Any) -> None:
-        for collector in getattr(factory, "collectors", lambda: [])():
-            if self._adopted.pop(id(collector), None) is not None:
-                self.metrics.exclude(collector)
-
-    def admit(self, task: str) -> PipelineRegistry | None:
-        """Take a session slot for ``task`` (None at ``max_sessions``): the
-        current models, kept for the session until :meth:`release`, even
-        across a reload."""
-        if self.active_sessions >= self.config.max_sessions:
-            return None
-        self.active_sessions += 1
-        self.metrics.sessions_active.labels(task).inc()
-        registry = self.registry
-        self._pins[id(registry)] = self._pins.get(id(registry), 0) + 1
-        return registry
-
-    def release(self, task: str, registry: PipelineRegistry) -> None:
-        """Give back a slot :meth:`admit` took; models a reload replaced are
-        released with the last session that used them."""
-        self.active_sessions -= 1
-        self.metrics.sessions_active.labels(task).dec()
-        left = self._pins[id(registry)] - 1
-        if left:
-            self._pins[id(registry)] = left
-        else:
-            del self._pins[id(registry)]
-        self._release_if_unused(registry)
-
-    def _release_if_unused(self, registry: PipelineRegistry) -> None:
-        if id(registry) in self._retired and id(registry) not in self._pins:
-            del self._retired[id(registry)]
-            # Closing joins the engines' threads: off the event loop.
-            closing = asyncio.get_running_loop().run_in_executor(
-                None, registry.close, self.registry
-            )
-            closing.add_done_callback(_log_failure("releasing the replaced models"))
 
     async def start(self) -> None:
         limits = self.config.limits
         hard = self.config.hard_frame_factor * max(limits.max_frame_bytes, limits.max_text_bytes)
         self._closed = asyncio.Event()
-        self.stopping = asyncio.Event()
         fd = self.config.listen_fd
         where: dict[str, Any] = (
             {"sock": listening_socket(fd)}
@@ -263,7 +232,7 @@ class StreamServer:
             log.warning("forcing connections closed after the grace period")
             self._server.close(close_connections=True)
             await self._server.wait_closed()
-        self.executor.shutdown(wait=False, cancel_futures=True)
+        self.host.close()
         if self._metrics_server is not None and self.config.worker is not None:
             self._metrics_server.close()
             self.config.worker.socket_path.unlink(missing_ok=True)
@@ -279,9 +248,10 @@ class StreamServer:
             return
         log.info("draining %d open session(s), for up to %g s", len(self.runners), timeout_s)
         self._server.close(close_connections=False)
-        deadline = asyncio.get_running_loop().time() + timeout_s
-        while self.runners and asyncio.get_running_loop().time() < deadline:
-            await asyncio.sleep(0.2)
+        try:
+            await asyncio.wait_for(self._no_connections.wait(), timeout_s)
+        except TimeoutError:
+            log.warning("drain: sessions still open after %g s are finalized now", timeout_s)
         await self.shutdown()
 
     def shutdown_soon(self) -> None:
@@ -346,6 +316,16 @@ class StreamServer:
     # -- WebSocket -----------------------------------------------------------------
 
     async def _handle(self, ws: ServerConnection) -> None:
+        self._connections += 1
+        self._no_connections.clear()
+        try:
+            await self._serve_connection(ws)
+        finally:
+            self._connections -= 1
+            if not self._connections:
+                self._no_connections.set()
+
+    async def _serve_connection(self, ws: ServerConnection) -> None:
         self.metrics.connections.inc()
         refusal = self._refusal(ws)
         if refusal:
@@ -353,9 +333,9 @@ class StreamServer:
             return
         assert ws.request is not None
         if urlsplit(ws.request.path).path == self.config.vosk_path:
-            await serve_vosk(self, ws)
+            await serve_vosk(self.host, ws)
             return
-        runner = SessionRunner(self, ws)
+        runner = SessionRunner(self.host, ws)
         self.runners.add(runner)
         try:
             await runner.run()
@@ -409,14 +389,6 @@ async def _reload(server: StreamServer, rebuild: Callable[[], PipelineRegistry] 
         print("reload: failed, see the log; the models loaded before keep serving", flush=True)
 
 
-def _log_failure(what: str) -> Callable[[asyncio.Future[Any]], None]:
-    def check(future: asyncio.Future[Any]) -> None:
-        if not future.cancelled() and future.exception() is not None:
-            log.error("%s failed: %s", what, future.exception())
-
-    return check
-
-
 def server_urls(host: str, port: int, path: str) -> tuple[str, str]:
     """The WebSocket endpoint's URL and the demo page's for a server bound there."""
     shown = "127.0.0.1" if host in ("", "0.0.0.0") else f"[{host}]" if ":" in host else host
@@ -458,8 +430,8 @@ async def run_server(
         for name, status in models.items():
             if status == "ok":
                 factory = registry.resolve(task, name)
-                await loop.run_in_executor(server.executor, factory.create)
-                server.adopt_metrics(factory)
+                await server.host.run(factory.create)
+                server.host.adopt_metrics(factory)
                 print(f"{prefix}{task}: {name}: loaded", flush=True)
             else:
                 print(f"{prefix}{task}: {name}: {status}", flush=True)

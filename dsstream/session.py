@@ -13,17 +13,17 @@ from __future__ import annotations
 import asyncio
 import time
 import uuid
-from concurrent.futures import Executor
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 from websockets.asyncio.server import ServerConnection
 from websockets.exceptions import ConnectionClosed
 
 from dsstream.errors import close_code_for
+from dsstream.host import Lease, SessionHost
 from dsstream.logs import session_logger
 from dsstream.options import options_dict
-from dsstream.pipelines.base import ModelUnavailable, Pipeline, PipelineError, PipelineRegistry
+from dsstream.pipelines.base import ModelUnavailable, Pipeline, PipelineError
 from dsstream.protocol import (
     Answer,
     AudioChunk,
@@ -39,9 +39,6 @@ from dsstream.protocol import (
     State,
     encode_event,
 )
-
-if TYPE_CHECKING:
-    from dsstream.server import StreamServer
 
 __all__ = ["SessionRunner"]
 
@@ -61,12 +58,12 @@ class _Stop(Exception):
 class SessionRunner:
     """Drives one WebSocket connection (one session) to completion."""
 
-    def __init__(self, server: StreamServer, ws: ServerConnection) -> None:
-        self.server = server
+    def __init__(self, host: SessionHost, ws: ServerConnection) -> None:
+        self.host = host
         self.ws = ws
-        self.config = server.config
-        self.metrics = server.metrics
-        self.protocol = ServerProtocol(self.config.limits, server.registry.tasks)
+        self.config = host.settings
+        self.metrics = host.metrics
+        self.protocol = ServerProtocol(self.config.limits, host.registry.tasks)
         self.session_id = uuid.uuid4().hex[:12]
         self.log = session_logger("dsstream.session", self.session_id)
         self.queue: asyncio.Queue[tuple[Any, float]] = asyncio.Queue(
@@ -79,8 +76,7 @@ class SessionRunner:
         self.stats = {"frames": 0, "audio_seconds": 0.0, "images": 0, "questions": 0}
         self._stop: asyncio.Future[str] = asyncio.get_running_loop().create_future()
         self._worker: asyncio.Task[None] | None = None
-        self._counted = False
-        self._registry: PipelineRegistry | None = None  # the models this session uses
+        self._lease: Lease | None = None  # the slot and the models this session uses
         self._timeout_message = ""
 
     # -- lifecycle -----------------------------------------------------------
@@ -114,9 +110,8 @@ class SessionRunner:
             self.close_code = CloseCode.GOING_AWAY
 
     def _release(self) -> None:
-        if self._counted and self._registry is not None and self.task is not None:
-            self._counted = False
-            self.server.release(self.task, self._registry)
+        if self._lease is not None and not self._lease.released:
+            self._lease.release()
             self.metrics.session_seconds.labels(self.task).observe(time.monotonic() - self.opened)
 
     # -- reading -------------------------------------------------------------
@@ -203,11 +198,10 @@ class SessionRunner:
 
     async def _start(self, request: StartSession) -> bool:
         """Admit, create and begin the pipeline; False when the session must close."""
-        server = self.server
         # The slot is taken before awaiting, so concurrent starts cannot overshoot;
         # the models it comes with stay until this session ends, across a reload.
-        registry = server.admit(request.task)
-        if registry is None:
+        lease = self.host.admit(request.task)
+        if lease is None:
             await self._fatal(
                 ErrorCode.BUSY,
                 f"server is at its limit of {self.config.max_sessions} sessions; retry later",
@@ -215,15 +209,15 @@ class SessionRunner:
             )
             return False
         try:
-            factory = registry.resolve(request.task, request.options.model)
+            factory = lease.resolve(request.options.model)
         except ModelUnavailable as exc:
-            server.release(request.task, registry)
+            lease.release()
             await self._fatal(ErrorCode.MODEL_UNAVAILABLE, str(exc))
             return False
-        self._counted, self.task, self._registry = True, request.task, registry
+        self.task, self._lease = request.task, lease
         try:
             self.pipeline = await self._call(factory.create)
-            server.adopt_metrics(factory)
+            self.host.adopt_metrics(factory)
             effective = await self._call(self.pipeline.begin, request.options)
         except PipelineError as exc:
             self._release()
@@ -258,8 +252,7 @@ class SessionRunner:
     # -- working ---------------------------------------------------------------
 
     async def _call(self, fn: Any, *args: Any) -> Any:
-        executor: Executor = self.server.executor
-        return await asyncio.get_running_loop().run_in_executor(executor, fn, *args)
+        return await self.host.run(fn, *args)
 
     async def _work(self) -> None:
         """Drain the queue in order; frames already waiting go to the pool in one call."""

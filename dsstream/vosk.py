@@ -28,6 +28,7 @@ import logging
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
+from dsstream.host import Lease, SessionHost
 from dsstream.options import AsrOptions, OptionsError, parse_task_options
 from dsstream.pipelines.base import ModelUnavailable, Pipeline, PipelineError
 from dsstream.protocol import AudioChunk, Final, Partial, ProtocolError, ServerEvent, decode_audio
@@ -35,7 +36,6 @@ from dsstream.protocol import AudioChunk, Final, Partial, ProtocolError, ServerE
 if TYPE_CHECKING:
     from websockets.asyncio.server import ServerConnection
 
-    from dsstream.server import StreamServer
 
 __all__ = ["VoskTranslator", "VoskError", "serve_vosk", "DEFAULT_SAMPLE_RATE"]
 
@@ -153,26 +153,23 @@ class VoskTranslator:
         return out
 
 
-async def serve_vosk(server: StreamServer, ws: ServerConnection) -> None:
-    """Run one Vosk-protocol connection to its end (the server's admission,
-    registry and pipeline threads; one reply per message)."""
+async def serve_vosk(host: SessionHost, ws: ServerConnection) -> None:
+    """Run one Vosk-protocol connection to its end (the host's admission,
+    models and pipeline threads; one reply per message)."""
     loop = asyncio.get_running_loop()
-
-    async def call(fn: Any, *args: Any) -> Any:
-        return await loop.run_in_executor(server.executor, fn, *args)
-
-    registry = server.admit("asr")
-    if registry is None:
+    call = host.run
+    lease = host.admit("asr")
+    if lease is None:
         await ws.send(json.dumps({"error": "the server is at its session limit; retry later"}))
         return
     vosk = VoskTranslator()
     pipeline: Pipeline | None = None
-    limits = server.config.limits
+    limits = host.limits
     deadline = loop.time() + limits.max_session_s
     try:
         while True:
             wait = min(limits.idle_timeout_s, deadline - loop.time())
-            message = await _next_message(ws, server.stopping, max(wait, 0.0))
+            message = await _next_message(ws, host.stopping, max(wait, 0.0))
             if message is None:  # shutdown, idle or too long: the last result, then close
                 message = '{"eof" : 1}'
             if isinstance(message, str):
@@ -187,16 +184,16 @@ async def serve_vosk(server: StreamServer, ws: ServerConnection) -> None:
                 finals = [e for e in events if isinstance(e, Final)]
                 await ws.send(json.dumps(vosk.result(finals)))
                 break
-            server.metrics.binary_frames.inc()
-            server.metrics.binary_bytes.inc(len(message))
+            host.metrics.binary_frames.inc()
+            host.metrics.binary_bytes.inc(len(message))
             if pipeline is None:
                 try:
                     options = vosk.options()
-                    pipeline = await call(_recognizer, registry, options)
+                    pipeline = await call(_recognizer, lease, options)
                 except (VoskError, PipelineError, ModelUnavailable) as exc:
                     await ws.send(json.dumps({"error": _message(exc)}))
                     break  # no recognizer: nothing can be answered
-                server.metrics.sessions.labels("asr").inc()
+                host.metrics.sessions.labels("asr").inc()
                 vosk.started = True
             try:
                 events = await call(pipeline.step, vosk.audio(message, options))
@@ -216,7 +213,7 @@ async def serve_vosk(server: StreamServer, ws: ServerConnection) -> None:
                 await call(pipeline.end)
             except Exception:
                 log.exception("ending a vosk session failed")
-        server.release("asr", registry)
+        lease.release()
 
 
 class _Closed(Exception):
@@ -248,9 +245,9 @@ async def _next_message(
         raise _Closed from None
 
 
-def _recognizer(registry: Any, options: AsrOptions) -> Pipeline:
+def _recognizer(lease: Lease, options: AsrOptions) -> Pipeline:
     """A begun ASR pipeline (pool side); raises what refuses it."""
-    pipeline = registry.resolve("asr").create()
+    pipeline = lease.resolve().create()
     pipeline.begin(options)
     return pipeline
 

@@ -155,6 +155,7 @@ EXPECTED = {
         "qparams_from_range",
     },
     "dsstream.errors": {"CloseCode", "CodedError", "ErrorCode", "close_code_for"},
+    "dsstream.host": {"Lease", "SessionHost", "SessionSettings"},
     "dsstream.lm": {
         "NGramModel",
         "build_lm",
