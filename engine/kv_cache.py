@@ -7,15 +7,22 @@ of their contents, so sequences with the same prefix, e.g. several questions
 about one image, share its blocks), copy-on-write when a shared partial block
 is appended to, and LRU eviction of unreferenced cached blocks.  The engine
 moves tensors according to the block ids and copy operations returned here.
+
+:class:`PagedKVStore` puts arrays in those blocks for the common case of a
+fixed-length prefix shared by content (an image's cross-attention keys and
+values, computed once however many questions or sessions ask about it).
 """
 
 from __future__ import annotations
 
 import collections
+import threading
 from dataclasses import dataclass, field
-from typing import Hashable, Sequence
+from typing import Any, Callable, Hashable, Sequence
 
-__all__ = ["KVCacheConfig", "BlockPool", "OutOfBlocks", "CopyOp"]
+import numpy as np
+
+__all__ = ["KVCacheConfig", "BlockPool", "OutOfBlocks", "CopyOp", "PagedKVStore"]
 
 
 class OutOfBlocks(RuntimeError):
@@ -210,3 +217,71 @@ class BlockPool:
             "waste_slots": waste,
             "waste_fraction": waste / slots if slots else 0.0,
         }
+
+
+def _block_size(tokens: int, limit: int = 32) -> int:
+    """The largest divisor of ``tokens`` up to ``limit``: an entry fills whole
+    blocks, so every block of a cached entry can be shared."""
+    return max(d for d in range(1, min(tokens, limit) + 1) if tokens % d == 0)
+
+
+class PagedKVStore:
+    """Paged float32 storage of keys/values ``[layers, 2, tokens, d]``, shared by content.
+
+    Thread-safe.  ``acquire(digest, compute)`` returns a handle whose blocks
+    hold the entry's keys/values, calling ``compute()`` only when ``digest``
+    is not cached (outside the lock, so other threads go on); ``read(handle)``
+    gathers them; ``release(handle)`` lets them be evicted (least recently
+    used first) when space is needed.  ``acquire`` raises :class:`OutOfBlocks`
+    when every block is held.
+    """
+
+    def __init__(self, kv_shape: tuple[int, int, int, int], cap_bytes: int) -> None:
+        self.layers, two, self.tokens, self.d = kv_shape
+        if two != 2:
+            raise ValueError(f"kv_shape is [layers, 2, tokens, d], got {list(kv_shape)}")
+        size = _block_size(self.tokens)
+        per_token = self.layers * 2 * self.d * 4
+        self.pool = BlockPool(KVCacheConfig.from_bytes(cap_bytes, size, per_token))
+        self.store = np.zeros(
+            (self.pool.config.num_blocks, size, self.layers, 2, self.d), np.float32
+        )
+        self._positions = list(range(self.tokens))
+        self._lock = threading.Lock()
+        self._ids = 0
+        self.hits = 0
+        self.misses = 0
+
+    def acquire(self, digest: bytes, compute: Callable[[], Any]) -> int:
+        """A handle on entry ``digest``'s keys/values; ``compute() -> [L, 2, T, d]``."""
+        with self._lock:
+            whole = self.pool.cached_blocks(self._positions, digest) * self.pool.config.block_size
+            cached = whole == self.tokens
+        kv = None if cached else np.asarray(compute(), np.float32)  # outside the lock
+        with self._lock:
+            self._ids += 1
+            handle = self._ids
+            table = self.pool.allocate(handle, self._positions, digest)
+            if kv is None:
+                self.hits += 1
+            else:
+                self.misses += 1
+                size = self.pool.config.block_size
+                rows = kv.transpose(2, 0, 1, 3)  # [T, L, 2, d]
+                self.store[table] = rows.reshape(len(table), size, self.layers, 2, self.d)
+            return handle
+
+    def read(self, handle: int) -> np.ndarray:
+        """The keys/values ``[layers, 2, tokens, d]`` of a held entry."""
+        with self._lock:
+            table = self.pool.block_table(handle)
+            rows = self.store[table].reshape(self.tokens, self.layers, 2, self.d)
+        return np.ascontiguousarray(rows.transpose(1, 2, 0, 3))
+
+    def release(self, handle: int) -> None:
+        with self._lock:
+            self.pool.free_seq(handle)
+
+    def stats(self) -> dict[str, Any]:
+        with self._lock:
+            return {**self.pool.stats(), "hits": self.hits, "misses": self.misses}

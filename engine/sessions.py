@@ -14,20 +14,22 @@ session is a clear error.
 from __future__ import annotations
 
 import itertools
+import threading
 import time
+from concurrent.futures import Future
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any, Callable, Mapping, Sequence
+from typing import Any, Callable, Mapping, Sequence
 
 import numpy as np
 
 from engine.artifact import Manifest
-
-if TYPE_CHECKING:
-    from engine.engine import InferenceEngine, _Model
+from engine.runner import LoadedModel
 
 __all__ = [
     "StateSpec",
     "SessionPool",
+    "SessionTable",
+    "Submit",
     "StreamSession",
     "SessionError",
     "SessionPoolFull",
@@ -141,14 +143,61 @@ class SessionPool:
         }
 
 
+class SessionTable:
+    """The open streams of one engine: admission against the pool, idle
+    eviction and release, safe to call from any thread."""
+
+    def __init__(self, pool: SessionPool) -> None:
+        self.pool = pool
+        self._lock = threading.Lock()
+        self._open: dict[int, StreamSession] = {}
+
+    def open(self, session: StreamSession) -> None:
+        """Admit ``session`` (idle ones may be evicted to make room); raises
+        :class:`SessionPoolFull`."""
+        with self._lock:
+            for sid in self.pool.admit(session.id, session.nbytes):
+                self._open.pop(sid).evicted = True
+            self._open[session.id] = session
+
+    def touch(self, session: StreamSession) -> None:
+        """Mark ``session`` used now (evicting idle ones); raises
+        :class:`SessionEvicted` when it was itself evicted."""
+        with self._lock:
+            for sid in self.pool.evict_idle():
+                self._open.pop(sid).evicted = True
+            if session.evicted:
+                raise SessionEvicted(
+                    f"session {session.id} was evicted after {self.pool.idle_timeout_s:g} s idle"
+                )
+            self.pool.touch(session.id)
+
+    def release(self, session: StreamSession) -> None:
+        with self._lock:
+            if self._open.pop(session.id, None) is not None:
+                self.pool.release(session.id)
+
+    def stats(self) -> dict[str, Any]:
+        with self._lock:
+            return self.pool.stats()
+
+
+# The engine's one entry for a step: checked inputs and the pinned model in,
+# a future of the outputs out (InferenceEngine.submit).
+Submit = Callable[[Mapping[str, Any], LoadedModel], Future]
+
+
 class StreamSession:
     """One stream's state; ``step(inputs)`` returns the step's non-state outputs."""
 
     _ids = itertools.count(1)
 
-    def __init__(self, engine: InferenceEngine, model: _Model, specs: Sequence[StateSpec]):
+    def __init__(
+        self, submit: Submit, table: SessionTable, model: LoadedModel, specs: Sequence[StateSpec]
+    ) -> None:
         self.id = next(self._ids)
-        self.engine = engine
+        self._submit = submit
+        self._table = table
         self.model = model  # pinned: a swap does not move an open session
         self.specs = tuple(specs)
         inputs = {s.name: s for s in model.manifest.inputs}
@@ -169,19 +218,23 @@ class StreamSession:
 
     def _check(self) -> None:
         if self.evicted:
-            idle = self.engine.sessions.idle_timeout_s
+            idle = self._table.pool.idle_timeout_s
             raise SessionEvicted(f"session {self.id} was evicted after {idle:g} s idle")
         if self.closed:
             raise SessionClosed(f"session {self.id} is closed")
 
-    def step_async(self, inputs: Mapping[str, Any]) -> Any:
-        """Submit one step; the future resolves to the outputs (state updated first)."""
+    def _feeds(self, inputs: Mapping[str, Any]) -> dict[str, Any]:
+        """``inputs`` with the session's state, after checking it may step."""
         self._check()
-        self.engine._touch_session(self)
+        self._table.touch(self)
         feeds = dict(inputs)
         for st in self.specs:
             feeds[st.input] = self.state[st.name]
-        future = self.engine.infer_async(feeds, _model=self.model)
+        return feeds
+
+    def step_async(self, inputs: Mapping[str, Any]) -> Any:
+        """Submit one step; the future resolves to the outputs (state updated first)."""
+        future = self._submit(self._feeds(inputs), self.model)
         done: Any = type(future)()
 
         def finish(f: Any) -> None:
@@ -204,12 +257,7 @@ class StreamSession:
     def peek(self, inputs: Mapping[str, Any]) -> dict[str, np.ndarray]:
         """Run a step without keeping its new state (a look at what the stream
         would give if its input ended here, e.g. to finalize a partial chunk)."""
-        self._check()
-        self.engine._touch_session(self)
-        feeds = dict(inputs)
-        for st in self.specs:
-            feeds[st.input] = self.state[st.name]
-        out = dict(self.engine.infer_async(feeds, _model=self.model).result())
+        out = dict(self._submit(self._feeds(inputs), self.model).result())
         for st in self.specs:
             out.pop(st.output)
         return out
@@ -222,5 +270,5 @@ class StreamSession:
     def close(self) -> None:
         """Free the state; closing twice is harmless."""
         if not self.closed and not self.evicted:
-            self.engine._release_session(self)
+            self._table.release(self)
         self.closed = True

@@ -4,7 +4,7 @@ eviction order, in the style of vLLM's block manager tests."""
 import numpy as np
 import pytest
 
-from engine.kv_cache import BlockPool, CopyOp, KVCacheConfig, OutOfBlocks
+from engine.kv_cache import BlockPool, CopyOp, KVCacheConfig, OutOfBlocks, PagedKVStore
 
 
 def pool(blocks=8, size=4):
@@ -104,3 +104,35 @@ def test_cached_blocks_predicts_what_allocate_shares():
     before = pool.stats()["blocks_used"]
     pool.allocate("b", tokens, salt="img")
     assert pool.stats()["blocks_used"] == before + 1  # only the partial block is new
+
+
+def test_paged_kv_store_shares_by_content_and_evicts_lru():
+    shape = (2, 2, 100, 8)
+    per_image = 2 * 2 * 100 * 8 * 4
+    cache = PagedKVStore(shape, cap_bytes=3 * per_image)  # room for three images
+    calls = []
+
+    def compute(value):
+        def run():
+            calls.append(value)
+            return np.full(shape, value, np.float32)
+
+        return run
+
+    a = cache.acquire(b"a", compute(1.0))
+    b = cache.acquire(b"a", compute(9.0))  # same content: shared, not computed
+    assert calls == [1.0] and (cache.read(b) == 1.0).all()
+    kv = np.random.default_rng(0).standard_normal(shape).astype(np.float32)
+    c = cache.acquire(b"c", lambda: kv)
+    np.testing.assert_array_equal(cache.read(c), kv)  # layout round trip
+    for h in (a, b, c):
+        cache.release(h)
+    again = cache.acquire(b"a", compute(2.0))  # released but still cached
+    assert calls == [1.0] and (cache.read(again) == 1.0).all()
+    d = cache.acquire(b"d", compute(3.0))  # the free blocks
+    cache.acquire(b"e", compute(3.5))  # evicts "c", the least recently used
+    with pytest.raises(OutOfBlocks):  # every block is held now
+        cache.acquire(b"c", compute(4.0))
+    cache.release(d)
+    cache.acquire(b"c", compute(5.0))  # evicted before, so computed again
+    assert calls == [1.0, 3.0, 3.5, 4.0, 5.0]

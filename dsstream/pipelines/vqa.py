@@ -6,14 +6,14 @@ question from them.  The keys/values live in a paged cache (the engine's
 :class:`~engine.kv_cache.BlockPool`), keyed by the image's content hash, so an
 image is encoded once however many questions (or sessions) ask about it; a
 session holds its current image's blocks, and released images stay cached
-(LRU) for the next session that sends the same picture.
+(LRU) for the next session that sends the same picture
+(:class:`engine.kv_cache.PagedKVStore`).
 """
 
 from __future__ import annotations
 
 import hashlib
 import math
-import threading
 import time
 from dataclasses import dataclass, replace
 from pathlib import Path
@@ -53,76 +53,25 @@ class VqaConfig:
     engine_threads: int | None = 1
 
 
-def _block_size(tokens: int, limit: int = 32) -> int:
-    """The largest divisor of ``tokens`` up to ``limit``: an image fills whole blocks,
-    so every block of a cached image can be shared."""
-    return max(d for d in range(1, min(tokens, limit) + 1) if tokens % d == 0)
-
-
 class ImageKVCache:
-    """Paged storage of image keys/values ``[layers, 2, tokens, d]``, shared by content.
-
-    Thread-safe.  ``acquire(digest, compute)`` returns a handle whose blocks
-    hold the image's keys/values, calling ``compute()`` only when the image is
-    not cached; ``read(handle)`` gathers them; ``release(handle)`` lets them be
-    evicted (least recently used first) when space is needed.
-    """
+    """Images' keys/values in the engine's paged store
+    (:class:`engine.kv_cache.PagedKVStore`: ``acquire``, ``read``, ``release``,
+    ``stats``); a full store is the client's ``busy``."""
 
     def __init__(self, kv_shape: tuple[int, int, int, int], cap_bytes: int) -> None:
-        from engine.kv_cache import BlockPool, KVCacheConfig
+        from engine.kv_cache import PagedKVStore  # the engine (and torch) load lazily
 
-        self.layers, two, self.tokens, self.d = kv_shape
-        assert two == 2
-        size = _block_size(self.tokens)
-        per_token = self.layers * 2 * self.d * 4
-        self.pool = BlockPool(KVCacheConfig.from_bytes(cap_bytes, size, per_token))
-        self.store = np.zeros(
-            (self.pool.config.num_blocks, size, self.layers, 2, self.d), np.float32
-        )
-        self._positions = list(range(self.tokens))
-        self._lock = threading.Lock()
-        self._ids = 0
-        self.hits = 0
-        self.misses = 0
+        self.store = PagedKVStore(kv_shape, cap_bytes)
+        self.read, self.release, self.stats = self.store.read, self.store.release, self.store.stats
 
     def acquire(self, digest: bytes, compute: Any) -> int:
         """A handle on the image ``digest``'s keys/values; ``compute() -> [L, 2, T, d]``."""
         from engine.kv_cache import OutOfBlocks
 
-        with self._lock:
-            whole = self.pool.cached_blocks(self._positions, digest) * self.pool.config.block_size
-            cached = whole == self.tokens
-        kv = None if cached else np.asarray(compute(), np.float32)  # outside the lock
-        with self._lock:
-            self._ids += 1
-            handle = self._ids
-            try:
-                table = self.pool.allocate(handle, self._positions, digest)
-            except OutOfBlocks as exc:
-                raise PipelineError(ErrorCode.BUSY, f"image cache is full: {exc}") from None
-            if kv is None:
-                self.hits += 1
-            else:
-                self.misses += 1
-                size = self.pool.config.block_size
-                rows = kv.transpose(2, 0, 1, 3)  # [T, L, 2, d]
-                self.store[table] = rows.reshape(len(table), size, self.layers, 2, self.d)
-            return handle
-
-    def read(self, handle: int) -> np.ndarray:
-        """The keys/values ``[layers, 2, tokens, d]`` of a held image."""
-        with self._lock:
-            table = self.pool.block_table(handle)
-            rows = self.store[table].reshape(self.tokens, self.layers, 2, self.d)
-        return np.ascontiguousarray(rows.transpose(1, 2, 0, 3))
-
-    def release(self, handle: int) -> None:
-        with self._lock:
-            self.pool.free_seq(handle)
-
-    def stats(self) -> dict[str, Any]:
-        with self._lock:
-            return {**self.pool.stats(), "hits": self.hits, "misses": self.misses}
+        try:
+            return self.store.acquire(digest, compute)
+        except OutOfBlocks as exc:
+            raise PipelineError(ErrorCode.BUSY, f"image cache is full: {exc}") from None
 
 
 class VqaRuntime:
