@@ -8,6 +8,7 @@ from engine.convert import PRECISIONS, ConversionError, Dim, convert
 from engine.engine import (
     BatchInfo,
     DeadlineExceeded,
+    EngineConfig,
     EngineFuture,
     InferenceEngine,
     InputError,
@@ -30,6 +31,7 @@ __all__ = [
     "Dim",
     "PRECISIONS",
     "ConversionError",
+    "EngineConfig",
     "InferenceEngine",
     "InputError",
     "QueueFull",

@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import asyncio
 import time
-from dataclasses import asdict
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Hashable, Mapping, Sequence
 
@@ -37,6 +37,7 @@ from engine.sessions import SessionError, SessionPool, SessionTable, StreamSessi
 from engine.stats import EngineStats
 
 __all__ = [
+    "EngineConfig",
     "InferenceEngine",
     "InputError",
     "QueueFull",
@@ -44,6 +45,41 @@ __all__ = [
     "EngineFuture",
     "BatchInfo",
 ]
+
+
+@dataclass(frozen=True)
+class EngineConfig:
+    """How an :class:`InferenceEngine` runs its model.
+
+    ``backend``: "auto" (ONNX Runtime on CPU, PyTorch on CUDA), "onnxruntime"
+    or "torch"; ``policy``: dynamic batching (its ``max_batch_size`` 1: every
+    request alone); ``compile``: torch.compile the PyTorch backend;
+    ``session_pool_bytes`` / ``session_idle_timeout_s``: the stream sessions'
+    state cap and idle eviction; ``cpu_threads``: ONNX Runtime's threads per
+    forward pass (None: its default, every core; 1 where other work shares
+    the cores, as in a streaming server)."""
+
+    device: str = "cpu"
+    backend: str = "auto"
+    policy: BatchPolicy = field(default_factory=lambda: BatchPolicy(max_batch_size=1))
+    compile: bool = False
+    session_pool_bytes: int = 256 << 20
+    session_idle_timeout_s: float = 300.0
+    cpu_threads: int | None = None
+
+    @classmethod
+    def of(
+        cls, batch_size: int = 1, policy: BatchPolicy | None = None, **settings: Any
+    ) -> EngineConfig:
+        """A config from the constructor's keyword form: ``batch_size`` is the
+        short way to say ``policy=BatchPolicy(max_batch_size=batch_size)``;
+        giving both with different sizes is an error, not a silent choice."""
+        if policy is not None and batch_size not in (1, policy.max_batch_size):
+            raise ValueError(
+                f"batch_size={batch_size} and policy.max_batch_size={policy.max_batch_size} "
+                "disagree; give one of them"
+            )
+        return cls(policy=policy or BatchPolicy(max_batch_size=max(1, batch_size)), **settings)
 
 
 class InferenceEngine:
@@ -70,13 +106,20 @@ class InferenceEngine:
         session_pool_bytes: int = 256 << 20,
         session_idle_timeout_s: float = 300.0,
         cpu_threads: int | None = None,
+        config: EngineConfig | None = None,
     ) -> None:
-        self.device = device
-        self.cpu_threads = cpu_threads
-        self.backend_choice = backend
-        self.compile = compile
-        self.policy = policy or BatchPolicy(max_batch_size=max(1, batch_size))
+        keywords = EngineConfig.of(
+            batch_size, policy, device=device, backend=backend, compile=compile,
+            session_pool_bytes=session_pool_bytes, session_idle_timeout_s=session_idle_timeout_s,
+            cpu_threads=cpu_threads,
+        )  # fmt: skip
+        if config is not None and keywords != EngineConfig():
+            raise ValueError("give the engine's settings as config=EngineConfig(...) or as "
+                             "keywords, not both")  # fmt: skip
+        self.config = config or keywords
+        self.policy = self.config.policy
         self.batch_size = self.policy.max_batch_size
+        self.device = self.config.device
         self._model = self._load(str(model_path))
         self._name = Path(model_path).stem
         self._stats = EngineStats()
@@ -84,7 +127,9 @@ class InferenceEngine:
         self._batcher = Batcher(
             self._runner, self.policy, lambda: self._model, lambda: self.batching, self._stats
         )
-        self.sessions = SessionPool(session_pool_bytes, session_idle_timeout_s)
+        self.sessions = SessionPool(
+            self.config.session_pool_bytes, self.config.session_idle_timeout_s
+        )
         self._table = SessionTable(self.sessions)
         self._checkpoint = "kv_cache"
 
@@ -92,10 +137,10 @@ class InferenceEngine:
 
     def _load(self, path: str) -> LoadedModel:
         manifest, checksums = read_manifest(path)
+        cfg = self.config
         backend = load_backend(
-            path, manifest, checksums, self.device, self.backend_choice, self.compile,
-            self.cpu_threads,
-        )  # fmt: skip
+            path, manifest, checksums, cfg.device, cfg.backend, cfg.compile, cfg.cpu_threads
+        )
         return LoadedModel(manifest, backend, path)
 
     @property

@@ -573,7 +573,9 @@ def test_the_batch_delay_reaches_the_engine_and_bad_values_are_refused(tiny, cap
     for bad_delay in (-1.0, float("nan"), float("inf")):
         with pytest.raises(ValueError, match="batch_delay_ms"):
             default_registry(batch_delay_ms=bad_delay)
-    assert default_registry(batch_delay_ms=25.0).resolve("asr").extra == {"batch_delay_ms": 25.0}
+    assert default_registry(batch_delay_ms=25.0).resolve("asr").config == AsrConfig(
+        batch_delay_ms=25.0
+    )
 
 
 def test_engine_threads_reach_every_engine_and_bad_values_are_refused(tiny, capsys):
@@ -597,5 +599,5 @@ def test_engine_threads_reach_every_engine_and_bad_values_are_refused(tiny, caps
     with pytest.raises(ValueError, match="engine_threads"):
         default_registry(engine_threads=0)
     registry = default_registry(engine_threads=2)
-    assert registry.resolve("asr").extra == {"engine_threads": 2}
-    assert registry.resolve("vqa").extra["engine_threads"] == 2
+    assert registry.resolve("asr").config == AsrConfig(engine_threads=2)
+    assert registry.resolve("vqa").config.engine_threads == 2

@@ -434,3 +434,26 @@ def test_pipeline_stages_run_concurrently_and_match_sequential(tmp_path):
     assert set(kept) == {"stage0.output_0", "stage1.output_0", "output_0"}
     with pytest.raises(ValueError, match="device_map"):
         Pipeline([enc, dec], device_map=["cpu", "cuda:0"])
+
+
+def test_engine_config_is_the_keywords_typed_and_refuses_two_answers(per_frame):
+    from engine import EngineConfig
+
+    _, path = per_frame
+    config = EngineConfig(policy=BatchPolicy(max_batch_size=4), cpu_threads=1)
+    typed = InferenceEngine(path, config=config)
+    keywords = InferenceEngine(path, batch_size=4, cpu_threads=1)
+    try:
+        assert typed.config == keywords.config == config
+        assert typed.batch_size == 4 and typed.batching
+        requests = _requests(4)
+        for r in requests:
+            a, b = typed.infer({"x": r})["output_0"], keywords.infer({"x": r})["output_0"]
+            np.testing.assert_allclose(a, b, atol=1e-6)
+    finally:
+        typed.close()
+        keywords.close()
+    with pytest.raises(ValueError, match="not both"):
+        InferenceEngine(path, batch_size=2, config=config)
+    with pytest.raises(ValueError, match="disagree"):
+        InferenceEngine(path, batch_size=2, policy=BatchPolicy(max_batch_size=8))

@@ -535,6 +535,20 @@ def test_backend_choice():
         CTCDecoder(backend="cuda")
 
 
+def test_decoder_presets_and_config_reach_the_search():
+    from dsstream.decoding import DECODER_PRESETS, DecoderConfig
+
+    widths = [DECODER_PRESETS[n].beam_width for n in ("fast", "balanced", "accurate")]
+    assert widths == sorted(widths) and len(set(widths)) == 3
+    tuned = DecoderConfig.preset("balanced", alpha=0.65, beta=2.5)
+    assert (tuned.beam_width, tuned.alpha, tuned.beta) == (64, 0.65, 2.5)
+    with pytest.raises(ValueError, match="fast, balanced, accurate"):
+        DecoderConfig.preset("quick")
+    assert CTCDecoder(config=tuned).config == tuned  # a config is not overridden by defaults
+    assert CTCDecoder(config=tuned, beam_width=8).config.beam_width == 8  # keywords win
+    assert CTCDecoder().config.beam_width == 10
+
+
 def test_missing_native_core_falls_back_with_one_warning(monkeypatch):
     import dsstream.decoding.decoder as dec
 

@@ -496,3 +496,19 @@ def test_a_reloaded_registry_copies_model_factories_and_what_refers_to_them(tmp_
     assert new.tasks == old.tasks and new.resolve("asr", "counting") is shared
     old.close(keep=new)
     assert asr._make is None and vqa._make is None
+
+
+def test_typed_factories_reload_with_their_declared_asr(tmp_path):
+    """The built-in factories hold typed configs; a reloaded VQA factory's ASR
+    (for spoken questions) is the reloaded registry's ASR copy."""
+    from dsstream.pipelines import AsrConfig, AsrFactory, PipelineRegistry, VqaConfig, VqaFactory
+
+    asr = AsrFactory("a", tmp_path / "a.ds", None, AsrConfig(beam_width=8))
+    vqa = VqaFactory("v", tmp_path / "i.ds", tmp_path / "f.ds", VqaConfig(max_batch=4), asr=asr)
+    assert (asr.task, vqa.task) == ("asr", "vqa")
+    assert "a.ds" in asr.unavailable_reason() and "i.ds" in vqa.unavailable_reason()
+    asr2, vqa2 = PipelineRegistry([asr, vqa]).reloaded().factories()
+    assert asr2 is not asr and vqa2.asr is asr2 and vqa.asr is asr
+    assert asr2.config.beam_width == 8 and vqa2.config.max_batch == 4
+    with pytest.raises(ValueError, match="beam_width"):
+        AsrConfig(beam_width=0)

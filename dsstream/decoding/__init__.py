@@ -12,7 +12,7 @@ from dsstream.decoding.decoder import (
 from dsstream.decoding.grammar import Grammar, GrammarError
 from dsstream.decoding.hotwords import HotwordTrie
 from dsstream.decoding.lm import KenLM, LMError
-from dsstream.decoding.search import DecoderConfig
+from dsstream.decoding.search import DECODER_PRESETS, DecoderConfig
 from dsstream.decoding.vocab import Vocabulary, VocabularyError
 
 __all__ = [
@@ -22,6 +22,7 @@ __all__ = [
     "Grammar",
     "GrammarError",
     "DecodeResult",
+    "DECODER_PRESETS",
     "DecoderConfig",
     "WordInfo",
     "Vocabulary",

@@ -172,7 +172,7 @@ class CTCDecoder:
         self,
         vocabulary: Vocabulary | Sequence[str] | None = None,
         blank_id: int = 0,
-        beam_width: int = 10,
+        beam_width: int | None = None,
         language_model: str | Path | KenLM | None = None,
         unigrams: Iterable[str] | None = None,
         alpha: float | None = None,
@@ -192,7 +192,10 @@ class CTCDecoder:
             vocab = Vocabulary(tuple(vocabulary), blank_id)
         self.vocab = vocab
         cfg = config or DecoderConfig()
-        changes: dict[str, Any] = {"beam_width": beam_width, **overrides}
+        # Keywords given override ``config`` (default: DecoderConfig(), beam 10).
+        changes: dict[str, Any] = dict(overrides)
+        if beam_width is not None:
+            changes["beam_width"] = beam_width
         if alpha is not None:
             changes["alpha"] = alpha
         if beta is not None:

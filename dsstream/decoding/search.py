@@ -14,8 +14,8 @@ computed once per node, in a :class:`Context`.
 from __future__ import annotations
 
 import math
-from dataclasses import asdict, dataclass
-from typing import Union
+from dataclasses import asdict, dataclass, replace
+from typing import Any, Union
 
 import numpy as np
 
@@ -24,6 +24,7 @@ from dsstream.decoding.lm import KenLM
 from dsstream.decoding.vocab import Vocabulary
 
 __all__ = [
+    "DECODER_PRESETS",
     "DecoderConfig",
     "Context",
     "BeamSearch",
@@ -60,6 +61,26 @@ class DecoderConfig:
         for name in ("alpha", "beta", "unk_offset", "beam_prune_logp", "token_min_logp"):
             if not math.isfinite(getattr(self, name)):
                 raise ValueError(f"{name} must be finite")
+
+    @classmethod
+    def preset(cls, name: str, **changes: Any) -> DecoderConfig:
+        """A named speed/accuracy point (:data:`DECODER_PRESETS`), with ``changes``
+        (e.g. the model's tuned ``alpha`` and ``beta``) on top."""
+        if name not in DECODER_PRESETS:
+            raise ValueError(
+                f"unknown decoder preset {name!r}; expected one of {', '.join(DECODER_PRESETS)}"
+            )
+        return replace(DECODER_PRESETS[name], **changes)
+
+
+# Beams measured with the sample model on the real-speech dev speakers (docs/asr.md,
+# "Real speech"): WER 41.9 / 40.9 / 40.5% at 0.72 / 0.96 / 1.98 ms of decoder
+# CPU per second of audio; "balanced" is what apps.asr.tune chose.
+DECODER_PRESETS = {
+    "fast": DecoderConfig(beam_width=32),
+    "balanced": DecoderConfig(beam_width=64),
+    "accurate": DecoderConfig(beam_width=128),
+}
 
 
 def logaddexp(a: float, b: float) -> float:

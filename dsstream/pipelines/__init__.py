@@ -9,10 +9,16 @@ from dsstream.pipelines.base import (
     PipelineFactory,
     PipelineRegistry,
 )
+from dsstream.pipelines.config import AsrConfig, VqaConfig
 from dsstream.pipelines.defaults import SAMPLES_DIR, default_registry
+from dsstream.pipelines.factories import AsrFactory, VqaFactory
 
 __all__ = [
     "ArtifactPipelineFactory",
+    "AsrConfig",
+    "AsrFactory",
+    "VqaConfig",
+    "VqaFactory",
     "Frame",
     "ModelUnavailable",
     "Pipeline",

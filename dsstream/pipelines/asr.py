@@ -30,12 +30,13 @@ from typing import Any, Callable
 import numpy as np
 
 from dsstream.audio import ResampleError, StreamingResampler
-from dsstream.decoding import CTCDecoder, Vocabulary
+from dsstream.decoding import CTCDecoder, DecoderConfig, Vocabulary
 from dsstream.decoding.grammar import UNK, Grammar, GrammarError
 from dsstream.endpoint import Endpointer
 from dsstream.frontend import Fbank, FbankConfig, StreamingFbank
 from dsstream.options import MAX_GRAMMAR_PHRASES, AsrOptions, parse_task_options
 from dsstream.pipelines.base import PipelineError
+from dsstream.pipelines.config import AsrConfig
 from dsstream.protocol import (
     AudioChunk,
     Endpoint,
@@ -154,27 +155,6 @@ class AsrModelSpec:
         return self.chunk_frames * self.fbank.hop_length / self.sample_rate
 
 
-@dataclass(frozen=True)
-class AsrConfig:
-    """Process-wide settings of the ASR runtime (per-session ones are in AsrOptions)."""
-
-    device: str = "cpu"
-    max_batch: int = 64  # streams per acoustic-model forward pass
-    batch_delay_ms: float = 0.0  # longest a stream's step waits for others to batch with
-    # ONNX Runtime threads per forward pass.  1: the server's other threads keep the
-    # cores busy, and a pool's threads spin between ops (a quarter of a 2-core
-    # server's CPU, measured; docs/benchmarks.md).  None: ONNX Runtime's default.
-    engine_threads: int | None = 1
-    # None: the artifact's tuned beam, else 32.  The beam buys real-speech accuracy
-    # for decoder CPU time (apps.asr.tune; docs/asr.md, "Decoder settings").
-    beam_width: int | None = None
-    hotword_beam_width: int = 16  # sessions with hotwords (see CTCDecoder)
-    alpha: float | None = None  # LM weight; None: the artifact's tuned value, else 0.5
-    beta: float | None = None  # word insertion bonus; None: artifact's, else 1.0
-    vad_threshold: float = 0.5
-    session_pool_bytes: int = 512 << 20  # model state of all open streams
-
-
 class AsrRuntime:
     """What all sessions share: the engine, the decoder with its LM, the frontend, the VAD.
 
@@ -189,20 +169,18 @@ class AsrRuntime:
         config: AsrConfig = AsrConfig(),
         name: str = "asr",
     ) -> None:
-        from engine import BatchPolicy, InferenceEngine
+        from engine import BatchPolicy, EngineConfig, InferenceEngine
 
         self.config = config
         self.name = name
-        self.engine = InferenceEngine(
-            model,
-            device=config.device,
-            policy=BatchPolicy(
-                max_batch_size=config.max_batch, max_queue_delay_ms=config.batch_delay_ms
-            ),
-            session_pool_bytes=config.session_pool_bytes,
+        policy = BatchPolicy(
+            max_batch_size=config.max_batch, max_queue_delay_ms=config.batch_delay_ms
+        )
+        self.engine = InferenceEngine(model, config=EngineConfig(
+            device=config.device, policy=policy, session_pool_bytes=config.session_pool_bytes,
             session_idle_timeout_s=float("inf"),  # the server's idle timeout governs
             cpu_threads=config.engine_threads,
-        )
+        ))  # fmt: skip
         manifest = self.engine.manifest
         try:
             self.spec = AsrModelSpec.from_manifest(manifest.extra, self.engine.input_names)
@@ -210,15 +188,15 @@ class AsrRuntime:
             raise ValueError(f"{model}: {exc}") from None
         self.fbank = Fbank(self.spec.fbank).eval()
         spec = self.spec
-        self.decoder = CTCDecoder(
-            vocabulary=spec.vocabulary,
+        search = DecoderConfig(
             beam_width=int(_first(config.beam_width, spec.beam_width, 32)),
-            language_model=lm,
             alpha=_first(config.alpha, spec.alpha, 0.5),
             beta=_first(config.beta, spec.beta, 1.0),
-            frame_shift_s=spec.frame_shift_s,
-            hotword_beam_width=config.hotword_beam_width,
         )
+        self.decoder = CTCDecoder(
+            vocabulary=spec.vocabulary, language_model=lm, frame_shift_s=spec.frame_shift_s,
+            hotword_beam_width=config.hotword_beam_width, config=search,
+        )  # fmt: skip
         self.vad = SileroVad(config=VadConfig(threshold=config.vad_threshold))
         self.times = StageTimes()
         self._collectors = [

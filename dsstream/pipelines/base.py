@@ -25,6 +25,7 @@ __all__ = [
     "PipelineError",
     "PipelineFactory",
     "ArtifactPipelineFactory",
+    "LoadOnce",
     "PipelineRegistry",
     "ModelUnavailable",
 ]
@@ -69,9 +70,68 @@ class PipelineFactory(Protocol):
         """Prometheus collectors of the loaded model (none before the first ``create``)."""
 
 
+class LoadOnce:
+    """What every file-backed factory shares: the model is loaded by the first
+    ``create`` (once, under a lock; weights are shared by all sessions), it is
+    unavailable while a file or its module is missing, its collectors go on
+    /metrics, and ``close`` releases it.  Subclasses set ``task``, ``name``,
+    ``files``, ``hint`` and ``_make``/``_lock``, and define ``_module`` (the
+    module that must import) and ``_load`` (the per-session pipeline maker)."""
+
+    task: str
+    name: str
+    files: Mapping[str, Path | None]
+    hint: str
+    _make: Callable[[], Pipeline] | None
+    _lock: threading.Lock
+
+    def _module(self) -> str:
+        raise NotImplementedError
+
+    def _load(self) -> Callable[[], Pipeline]:
+        raise NotImplementedError
+
+    def unavailable_reason(self) -> str | None:
+        missing = [str(p) for p in self.files.values() if p is not None and not Path(p).exists()]
+        if missing:
+            hint = f"; {self.hint}" if self.hint else ""
+            return (
+                f"{self.task} model {self.name!r} is not installed: missing "
+                f"{', '.join(missing)}{hint}"
+            )
+        module = self._module()
+        if importlib.util.find_spec(module) is None:
+            return f"{self.task} pipeline module {module!r} is not available in this install"
+        return None
+
+    def create(self) -> Pipeline:
+        with self._lock:
+            if self._make is None:
+                reason = self.unavailable_reason()
+                if reason:
+                    raise ModelUnavailable(reason)
+                self._make = self._load()
+        return self._make()
+
+    def collectors(self) -> list[Any]:
+        collectors = getattr(self._make, "collectors", None)
+        return list(collectors()) if collectors is not None else []
+
+    def close(self) -> None:
+        """Release the loaded model (its engines' threads), if any; a later
+        ``create`` loads it again."""
+        with self._lock:
+            runtime, self._make = self._make, None
+        close = getattr(runtime, "close", None)
+        if close is not None:
+            close()
+
+
 @dataclass
-class ArtifactPipelineFactory:
-    """A factory for a pipeline backed by model files on disk.
+class ArtifactPipelineFactory(LoadOnce):
+    """A factory for a pipeline backed by model files on disk, wired by name
+    (for pipelines outside this package; the built-in ones have typed
+    factories, dsstream/pipelines/factories.py).
 
     ``entry`` is ``"module:callable"``; the callable receives ``files`` and
     ``name`` as keyword arguments once (lazily, on the first session) and returns a
@@ -89,34 +149,14 @@ class ArtifactPipelineFactory:
     _make: Callable[[], Pipeline] | None = field(default=None, init=False, repr=False)
     _lock: threading.Lock = field(default_factory=threading.Lock, init=False, repr=False)
 
-    def unavailable_reason(self) -> str | None:
-        missing = [str(p) for p in self.files.values() if not Path(p).exists()]
-        if missing:
-            hint = f"; {self.hint}" if self.hint else ""
-            return (
-                f"{self.task} model {self.name!r} is not installed: missing "
-                f"{', '.join(missing)}{hint}"
-            )
-        module = self.entry.partition(":")[0]
-        if importlib.util.find_spec(module) is None:
-            return f"{self.task} pipeline module {module!r} is not available in this install"
-        return None
+    def _module(self) -> str:
+        return self.entry.partition(":")[0]
 
-    def create(self) -> Pipeline:
-        with self._lock:
-            if self._make is None:
-                reason = self.unavailable_reason()
-                if reason:
-                    raise ModelUnavailable(reason)
-                module, _, attr = self.entry.partition(":")
-                loader = getattr(importlib.import_module(module), attr)
-                files = {k: Path(v) for k, v in self.files.items()}
-                self._make = loader(name=self.name, **files, **self.extra)
-        return self._make()
-
-    def collectors(self) -> list[Any]:
-        collectors = getattr(self._make, "collectors", None)
-        return list(collectors()) if collectors is not None else []
+    def _load(self) -> Callable[[], Pipeline]:
+        module, _, attr = self.entry.partition(":")
+        loader = getattr(importlib.import_module(module), attr)
+        files = {k: Path(v) for k, v in self.files.items()}
+        return loader(name=self.name, **files, **self.extra)
 
     def reloaded(self, copies: Mapping[int, Any]) -> ArtifactPipelineFactory:
         """An unloaded copy that reads its files again on its first ``create``.
@@ -125,15 +165,6 @@ class ArtifactPipelineFactory:
         questions) are replaced by their copies in ``copies`` (keyed by ``id``)."""
         extra = {k: copies.get(id(v), v) for k, v in self.extra.items()}
         return replace(self, extra=extra)
-
-    def close(self) -> None:
-        """Release the loaded model (its engines' threads), if any; a later
-        ``create`` loads it again."""
-        with self._lock:
-            runtime, self._make = self._make, None
-        close = getattr(runtime, "close", None)
-        if close is not None:
-            close()
 
 
 class PipelineRegistry:

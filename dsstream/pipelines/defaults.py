@@ -2,13 +2,17 @@
 
 from __future__ import annotations
 
-import math
 import os
 from pathlib import Path
+from typing import TypeVar
 
-from dsstream.pipelines.base import ArtifactPipelineFactory, PipelineRegistry
+from dsstream.pipelines.base import PipelineRegistry
+from dsstream.pipelines.config import AsrConfig, VqaConfig
+from dsstream.pipelines.factories import AsrFactory, VqaFactory
 
 __all__ = ["SAMPLES_DIR", "asr_model", "asr_lm", "default_registry", "preload"]
+
+T = TypeVar("T")
 
 # Editable installs and checkouts keep samples/ beside the packages;
 # DSSTREAM_SAMPLES points elsewhere (e.g. a deployed model folder).
@@ -52,33 +56,29 @@ def default_registry(
     streams' steps to batch with (default: ``AsrConfig``'s).
     ``engine_threads``: ONNX Runtime threads per forward pass of every model
     (default: the configs' 1, best where streams share the cores)."""
-    if beam_width is not None and beam_width < 1:
-        raise ValueError(f"beam_width must be at least 1, got {beam_width}")
-    if batch_delay_ms is not None and not (math.isfinite(batch_delay_ms) and batch_delay_ms >= 0):
-        raise ValueError(f"batch_delay_ms must be a finite number >= 0, got {batch_delay_ms}")
-    if engine_threads is not None and engine_threads < 1:
-        raise ValueError(f"engine_threads must be at least 1, got {engine_threads}")
-    threads = {} if engine_threads is None else {"engine_threads": engine_threads}
-    given = {"beam_width": beam_width, "batch_delay_ms": batch_delay_ms}
-    settings = {k: v for k, v in given.items() if v is not None} | threads  # else AsrConfig's
+    # Unset settings keep the configs' defaults; the configs check the values.
+    asr_default, vqa_default = AsrConfig(), VqaConfig()
+    asr_config = AsrConfig(
+        beam_width=beam_width,  # None: the artifact's tuned beam
+        batch_delay_ms=_or(batch_delay_ms, asr_default.batch_delay_ms),
+        engine_threads=_or(engine_threads, asr_default.engine_threads),
+    )
+    vqa_config = VqaConfig(engine_threads=_or(engine_threads, vqa_default.engine_threads))
     root = Path(samples_dir or SAMPLES_DIR)
-    asr = ArtifactPipelineFactory(
-        task="asr",
-        name="sample-asr",
-        files={"model": asr_model(root, int8), "lm": asr_lm(root)},
-        entry="dsstream.pipelines.asr:load",
+    asr = AsrFactory(
+        "sample-asr", asr_model(root, int8), asr_lm(root), asr_config,
         hint="train and export it with the recipe in apps/asr (python -m apps.asr.export)",
-        extra=settings,
-    )
-    vqa = ArtifactPipelineFactory(
-        task="vqa",
-        name="sample-vqa",
-        files={"image": root / "vqa" / "image.ds", "fuser": root / "vqa" / "fuser.ds"},
-        entry="dsstream.pipelines.vqa:load",
+    )  # fmt: skip
+    vqa = VqaFactory(
+        "sample-vqa", root / "vqa" / "image.ds", root / "vqa" / "fuser.ds", vqa_config,
+        asr=asr,  # spoken questions
         hint="train and export it with the recipe in apps/vqa (python -m apps.vqa.export)",
-        extra={"asr": asr, **threads},  # asr: spoken questions
-    )
+    )  # fmt: skip
     return PipelineRegistry([asr, vqa])
+
+
+def _or(value: T | None, default: T) -> T:
+    return default if value is None else value
 
 
 def preload(samples_dir: Path | None = None) -> None:

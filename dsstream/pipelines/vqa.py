@@ -15,7 +15,7 @@ from __future__ import annotations
 import hashlib
 import math
 import time
-from dataclasses import dataclass, replace
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -24,6 +24,7 @@ import numpy as np
 from dsstream.media import ImageError, decode_image
 from dsstream.options import VqaOptions
 from dsstream.pipelines.base import PipelineError
+from dsstream.pipelines.config import VqaConfig
 from dsstream.protocol import (
     Answer,
     AudioChunk,
@@ -38,19 +39,6 @@ from dsstream.protocol import (
 from dsstream.tokenizer import WordTokenizer
 
 __all__ = ["VqaConfig", "ImageKVCache", "VqaRuntime", "VqaPipeline", "load"]
-
-
-@dataclass(frozen=True)
-class VqaConfig:
-    """Process-wide VQA runtime settings."""
-
-    device: str = "cpu"
-    max_batch: int = 32  # questions (or images) per forward pass
-    cache_bytes: int = 64 << 20  # keys/values of cached images
-    max_image_pixels: int = 4096 * 4096  # larger images are refused (decompression bombs)
-    # ONNX Runtime threads per forward pass: the sample stages are too small to
-    # gain from more (measured), and idle pool threads spin; None: its default.
-    engine_threads: int | None = 1
 
 
 class ImageKVCache:
@@ -82,17 +70,16 @@ class VqaRuntime:
         name: str = "vqa", asr: Any = None,
     ) -> None:  # fmt: skip
         """``asr``: a pipeline factory (``create()``) for spoken questions, or None."""
-        from engine import BatchPolicy, InferenceEngine
+        from engine import BatchPolicy, EngineConfig, InferenceEngine
 
         self.config, self.name, self.asr = config, name, asr
-        policy = BatchPolicy(max_batch_size=config.max_batch)
-        threads = config.engine_threads
-        self.image_engine = InferenceEngine(
-            image, device=config.device, policy=policy, cpu_threads=threads
+        engine_config = EngineConfig(
+            device=config.device,
+            policy=BatchPolicy(max_batch_size=config.max_batch),
+            cpu_threads=config.engine_threads,
         )
-        self.fuser_engine = InferenceEngine(
-            fuser, device=config.device, policy=policy, cpu_threads=threads
-        )
+        self.image_engine = InferenceEngine(image, config=engine_config)
+        self.fuser_engine = InferenceEngine(fuser, config=engine_config)
         img, fus = self.image_engine.manifest.extra, self.fuser_engine.manifest.extra
         if img.get("stage") != "image" or fus.get("stage") != "fuser":
             raise ValueError(f"{image} and {fuser} are not a VQA image stage and fuser stage")
