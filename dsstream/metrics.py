@@ -7,6 +7,7 @@ components (the engine) add their collectors with :meth:`ServerMetrics.include`.
 
 from __future__ import annotations
 
+import threading
 from typing import Any
 
 from prometheus_client import (
@@ -18,7 +19,7 @@ from prometheus_client import (
 )
 from prometheus_client.registry import Collector
 
-__all__ = ["ServerMetrics", "CONTENT_TYPE"]
+__all__ = ["ServerMetrics", "StageTimes", "CONTENT_TYPE"]
 
 CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
 
@@ -94,3 +95,57 @@ class ServerMetrics:
 
     def exposition(self) -> bytes:
         return generate_latest(self.registry)
+
+
+class StageTimes:
+    """Seconds spent per pipeline stage, summed over all sessions (thread-safe),
+    and their Prometheus collector (``dsstream_<task>_stage_seconds``,
+    ``dsstream_<task>_audio_seconds``).
+
+    For the ASR pipeline: CPU seconds of the session's thread (``time.thread_time``) for resample,
+    VAD, frontend and decoder, so threads waiting on each other or on the GIL
+    do not count; ``encoder`` is the wall time a stream waits for its batched
+    model step (queueing included), since the forward pass runs on the engine's
+    thread, whose own stats give the compute time.
+    """
+
+    def __init__(self, stages: tuple[str, ...], task: str = "asr") -> None:
+        self.task = task
+        self._lock = threading.Lock()
+        self.seconds = dict.fromkeys(stages, 0.0)
+        self.audio_s = 0.0  # audio processed, seconds at the model rate
+
+    def add(self, local: dict[str, float], audio_s: float) -> None:
+        with self._lock:
+            for stage, t in local.items():
+                self.seconds[stage] += t
+            self.audio_s += audio_s
+
+    def snapshot(self) -> dict[str, Any]:
+        with self._lock:
+            return {"audio_s": self.audio_s, "seconds": dict(self.seconds)}
+
+    def collector(self) -> Any:
+        from prometheus_client.core import CounterMetricFamily
+
+        times, task = self, self.task
+
+        class _Collector:
+            def collect(self) -> Any:
+                snap = times.snapshot()
+                stages = CounterMetricFamily(
+                    f"dsstream_{task}_stage_seconds", f"Time per {task} pipeline stage",
+                    labels=["stage"],
+                )  # fmt: skip
+                for stage, t in snap["seconds"].items():
+                    stages.add_metric([stage], t)
+                yield stages
+                yield CounterMetricFamily(
+                    f"dsstream_{task}_audio_seconds", f"Audio processed by the {task} pipeline",
+                    snap["audio_s"],
+                )  # fmt: skip
+
+            def describe(self) -> list[Any]:
+                return []
+
+        return _Collector()

@@ -220,6 +220,7 @@ def test_all_is_exact_and_resolves(module):
         "dsstream.host",
         "dsstream.pipelines.config",
         "dsstream.pipelines.factories",
+        "dsstream.pipelines.channels",
         "dsstream.pipelines.base",
         "engine.kv_cache",
         "engine.overlap",

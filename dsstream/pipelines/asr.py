@@ -21,11 +21,10 @@ every output frame is decoded exactly once.
 from __future__ import annotations
 
 import math
-import threading
 import time
 from dataclasses import dataclass, replace
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import numpy as np
 
@@ -34,8 +33,10 @@ from dsstream.decoding import CTCDecoder, DecoderConfig, Vocabulary
 from dsstream.decoding.grammar import UNK, Grammar, GrammarError
 from dsstream.endpoint import Endpointer
 from dsstream.frontend import Fbank, FbankConfig, StreamingFbank
+from dsstream.metrics import StageTimes
 from dsstream.options import MAX_GRAMMAR_PHRASES, AsrOptions, parse_task_options
 from dsstream.pipelines.base import PipelineError
+from dsstream.pipelines.channels import SplitChannels
 from dsstream.pipelines.config import AsrConfig
 from dsstream.protocol import (
     AudioChunk,
@@ -53,57 +54,6 @@ from dsstream.vad import SileroVad, VadConfig
 __all__ = ["AsrModelSpec", "AsrConfig", "AsrRuntime", "AsrPipeline", "StageTimes", "load"]
 
 STAGES = ("resample", "vad", "frontend", "encoder", "decoder")
-
-
-class StageTimes:
-    """Seconds spent per pipeline stage, summed over all sessions (thread-safe).
-
-    CPU seconds of the session's thread (``time.thread_time``) for resample,
-    VAD, frontend and decoder, so threads waiting on each other or on the GIL
-    do not count; ``encoder`` is the wall time a stream waits for its batched
-    model step (queueing included), since the forward pass runs on the engine's
-    thread, whose own stats give the compute time.
-    """
-
-    def __init__(self) -> None:
-        self._lock = threading.Lock()
-        self.seconds = dict.fromkeys(STAGES, 0.0)
-        self.audio_s = 0.0  # audio processed, seconds at the model rate
-
-    def add(self, local: dict[str, float], audio_s: float) -> None:
-        with self._lock:
-            for stage, t in local.items():
-                self.seconds[stage] += t
-            self.audio_s += audio_s
-
-    def snapshot(self) -> dict[str, Any]:
-        with self._lock:
-            return {"audio_s": self.audio_s, "seconds": dict(self.seconds)}
-
-    def collector(self) -> Any:
-        from prometheus_client.core import CounterMetricFamily
-
-        times = self
-
-        class _Collector:
-            def collect(self) -> Any:
-                snap = times.snapshot()
-                stages = CounterMetricFamily(
-                    "dsstream_asr_stage_seconds", "Wall time per ASR pipeline stage",
-                    labels=["stage"],
-                )  # fmt: skip
-                for stage, t in snap["seconds"].items():
-                    stages.add_metric([stage], t)
-                yield stages
-                yield CounterMetricFamily(
-                    "dsstream_asr_audio_seconds", "Audio processed by the ASR pipeline",
-                    snap["audio_s"],
-                )  # fmt: skip
-
-            def describe(self) -> list[Any]:
-                return []
-
-        return _Collector()
 
 
 @dataclass(frozen=True)
@@ -198,7 +148,7 @@ class AsrRuntime:
             hotword_beam_width=config.hotword_beam_width, config=search,
         )  # fmt: skip
         self.vad = SileroVad(config=VadConfig(threshold=config.vad_threshold))
-        self.times = StageTimes()
+        self.times = StageTimes(STAGES, task="asr")
         self._collectors = [
             self.engine.prometheus("asr"), self.times.collector(), self.vad.collector()
         ]  # fmt: skip
@@ -237,7 +187,7 @@ class AsrPipeline:
         self.spec = runtime.spec
         self.options: AsrOptions | None = None
         self._ended = False
-        self.parts: list[AsrPipeline] = []  # split_channels: one stream per channel
+        self.split: SplitChannels | None = None  # split_channels: a stream per channel
 
     # -- Pipeline protocol -----------------------------------------------------------
 
@@ -245,7 +195,10 @@ class AsrPipeline:
         if not isinstance(options, AsrOptions):
             raise PipelineError(ErrorCode.BAD_MESSAGE, "the ASR pipeline needs asr options", True)
         if options.split_channels:
-            return self._begin_channels(options)
+            self.split = SplitChannels(lambda: AsrPipeline(self.runtime))
+            effective = self.split.begin(options)
+            self.options = options
+            return effective
         rt, spec = self.runtime, self.spec
         try:
             self.resampler = StreamingResampler(options.sample_rate, spec.sample_rate)
@@ -285,8 +238,6 @@ class AsrPipeline:
 
     def step(self, frame: Any) -> list[ServerEvent]:
         self._check()
-        if self.parts and isinstance(frame, Flush):
-            return self.flush()
         if isinstance(frame, AudioChunk):
             return self.accept(frame.samples, frame.sample_rate)
         if isinstance(frame, Flush):
@@ -300,18 +251,9 @@ class AsrPipeline:
         if self._ended or self.options is None:
             self._ended = True
             return []
-        if self.parts:  # every channel's stream ends, even after one failed to
+        if self.split is not None:
             self._ended = True
-            events: list[ServerEvent] = []
-            failure: Exception | None = None
-            for i, part in enumerate(self.parts):
-                try:
-                    events += _each_channel([part], lambda p, _: p.end(), first=i)
-                except Exception as exc:
-                    failure = failure or exc
-            if failure is not None:
-                raise failure
-            return events
+            return self.split.end()
         try:
             events = self._feed(self.resampler.finish())
             self._pad_frontend()
@@ -332,8 +274,8 @@ class AsrPipeline:
                 ErrorCode.BAD_AUDIO,
                 f"audio at {sample_rate} Hz in a session started at {self.options.sample_rate} Hz",
             )
-        if self.parts:
-            return self._accept_channels(np.asarray(samples, dtype=np.float32))
+        if self.split is not None:
+            return self.split.accept(samples)
         x = np.asarray(samples, dtype=np.float32).reshape(-1)
         if not np.all(np.isfinite(x)):
             raise PipelineError(ErrorCode.BAD_AUDIO, "audio contains NaN or infinity")
@@ -345,37 +287,9 @@ class AsrPipeline:
     def flush(self) -> list[ServerEvent]:
         """Finalize what was received so far as a segment; the stream goes on."""
         self._check()
-        if self.parts:
-            return _each_channel(self.parts, lambda part, _: part.flush())
+        if self.split is not None:
+            return self.split.flush()
         return self._finalize("flush")
-
-    # -- split_channels: one stream per channel, events tagged with it -----------------------
-
-    def _begin_channels(self, options: AsrOptions) -> dict[str, Any]:
-        mono = replace(options, channels=1, split_channels=False)
-        effective: dict[str, Any] = {}
-        try:
-            for _ in range(options.channels):
-                part = AsrPipeline(self.runtime)
-                effective = part.begin(mono)
-                self.parts.append(part)
-        except PipelineError:
-            for part in self.parts:
-                part.end()
-            self.parts = []
-            raise
-        self.options = options
-        return effective
-
-    def _accept_channels(self, x: np.ndarray) -> list[ServerEvent]:
-        assert self.options is not None
-        if x.ndim != 2 or x.shape[1] != len(self.parts):
-            raise PipelineError(
-                ErrorCode.BAD_AUDIO,
-                f"a session with split_channels takes audio [n, {len(self.parts)}], "
-                f"got shape {list(x.shape)}",
-            )
-        return _each_channel(self.parts, lambda part, i: part.accept(x[:, i]))
 
     # -- internals ---------------------------------------------------------------------------
 
@@ -529,22 +443,6 @@ class AsrPipeline:
         self.endpointer.reset(self.frames * shift)
         self._new_decoder()
         return events
-
-
-def _each_channel(
-    parts: list[AsrPipeline],
-    call: Callable[[AsrPipeline, int], list[ServerEvent]],
-    first: int = 0,
-) -> list[ServerEvent]:
-    """``call`` on each channel's stream (``parts`` are channels ``first``, ...),
-    its transcript events tagged with the channel."""
-    out: list[ServerEvent] = []
-    for i, part in enumerate(parts, first):
-        for event in call(part, i):
-            if isinstance(event, (Partial, Final, Endpoint)):
-                event = replace(event, channel=i)
-            out.append(event)
-    return out
 
 
 def load(model: Path, lm: Path | None = None, name: str = "asr", **config: Any) -> AsrRuntime:
