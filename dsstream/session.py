@@ -3,7 +3,7 @@
 The reader task parses frames through the sans-I/O :class:`ServerProtocol` and
 puts requests on a bounded queue; when the queue is full the reader stops
 reading, so a client that outruns its pipeline is throttled by TCP flow control
-instead of being buffered without bound.  A worker task drains the queue in
+instead of being buffered without bound.  A pump task drains the queue in
 order and runs each pipeline call on the server's thread pool, so a slow
 session never blocks the event loop or the other sessions.
 """
@@ -75,14 +75,14 @@ class SessionRunner:
         self.opened = time.monotonic()
         self.stats = {"frames": 0, "audio_seconds": 0.0, "images": 0, "questions": 0}
         self._stop: asyncio.Future[str] = asyncio.get_running_loop().create_future()
-        self._worker: asyncio.Task[None] | None = None
+        self._pump: asyncio.Task[None] | None = None
         self._lease: Lease | None = None  # the slot and the models this session uses
         self._timeout_message = ""
 
     # -- lifecycle -----------------------------------------------------------
 
     def request_stop(self, reason: str) -> None:
-        """Ask the reader to stop (server shutdown, worker failure); idempotent."""
+        """Ask the reader to stop (server shutdown, a failed pipeline call); idempotent."""
         if not self._stop.done():
             self._stop.set_result(reason)
 
@@ -91,19 +91,19 @@ class SessionRunner:
             reason = await self._read_loop()
             await self._finish(reason)
         finally:
-            if self._worker and not self._worker.done():
-                self._worker.cancel()
+            if self._pump and not self._pump.done():
+                self._pump.cancel()
             self._release()
             await self.ws.close(self.close_code)
 
     async def _finish(self, reason: str) -> None:
-        if self._worker is None:
+        if self._pump is None:
             return
-        if not self._worker.done():
+        if not self._pump.done():
             await self.queue.put((_Finish(reason), time.monotonic()))
             grace = self.config.shutdown_grace_s if reason == "shutdown" else None
             try:
-                await asyncio.wait_for(asyncio.shield(self._worker), grace)
+                await asyncio.wait_for(asyncio.shield(self._pump), grace)
             except TimeoutError:
                 self.log.warning("session did not finish within %.1f s of shutdown", grace)
         if reason == "shutdown":
@@ -154,7 +154,7 @@ class SessionRunner:
 
     async def _fail_timeout(self, message: str) -> None:
         # Finals come first (in _finish); a session never started just gets the error.
-        if self._worker is None:
+        if self._pump is None:
             await self.send(self.protocol.fail(ErrorCode.TIMEOUT, message))
         else:
             self._timeout_message = message
@@ -238,7 +238,7 @@ class SessionRunner:
         self._queue_latency = self.metrics.queue_latency.labels(request.task)
         self.log.info("started %s session (%s)", request.task, effective.get("model", "?"))
         await self.send(started)
-        self._worker = asyncio.create_task(self._work())
+        self._pump = asyncio.create_task(self._work())
         return True
 
     async def _fatal(self, code: ErrorCode, message: str, retry_ms: int | None = None) -> None:

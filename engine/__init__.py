@@ -15,7 +15,7 @@ from engine.engine import (
     QueueFull,
 )
 from engine.passes import DEFAULT_PASSES, run_passes
-from engine.pipeline import Pipeline
+from engine.pipeline import Pipeline, StagePipeline
 from engine.seed import EngineMonitor, ModelConverter
 from engine.sessions import (
     SessionClosed,
@@ -50,6 +50,7 @@ __all__ = [
     "run_passes",
     "DEFAULT_PASSES",
     "Pipeline",
+    "StagePipeline",
     "ModelConverter",
     "EngineMonitor",
     "StateSpec",

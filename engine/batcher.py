@@ -87,7 +87,7 @@ class Batcher:
         self._queue: list[_Pending] = []
         self._ids = itertools.count()
         self._closed = False
-        self._worker: threading.Thread | None = None
+        self._thread: threading.Thread | None = None
         self.overlap: dict[str, Any] = {"active": False}
         self._jobs: queue.Queue[_Job | None] | None = None
         self._computer: threading.Thread | None = None
@@ -121,7 +121,7 @@ class Batcher:
             )
             self._queue.append(_Pending(meta, arrays, future, model))
             self._cond.notify()
-        self._ensure_worker()
+        self._ensure_thread()
         return future
 
     def solo_key(self) -> tuple[str, int]:
@@ -148,8 +148,8 @@ class Batcher:
         with self._cond:
             self._closed = True
             self._cond.notify_all()
-        if self._worker is not None:
-            self._worker.join()
+        if self._thread is not None:
+            self._thread.join()
         if self._jobs is not None and self._computer is not None:
             self._jobs.put(None)  # after every staged batch: they all finish
             self._computer.join()
@@ -157,14 +157,14 @@ class Batcher:
 
     # -- the batching thread -------------------------------------------------------
 
-    def _ensure_worker(self) -> None:
-        if self._worker is None or not self._worker.is_alive():
+    def _ensure_thread(self) -> None:
+        if self._thread is None or not self._thread.is_alive():
             with self._lock:
-                if self._worker is None or not self._worker.is_alive():
-                    self._worker = threading.Thread(
+                if self._thread is None or not self._thread.is_alive():
+                    self._thread = threading.Thread(
                         target=self._loop, name="engine-batcher", daemon=True
                     )
-                    self._worker.start()
+                    self._thread.start()
 
     def _next_plan(self) -> tuple[list[_Pending], list[list[_Pending]], LoadedModel] | None:
         """Wait for work; the expired requests, the batches and the model they

@@ -1,6 +1,11 @@
 """Multi-stage pipelines: engines chained stage by stage, running concurrently
 on a stream of micro-batches (stage i works on batch n+1 while stage i+1 works
-on batch n), connected by bounded queues."""
+on batch n), connected by bounded queues.
+
+The class is ``StagePipeline``: a chain of engines.  (A ``Pipeline`` in
+dsstream is one session's task work, dsstream.pipelines.base.)  ``Pipeline``
+stays as its name in the engine's seed API.
+"""
 
 from __future__ import annotations
 
@@ -10,7 +15,7 @@ from typing import Any, Iterable, Iterator, Mapping, Sequence
 
 import numpy as np
 
-__all__ = ["Pipeline"]
+__all__ = ["StagePipeline", "Pipeline"]
 
 Outputs = dict[str, np.ndarray]
 _DONE = object()
@@ -21,8 +26,8 @@ class _Failure:
         self.exc = exc
 
 
-class Pipeline:
-    """``Pipeline([encoder, decoder], device_map=["cpu", "cpu"], memory_efficient=True)``.
+class StagePipeline:
+    """``StagePipeline([encoder, decoder], device_map=["cpu", "cpu"], memory_efficient=True)``.
 
     Each stage's outputs feed the next stage's inputs: by name where the names
     match, else in order.  ``memory_efficient=True`` drops each intermediate as
@@ -125,3 +130,6 @@ class Pipeline:
                 outbox.put((result, kept))
             else:
                 outbox.put((None, result if self.memory_efficient else {**kept, **result}))
+
+
+Pipeline = StagePipeline  # the seed API's name

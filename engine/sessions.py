@@ -106,11 +106,11 @@ class SessionPool:
         idle = [sid for sid, (_, last) in self.sessions.items()
                 if now - last > self.idle_timeout_s]  # fmt: skip
         for sid in idle:
-            self.release(sid)
+            self.free(sid)
             self.evictions += 1
         return idle
 
-    def admit(self, sid: int, nbytes: int) -> list[int]:
+    def reserve(self, sid: int, nbytes: int) -> list[int]:
         """Reserve ``nbytes`` for ``sid``; returns ids evicted to make room (idle ones)."""
         evicted = self.evict_idle()
         if self.used_bytes + nbytes > self.cap_bytes:
@@ -127,7 +127,7 @@ class SessionPool:
         nbytes, _ = self.sessions[sid]
         self.sessions[sid] = (nbytes, self.clock())
 
-    def release(self, sid: int) -> None:
+    def free(self, sid: int) -> None:
         nbytes, _ = self.sessions.pop(sid)
         self.used_bytes -= nbytes
 
@@ -156,7 +156,7 @@ class SessionTable:
         """Admit ``session`` (idle ones may be evicted to make room); raises
         :class:`SessionPoolFull`."""
         with self._lock:
-            for sid in self.pool.admit(session.id, session.nbytes):
+            for sid in self.pool.reserve(session.id, session.nbytes):
                 self._open.pop(sid).evicted = True
             self._open[session.id] = session
 
@@ -172,10 +172,10 @@ class SessionTable:
                 )
             self.pool.touch(session.id)
 
-    def release(self, session: StreamSession) -> None:
+    def close(self, session: StreamSession) -> None:
         with self._lock:
             if self._open.pop(session.id, None) is not None:
-                self.pool.release(session.id)
+                self.pool.free(session.id)
 
     def stats(self) -> dict[str, Any]:
         with self._lock:
@@ -270,5 +270,5 @@ class StreamSession:
     def close(self) -> None:
         """Free the state; closing twice is harmless."""
         if not self.closed and not self.evicted:
-            self._table.release(self)
+            self._table.close(self)
         self.closed = True

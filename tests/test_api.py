@@ -113,6 +113,7 @@ EXPECTED = {
         "QueuedRequest",
         "plan",
         "Pipeline",
+        "StagePipeline",
         "ModelConverter",
         "EngineMonitor",
         "StateSpec",

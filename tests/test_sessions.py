@@ -169,13 +169,13 @@ def test_pool_cap_eviction_and_misuse(streaming):
 def test_session_pool_bookkeeping_is_exact():
     clock = [0.0]
     pool = SessionPool(cap_bytes=100, idle_timeout_s=10, clock=lambda: clock[0])
-    assert pool.admit(1, 40) == [] and pool.admit(2, 40) == []
+    assert pool.reserve(1, 40) == [] and pool.reserve(2, 40) == []
     with pytest.raises(SessionPoolFull):
-        pool.admit(3, 40)
+        pool.reserve(3, 40)
     clock[0] = 5
     pool.touch(2)
     clock[0] = 11  # 1 idle since 0 (> 10 s), 2 since 5
-    assert pool.admit(3, 40) == [1]
+    assert pool.reserve(3, 40) == [1]
     assert pool.used_bytes == 80 and sorted(pool.sessions) == [2, 3] and pool.evictions == 1
 
 
