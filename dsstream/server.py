@@ -97,6 +97,8 @@ class ServerConfig:
         )
 
 
+# ~270 lines, past our ~250 bound: sockets, HTTP routes, reload and graceful
+# shutdown/drain of one server; what sessions use of it is host.py.
 class StreamServer:
     """The dsstream WebSocket server.
 

@@ -156,16 +156,14 @@ class VoskTranslator:
 async def serve_vosk(host: SessionHost, ws: ServerConnection) -> None:
     """Run one Vosk-protocol connection to its end (the host's admission,
     models and pipeline threads; one reply per message)."""
-    loop = asyncio.get_running_loop()
-    call = host.run
+    loop, call = asyncio.get_running_loop(), host.run
     lease = host.admit("asr")
     if lease is None:
         await ws.send(json.dumps({"error": "the server is at its session limit; retry later"}))
         return
     vosk = VoskTranslator()
     pipeline: Pipeline | None = None
-    limits = host.limits
-    deadline = loop.time() + limits.max_session_s
+    limits, deadline = host.limits, loop.time() + host.limits.max_session_s
     try:
         while True:
             wait = min(limits.idle_timeout_s, deadline - loop.time())

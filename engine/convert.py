@@ -279,6 +279,62 @@ def _quantize(
     return qmodel.eval(), info
 
 
+def _check_targets(precision: str, backends: Sequence[str]) -> None:
+    if precision not in PRECISIONS:
+        raise ConversionError(
+            f"precision must be one of {', '.join(PRECISIONS)}, got {precision!r}"
+        )
+    if precision == "bf16" and "onnx" in backends:
+        raise ConversionError(
+            "ONNX Runtime's CPU provider has no bfloat16 kernels (Add, MatMul fail to load): "
+            "convert bf16 with backends=('torch',), for a GPU"
+        )
+    unknown = set(backends) - {"torch", "onnx"}
+    if unknown or not backends:
+        raise ConversionError(f"backends must be among 'torch', 'onnx', got {list(backends)}")
+
+
+def _capture(
+    source: Any, args_p: tuple[Any, ...], dtype: torch.dtype, dynamic_shapes: Any
+) -> ExportedProgram:
+    """An ExportedProgram of ``source`` at ``dtype`` that the passes may rewrite."""
+    try:
+        if isinstance(source, ExportedProgram):
+            # The passes rewrite in place; a serialization round trip copies the
+            # caller's program (deepcopy renames placeholders like "input").
+            return torch.export.load(io.BytesIO(torch_save_bytes(source)))
+        # A copy: casting an nn.Module is in place, and the caller's model stays fp32.
+        module = copy.deepcopy(source).to(dtype) if dtype != torch.float32 else source
+        return torch.export.export(module, args_p, dynamic_shapes=dynamic_shapes, strict=False)
+    except Exception as exc:  # torch.export raises many types; say what failed
+        raise ConversionError(f"torch.export could not capture the model: {exc}") from exc
+
+
+def _float_onnx(
+    float_source: torch.nn.Module,
+    args_p: tuple[Any, ...],
+    dynamic_shapes: Any,
+    passes: Sequence[str] | None,
+    names_in: list[str],
+    names_out: list[str],
+) -> bytes:
+    """The float graph's ONNX, which ONNX Runtime quantizes its own way (integer
+    kernels); a model frozen by the caller gives its float twin back exactly."""
+    from engine.passes import DEFAULT_PASSES, run_passes
+
+    if _is_quantized(float_source):
+        from engine.quant import dequantized_copy, freeze
+
+        float_source = dequantized_copy(freeze(copy.deepcopy(float_source)))
+    float_ep = torch.export.export(float_source, args_p, dynamic_shapes=dynamic_shapes,
+                                   strict=False)  # fmt: skip
+    float_ep, _ = run_passes(float_ep, DEFAULT_PASSES if passes is None else passes)
+    return _onnx_bytes(float_ep, args_p, names_in, names_out)
+
+
+# Longer than our ~60-line bound: the conversion recipe, each step (capture,
+# passes, per-backend export, verification, manifest) feeding the next; the
+# steps themselves are the functions above.
 def convert(
     model: Any,
     example_inputs: Sequence[Any],
@@ -312,18 +368,7 @@ def convert(
     """
     from engine.passes import DEFAULT_PASSES, run_passes
 
-    if precision not in PRECISIONS:
-        raise ConversionError(
-            f"precision must be one of {', '.join(PRECISIONS)}, got {precision!r}"
-        )
-    if precision == "bf16" and "onnx" in backends:
-        raise ConversionError(
-            "ONNX Runtime's CPU provider has no bfloat16 kernels (Add, MatMul fail to load): "
-            "convert bf16 with backends=('torch',), for a GPU"
-        )
-    unknown = set(backends) - {"torch", "onnx"}
-    if unknown or not backends:
-        raise ConversionError(f"backends must be among 'torch', 'onnx', got {list(backends)}")
+    _check_targets(precision, backends)
     args = tuple(example_inputs)
     source = _load_model(model, args)
     if isinstance(source, torch.nn.Module):
@@ -342,17 +387,7 @@ def convert(
         )
     dtype = PRECISIONS[precision]
     args_p = _cast_inputs(args, dtype)
-    try:
-        if isinstance(source, ExportedProgram):
-            # The passes rewrite in place; a serialization round trip copies the
-            # caller's program (deepcopy renames placeholders like "input").
-            ep = torch.export.load(io.BytesIO(torch_save_bytes(source)))
-        else:
-            # A copy: casting an nn.Module is in place, and the caller's model stays fp32.
-            module = copy.deepcopy(source).to(dtype) if precision != "fp32" else source
-            ep = torch.export.export(module, args_p, dynamic_shapes=dynamic_shapes, strict=False)
-    except Exception as exc:  # torch.export raises many types; say what failed
-        raise ConversionError(f"torch.export could not capture the model: {exc}") from exc
+    ep = _capture(source, args_p, dtype, dynamic_shapes)
     source_hash = _source_hash(source)
     ep, applied = run_passes(ep, DEFAULT_PASSES if passes is None else passes)
     names_in = _names(source, len(args), input_names, "input")
@@ -368,16 +403,8 @@ def convert(
         dynamic = quant_info is not None and quant_info["config"].get("mode") == "dynamic"
         try:
             if dynamic and quant_info is not None and isinstance(float_source, torch.nn.Module):
-                # ONNX Runtime quantizes the float graph its own way (integer kernels);
-                # a model frozen by the caller gives its float twin back exactly.
-                if _is_quantized(float_source):
-                    from engine.quant import dequantized_copy, freeze
-
-                    float_source = dequantized_copy(freeze(copy.deepcopy(float_source)))
-                float_ep = torch.export.export(float_source, args_p, dynamic_shapes=dynamic_shapes,
-                                               strict=False)  # fmt: skip
-                float_ep, _ = run_passes(float_ep, DEFAULT_PASSES if passes is None else passes)
-                float_onnx = _onnx_bytes(float_ep, args_p, names_in, names_out)
+                float_onnx = _float_onnx(float_source, args_p, dynamic_shapes, passes,
+                                         names_in, names_out)  # fmt: skip
                 onnx_data = _onnx_dynamic_int8(float_onnx, quant_info["config"]["per_channel"])
             else:
                 onnx_data = _onnx_bytes(ep, args_p, names_in, names_out)

@@ -79,6 +79,8 @@ def held_out(sentence: str, percent: int = 1) -> bool:
     return int(hashlib.sha1(sentence.encode()).hexdigest()[:8], 16) % 100 < percent
 
 
+# A recipe's script (options, text, build, report), read top to bottom;
+# over ~60 lines.
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--order", type=int, default=4)

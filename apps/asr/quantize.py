@@ -110,6 +110,8 @@ def _from_qat(args: argparse.Namespace, model: torch.nn.Module, fbank: Fbank) ->
     return result
 
 
+# A recipe's script (options, calibrate, score, export), read top to bottom;
+# over ~60 lines.
 def main(argv: list[str] | None = None) -> dict[str, Any]:
     from engine.quant import QuantConfig, quantize, sensitivity
 

@@ -59,6 +59,7 @@ def choose(rows: list[dict[str, Any]], tolerance: float) -> dict[str, Any]:
     return next(r for _, r in sorted(best_per_beam.items()) if r["wer"] <= best + tolerance)
 
 
+# A recipe's script (options, grid, report), read top to bottom; over ~60 lines.
 def main(argv: list[str] | None = None) -> dict[str, Any]:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--data", type=Path, default=ROOT / "cache" / "asr")

@@ -178,6 +178,9 @@ def _first(*values: float | None) -> float:
     return float(next(v for v in values if v is not None))
 
 
+# ~265 lines, past our ~250 bound: one stream's resample -> VAD -> features ->
+# model step -> decoder -> endpoint loop, whose frame bookkeeping (peeked,
+# pending, segment frames) every stage shares; split channels are channels.py.
 class AsrPipeline:
     """One stream's recognition: the :class:`~dsstream.pipelines.base.Pipeline` calls,
     plus ``accept``/``flush`` for in-process use."""
