@@ -15,7 +15,7 @@ import http
 import json
 import logging
 import signal
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, fields
 from importlib import resources
 from typing import Any, Callable
 from urllib.parse import parse_qs, urlsplit
@@ -86,15 +86,9 @@ class ServerConfig:
     worker: WorkerInfo | None = None
 
     def session_settings(self) -> SessionSettings:
-        """What the per-connection runners read of this config."""
-        return SessionSettings(
-            limits=self.limits,
-            max_sessions=self.max_sessions,
-            session_queue_frames=self.session_queue_frames,
-            max_frames_per_call=self.max_frames_per_call,
-            shutdown_grace_s=self.shutdown_grace_s,
-            busy_retry_after_ms=self.busy_retry_after_ms,
-        )
+        """What the per-connection runners read of this config (the fields of
+        the same names)."""
+        return SessionSettings(**{f.name: getattr(self, f.name) for f in fields(SessionSettings)})
 
 
 # ~270 lines, past our ~250 bound: sockets, HTTP routes, reload and graceful
