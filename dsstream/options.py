@@ -114,6 +114,12 @@ def _is_number(value: Any) -> bool:
     return isinstance(value, (int, float)) and not isinstance(value, bool)
 
 
+def _shown(value: int | float) -> str:
+    """A number for a message: a 400-digit integer is shown by its size."""
+    text = repr(value) if isinstance(value, float) or abs(value) < 10**30 else ""
+    return text or f"<an integer of {len(str(abs(value)))} digits>"
+
+
 def _bool(name: str, value: Any) -> bool:
     if not isinstance(value, bool):
         raise OptionsError(f"option {name!r} must be true or false")
@@ -124,16 +130,29 @@ def _int(name: str, value: Any, lo: int, hi: int, code: str = "bad_message") -> 
     if not isinstance(value, int) or isinstance(value, bool):
         raise OptionsError(f"option {name!r} must be an integer")
     if not lo <= value <= hi:
-        raise OptionsError(f"option {name!r}={value} is outside [{lo}, {hi}]", code)
+        raise OptionsError(f"option {name!r}={_shown(value)} is outside [{lo}, {hi}]", code)
     return value
 
 
 def _float(name: str, value: Any, lo: float, hi: float) -> float:
-    if not _is_number(value) or not math.isfinite(value):
+    # An int is compared exactly: one past the float range (JSON allows any
+    # number of digits) must be refused, not overflow in a conversion.
+    if not _is_number(value) or (isinstance(value, float) and not math.isfinite(value)):
         raise OptionsError(f"option {name!r} must be a finite number")
     if not lo <= value <= hi:
-        raise OptionsError(f"option {name!r}={value} is outside [{lo}, {hi}]")
-    return float(value)
+        raise OptionsError(f"option {name!r}={_shown(value)} is outside [{lo}, {hi}]")
+    return float(value) + 0.0  # + 0.0: -0.0 becomes 0.0
+
+
+def _check_nulls(where: str, raw: dict[str, Any], cls: type) -> None:
+    """``null`` is accepted only where it is the option's default (it then
+    means the default, as in the ``started`` echo); anywhere else it is a
+    wrong type, answered ``bad_message`` like any other."""
+    defaults = {f.name: f.default for f in fields(cls)}
+    for name, value in raw.items():
+        if value is None and defaults.get(name) is not None:
+            raise OptionsError(f"{where} option {name!r} may not be null; leave it out for "
+                               "the default")  # fmt: skip
 
 
 def _check_keys(where: str, raw: dict[str, Any], cls: type) -> None:
@@ -151,6 +170,7 @@ def _hotword(item: Any) -> Hotword:
     if not isinstance(item, dict):
         raise OptionsError("each hotword is a string or {'phrase': str, 'boost': number}")
     _check_keys("hotword", item, Hotword)
+    _check_nulls("hotword", item, Hotword)
     phrase = item.get("phrase")
     if not isinstance(phrase, str) or not phrase.split():
         raise OptionsError("hotword 'phrase' must be a non-empty string")
@@ -189,6 +209,7 @@ def _endpointing(value: Any) -> EndpointOptions:
     if not isinstance(value, dict):
         raise OptionsError("option 'endpointing' must be true, false or an object")
     _check_keys("endpointing", value, EndpointOptions)
+    _check_nulls("endpointing", value, EndpointOptions)
     d = EndpointOptions()
     return EndpointOptions(
         enabled=_bool("enabled", value.get("enabled", d.enabled)),
@@ -218,8 +239,11 @@ def _model(value: Any) -> str | None:
 
 def _asr(raw: dict[str, Any]) -> AsrOptions:
     _check_keys("asr", raw, AsrOptions)
+    _check_nulls("asr", raw, AsrOptions)
     d = AsrOptions()
     encoding = raw.get("encoding", d.encoding)
+    if not isinstance(encoding, str):
+        raise OptionsError("option 'encoding' must be a string")
     if encoding not in ENCODINGS:
         raise OptionsError(
             f"encoding {encoding!r} is not supported; use one of {', '.join(ENCODINGS)}",
@@ -261,6 +285,7 @@ def _asr(raw: dict[str, Any]) -> AsrOptions:
 
 def _vqa(raw: dict[str, Any]) -> VqaOptions:
     _check_keys("vqa", raw, VqaOptions)
+    _check_nulls("vqa", raw, VqaOptions)
     return VqaOptions(
         model=_model(raw.get("model")),
         speech=_speech(raw.get("speech")),

@@ -25,6 +25,7 @@ from dsstream.options import AsrOptions, VqaOptions, parse_task_options
 
 __all__ = [
     "PROTOCOL_VERSION",
+    "load_json_object",
     "ErrorCode",
     "CloseCode",
     "Limits",
@@ -479,13 +480,25 @@ class ServerProtocol:
             raise ProtocolError(ErrorCode.BAD_MESSAGE, f"{what!r} before the session started")
 
 
-def _load_json(text: str) -> dict[str, Any]:
+def load_json_object(text: str) -> dict[str, Any]:
+    """A client's JSON text message as an object, or :class:`ProtocolError`
+    (``bad_message``) for anything else: malformed JSON, nesting too deep for
+    the parser, an integer past Python's digit limit, or a value that is not
+    an object.  (``NaN`` and ``Infinity``, which Python's parser accepts, are
+    left to the option checks, which name the option they were given for.)
+    Every endpoint (/v1/stream, /vosk) parses through it."""
     try:
         msg = json.loads(text)
-    except (json.JSONDecodeError, RecursionError) as exc:
-        raise ProtocolError(ErrorCode.BAD_MESSAGE, f"malformed JSON: {exc}") from None
+    except (ValueError, RecursionError) as exc:  # JSONDecodeError is a ValueError
+        reason = "nested too deeply" if isinstance(exc, RecursionError) else str(exc)[:200]
+        raise ProtocolError(ErrorCode.BAD_MESSAGE, f"malformed JSON: {reason}") from None
     if not isinstance(msg, dict):
         raise ProtocolError(ErrorCode.BAD_MESSAGE, "a control message must be a JSON object")
+    return msg
+
+
+def _load_json(text: str) -> dict[str, Any]:
+    msg = load_json_object(text)
     if "type" not in msg:
         raise ProtocolError(ErrorCode.BAD_MESSAGE, "control message without a 'type'")
     return msg

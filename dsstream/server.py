@@ -73,6 +73,10 @@ class ServerConfig:
     # and lets its open sessions go on this long before it shuts down.
     drain_timeout_s: float = 600.0
     busy_retry_after_ms: int = 2000  # the retry hint sent with ``busy``
+    # After the server's close frame, how long a client has to answer it before
+    # the connection is dropped (websockets' default, 10 s, let a client that
+    # keeps sending and never answers hold the socket that long).
+    close_timeout_s: float = 2.0
     # Frames already queued when the worker wakes go to the pool in one call:
     # one thread hop per burst instead of per frame.
     max_frames_per_call: int = 16
@@ -190,6 +194,7 @@ class StreamServer:
             process_request=self._process_request,
             max_size=hard,
             compression=None,  # PCM audio does not deflate well; save the CPU
+            close_timeout=self.config.close_timeout_s,
             server_header=f"dsstream/{__version__}",
             logger=logging.getLogger("dsstream.websockets"),
         )

@@ -25,13 +25,28 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
+import math
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 from dsstream.host import Lease, SessionHost
-from dsstream.options import AsrOptions, OptionsError, parse_task_options
+from dsstream.options import (
+    MAX_SAMPLE_RATE,
+    MIN_SAMPLE_RATE,
+    AsrOptions,
+    OptionsError,
+    parse_task_options,
+)
 from dsstream.pipelines.base import ModelUnavailable, Pipeline, PipelineError
-from dsstream.protocol import AudioChunk, Final, Partial, ProtocolError, ServerEvent, decode_audio
+from dsstream.protocol import (
+    AudioChunk,
+    Final,
+    Partial,
+    ProtocolError,
+    ServerEvent,
+    decode_audio,
+    load_json_object,
+)
 
 if TYPE_CHECKING:
     from websockets.asyncio.server import ServerConnection
@@ -43,6 +58,8 @@ log = logging.getLogger("dsstream.vosk")
 
 DEFAULT_SAMPLE_RATE = 16000  # Vosk's server defaults to its model's; ours is 16 kHz
 EOF = "eof"
+# The config keys Vosk's server reads; anything else is refused, not ignored.
+CONFIG_KEYS = frozenset({"sample_rate", "words", "max_alternatives", "phrase_list", "model"})
 
 
 class VoskError(ValueError):
@@ -58,17 +75,18 @@ class VoskTranslator:
     words: bool = True
     alternatives: int = 0
     phrase_list: tuple[str, ...] = ()
+    model: str | None = None  # a model name; None: the server's default
     last_partial: str = ""
     started: bool = False  # audio came: the config is fixed
 
     def text(self, message: str) -> str | None:
         """A text message: ``"eof"``, or None for a config (applied here)."""
         try:
-            obj = json.loads(message)
-        except json.JSONDecodeError:
-            raise VoskError('text messages are JSON: a config or {"eof" : 1}') from None
-        if not isinstance(obj, dict):
-            raise VoskError("text messages are JSON objects")
+            obj = load_json_object(message)  # the one safe parse both endpoints use
+        except ProtocolError as exc:
+            raise VoskError(
+                f'{exc.message}; text messages are JSON objects: a config or {{"eof" : 1}}'
+            ) from None
         if "eof" in obj:
             return EOF
         if "config" in obj:
@@ -77,24 +95,30 @@ class VoskTranslator:
         raise VoskError(f"unknown message with keys {sorted(obj)}: expected config or eof")
 
     def _config(self, config: Any) -> None:
+        """Apply a config, checked at once: a bad one is answered now (and
+        changes nothing), not at the next audio message."""
         if self.started:
             raise VoskError("config must come before the audio")
         if not isinstance(config, dict):
             raise VoskError("config is an object")
-        try:
-            if "sample_rate" in config:
-                self.sample_rate = int(float(config["sample_rate"]))
-            if "words" in config:
-                self.words = bool(config["words"])
-            if "max_alternatives" in config:
-                self.alternatives = max(0, int(config["max_alternatives"]))
-        except (TypeError, ValueError):
-            raise VoskError("sample_rate and max_alternatives are numbers") from None
-        phrases = config.get("phrase_list")
-        if phrases is not None:
-            if not isinstance(phrases, list) or not all(isinstance(p, str) for p in phrases):
-                raise VoskError("phrase_list is a list of strings")
-            self.phrase_list = tuple(phrases)
+        unknown = sorted(set(config) - CONFIG_KEYS)
+        if unknown:
+            raise VoskError(f"unknown config key(s) {', '.join(unknown)}; "
+                            f"known: {', '.join(sorted(CONFIG_KEYS))}")  # fmt: skip
+        rate = _config_number(config, "sample_rate", self.sample_rate, MIN_SAMPLE_RATE,
+                              MAX_SAMPLE_RATE)  # fmt: skip
+        alternatives = _config_number(config, "max_alternatives", self.alternatives, 0, 10)
+        words = config.get("words", self.words)
+        if not isinstance(words, (bool, int)) or isinstance(words, int) and words not in (0, 1):
+            raise VoskError("words is true or false")
+        phrases = config.get("phrase_list", list(self.phrase_list))
+        if not isinstance(phrases, list) or not all(isinstance(p, str) for p in phrases):
+            raise VoskError("phrase_list is a list of strings")
+        model = config.get("model", self.model)
+        if model is not None and (not isinstance(model, str) or not model):
+            raise VoskError("model is a model name")
+        self.sample_rate, self.alternatives, self.words = rate, alternatives, bool(words)
+        self.phrase_list, self.model = tuple(phrases), model
 
     def options(self) -> AsrOptions:
         """The dsstream ASR options the config asks for."""
@@ -104,7 +128,8 @@ class VoskTranslator:
             "partials": True,
             "partial_interval_ms": 0,  # every reply carries the newest partial
             "word_timestamps": self.words,
-            "nbest": min(max(self.alternatives, 1), 10),
+            "nbest": max(self.alternatives, 1),
+            "model": self.model,
         }
         if self.phrase_list:
             raw |= {"grammar": list(self.phrase_list), "grammar_sequence": True}
@@ -245,10 +270,30 @@ async def _next_message(
 
 def _recognizer(lease: Lease, options: AsrOptions) -> Pipeline:
     """A begun ASR pipeline (pool side); raises what refuses it."""
-    pipeline = lease.resolve().create()
+    pipeline = lease.resolve(options.model).create()
     pipeline.begin(options)
     return pipeline
 
 
 def _message(exc: Exception) -> str:
     return exc.message if isinstance(exc, PipelineError) else str(exc)
+
+
+def _config_number(config: dict[str, Any], key: str, default: int, lo: int, hi: int) -> int:
+    """``config[key]`` as a whole number in [lo, hi]; Vosk's server takes numbers
+    and numeric strings (it calls ``float()``/``int()`` on them)."""
+    value = config.get(key, default)
+    if isinstance(value, str):
+        try:
+            value = float(value)
+        except ValueError:
+            raise VoskError(
+                f"sample_rate and max_alternatives are numbers: {key} is {value[:40]!r}"
+            ) from None
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise VoskError(f"sample_rate and max_alternatives are numbers: {key} is not")
+    if isinstance(value, float) and not (math.isfinite(value) and value.is_integer()):
+        raise VoskError(f"{key} is a whole number")
+    if not lo <= value <= hi:
+        raise VoskError(f"{key} must be in [{lo}, {hi}]")
+    return int(value)

@@ -282,3 +282,56 @@ def test_split_channels_keep_the_channels_and_events_say_which():
     assert "channel" not in json.loads(encode_event(Final("hi", 0, 0.0, 1.0)))
     for event in (Partial("h", 0, 0.5, channel=0), Endpoint(0, 1.0, "end", channel=1)):
         assert parse_server_event(encode_event(event)) == event
+
+
+HUGE = "9" * 400  # an integer past the float range: JSON allows any number of digits
+
+
+@pytest.mark.parametrize(
+    "start",
+    [
+        '{"type": "start", "task": "asr", "lm_weight": %s}' % HUGE,
+        '{"type": "start", "task": "asr", "hotwords": [{"phrase": "a", "boost": %s}]}' % HUGE,
+        '{"type": "start", "task": "asr", "lm_weight": -%s}' % HUGE,
+        '{"type": "start", "task": "vqa", "speech": {"lm_weight": %s}}' % HUGE,
+        '{"type": "start", "task": "asr", "lm_weight": NaN}',
+        '{"type": "start", "task": "asr", "lm_weight": Infinity}',
+        '{"type": "start", "task": "asr", "lm_weight": 1e400}',
+        '{"type": "start", "task": "asr", "lm_weight": true}',
+        '{"type": "start", "task": "asr", "nbest": 2.0}',
+        '{"type": "start", "task": "asr", "sample_rate": %s}' % ("1" * 5000),
+        '{"type": "start", "task": "asr", "encoding": null}',
+        '{"type": "start", "task": "asr", "grammar": null}',
+        '{"type": "start", "task": "asr", "partials": null}',
+        '{"type": "start", "task": "asr", "endpointing": {"enabled": null}}',
+        '{"type": "start", "task": "asr", "hotwords": [{"phrase": "a", "boost": null}]}',
+        '{"type": "start", "task": "vqa", "question_forms": null}',
+    ],
+)
+def test_numbers_of_any_size_and_nulls_are_answered_bad_message(start):
+    """Issue 30, defects 1 and 6: no number (huge, NaN, Infinity, a bool) and
+    no null where the option has a non-null default raises; each is a
+    non-fatal ``bad_message`` that names the option, and the session can still start."""
+    proto = ServerProtocol()
+    [error] = proto.receive_text(start)
+    assert isinstance(error, Error) and error.code is ErrorCode.BAD_MESSAGE, error
+    assert not error.fatal and len(error.message) < 400
+    [ok] = proto.receive_text('{"type": "start", "task": "asr"}')
+    assert isinstance(ok, StartSession)
+
+
+def test_a_huge_sample_rate_is_unsupported_like_any_rate_out_of_range():
+    [error] = ServerProtocol().receive_text('{"type": "start", "task": "asr", "sample_rate": %s}'
+                                            % HUGE)  # fmt: skip
+    assert error.code is ErrorCode.UNSUPPORTED and "400 digits" in error.message
+
+
+def test_null_means_the_default_where_the_default_is_null_and_minus_zero_is_zero():
+    [start] = ServerProtocol().receive_text(
+        '{"type": "start", "task": "asr", "lm_weight": null, "model": null,'
+        ' "hotwords": [{"phrase": "a", "boost": -0.0}]}'
+    )
+    assert start.options.lm_weight is None and start.options.model is None
+    assert str(start.options.hotwords[0].boost) == "0.0"
+    [vqa] = ServerProtocol().receive_text('{"type": "start", "task": "vqa", "speech": null}')
+    assert vqa.options.speech is None

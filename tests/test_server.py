@@ -512,3 +512,29 @@ def test_typed_factories_reload_with_their_declared_asr(tmp_path):
     assert asr2.config.beam_width == 8 and vqa2.config.max_batch == 4
     with pytest.raises(ValueError, match="beam_width"):
         AsrConfig(beam_width=0)
+
+
+@async_test
+async def test_hostile_starts_are_answered_and_a_client_that_never_answers_close_is_dropped():
+    """Issue 30, defects 1 and 5 over a live socket: a 400-digit lm_weight is a
+    bad_message (the handler used to die and close 1000 without a word), and
+    a client that keeps sending after ``end`` without answering the close
+    frame is dropped after ``close_timeout_s``, not websockets' 10 s."""
+    import time
+
+    async with running_server(pipelines.registry(), close_timeout_s=0.5) as server:
+        async with connect(server.url) as ws:
+            await ws.send('{"type": "start", "task": "asr", "lm_weight": %s}' % ("9" * 400))
+            error = json.loads(await ws.recv())
+            assert (error["type"], error["code"], error["fatal"]) == ("error", "bad_message", False)
+            await ws.send('{"type": "start", "task": "asr"}')
+            assert json.loads(await ws.recv())["type"] == "started"
+            await ws.send('{"type": "end"}')
+            ws.transport.pause_reading()  # never reads the close frame, so never answers it
+            t0 = time.monotonic()
+            with pytest.raises(Exception):
+                for _ in range(2000):
+                    await ws.send(b"\0" * 3200)
+                    await asyncio.sleep(0.005)
+            assert time.monotonic() - t0 < 5.0  # 0.5 s plus scheduling; 10 s before the fix
+        assert server.active_sessions == 0

@@ -217,3 +217,30 @@ def test_an_idle_vosk_client_gets_its_last_result_and_is_closed():
 
     first, last, active = asyncio.run(main())
     assert first == {"partial": ""} and last == {"result": [], "text": ""} and active == 0
+
+
+def test_bad_configs_are_refused_when_they_arrive_and_change_nothing():
+    """Issue 30, defects 2-4: deep nesting, Infinity, out-of-range or unknown
+    config values get an error reply at once (never an exception from the
+    adapter), and the config before them stays."""
+    vosk = VoskTranslator()
+    assert vosk.text('{"config": {"sample_rate": "8000", "max_alternatives": 2}}') is None
+    for bad, message in [
+        ("[" * 2000, "nested too deeply"),
+        ('{"config": {"sample_rate": Infinity}}', "whole number"),
+        ('{"config": {"sample_rate": NaN}}', "whole number"),
+        ('{"config": {"sample_rate": 1e400}}', "whole number"),
+        ('{"config": {"sample_rate": -1}}', r"sample_rate must be in \[8000, 192000\]"),
+        ('{"config": {"sample_rate": 2147483648}}', "sample_rate must be in"),
+        ('{"config": {"sample_rate": 16000.5}}', "whole number"),
+        ('{"config": {"sample_rate": true}}', "numbers"),
+        ('{"config": {"max_alternatives": 1099511627776}}', r"max_alternatives must be in \[0"),
+        ('{"config": {"words": 7}}', "words is true or false"),
+        ('{"config": {"model": ""}}', "model is a model name"),
+        ('{"config": {"sample_rate": 8000, "beam": 3}}', "unknown config key"),
+        ('{"config": {"sample_rate": ' + "9" * 5000 + "}}", "malformed JSON"),
+    ]:
+        with pytest.raises(VoskError, match=message):
+            vosk.text(bad)
+    options = vosk.options()
+    assert (options.sample_rate, options.nbest) == (8000, 2)
