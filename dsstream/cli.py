@@ -60,7 +60,15 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--host", default="127.0.0.1")
     serve.add_argument("--port", type=int, default=8765)
     serve.add_argument("--token", help="require this bearer token (header or ?token=)")
-    serve.add_argument("--origin", action="append", default=[], help="allowed browser origin")
+    serve.add_argument(
+        "--origin", action="append", default=[], metavar="ORIGIN",
+        help="a browser origin allowed beside this server's own and loopback ones "
+        "(repeatable; '*' allows any web page to open sessions)",
+    )  # fmt: skip
+    serve.add_argument(
+        "--metrics-public", action="store_true",
+        help="with --token: serve /metrics without the token",
+    )  # fmt: skip
     serve.add_argument("--max-sessions", type=int, default=128)
     serve.add_argument("--max-frame-bytes", type=int, default=1 << 20)
     serve.add_argument("--idle-timeout", type=float, default=30.0, help="seconds")
@@ -191,6 +199,7 @@ def _serve(args: argparse.Namespace) -> int:
         max_sessions=args.max_sessions,
         token=args.token,
         allowed_origins=tuple(args.origin),
+        metrics_public=args.metrics_public,
         worker_threads=args.threads,
         drain_timeout_s=args.drain_timeout,
     )

@@ -27,6 +27,7 @@ from dsstream.protocol import (
     ErrorCode,
     ServerEvent,
     Started,
+    parse_server_event,
 )
 
 __all__ = ["Client", "BlockingClient", "ServerError", "AudioSource"]
@@ -44,6 +45,20 @@ class ServerError(Exception):
         super().__init__(f"{event.code.value}: {event.message}")
         self.event = event
         self.code: ErrorCode = event.code
+
+
+def _refusal_event(exc: Any) -> Error:
+    """The ``error`` a server's HTTP refusal of the handshake carries (401:
+    token, 403: origin), or one made from its status."""
+    response = exc.response
+    try:
+        event = parse_server_event(response.body.decode())
+        if isinstance(event, Error):
+            return event
+    except Exception:
+        pass
+    code = ErrorCode.UNAUTHORIZED if response.status_code in (401, 403) else ErrorCode.INTERNAL
+    return Error(code, f"the server refused the connection: HTTP {response.status_code}", True)
 
 
 def _read_source(source: AudioSource, channels: bool = False) -> tuple[np.ndarray, int]:
@@ -81,14 +96,19 @@ class Client:
     # -- connection ------------------------------------------------------------
 
     async def connect(self) -> Client:
+        from websockets.exceptions import InvalidStatus
+
         headers = {"Authorization": f"Bearer {self.token}"} if self.token else None
-        self._ws = await connect(
-            self.url,
-            additional_headers=headers,
-            open_timeout=self.open_timeout,
-            compression=None,
-            max_size=None,
-        )
+        try:
+            self._ws = await connect(
+                self.url,
+                additional_headers=headers,
+                open_timeout=self.open_timeout,
+                compression=None,
+                max_size=None,
+            )
+        except InvalidStatus as exc:  # refused before the upgrade: token or origin
+            raise ServerError(_refusal_event(exc)) from None
         return self
 
     async def close(self) -> None:

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import asyncio
 import email.utils
-import hmac
 import http
 import json
 import logging
@@ -18,13 +17,14 @@ import signal
 from dataclasses import asdict, dataclass, field, fields
 from importlib import resources
 from typing import Any, Callable
-from urllib.parse import parse_qs, urlsplit
+from urllib.parse import urlsplit
 
 from websockets.asyncio.server import Server, ServerConnection, serve
 from websockets.datastructures import Headers
 from websockets.http11 import Request, Response
 
 from dsstream import __version__
+from dsstream.access import origin_allowed, token_ok
 from dsstream.host import SessionHost, SessionSettings
 from dsstream.metrics import CONTENT_TYPE, ServerMetrics
 from dsstream.pipelines.base import PipelineRegistry
@@ -61,8 +61,11 @@ class ServerConfig:
     limits: Limits = field(default_factory=Limits)
     max_sessions: int = 128  # concurrent sessions; beyond it, ``busy``
     session_queue_frames: int = 64  # per-session queue; full means the reader pauses
-    token: str | None = None  # bearer token required when set
-    allowed_origins: tuple[str, ...] = ()  # browser origins allowed; empty allows any
+    token: str | None = None  # bearer token required when set (WebSocket and /metrics)
+    # Browser origins allowed beside the server's own and loopback ones
+    # (dsstream.access); ("*",) allows any.
+    allowed_origins: tuple[str, ...] = ()
+    metrics_public: bool = False  # with a token: /metrics without it too
     # Threads running pipeline calls. A call blocks its thread while its encoder step
     # waits to be batched with other sessions' steps, so the thread count caps the
     # batch: with 8, 64 real-time streams fell behind on 2 cores; 16 to 128 kept up
@@ -284,12 +287,30 @@ class StreamServer:
     ) -> Response | None:
         path = urlsplit(request.path).path
         upgrade = "websocket" in request.headers.get("Upgrade", "").lower()
+        authorized = token_ok(self.config.token, request.headers.get("Authorization"), request.path)
         if path in (self.config.path, self.config.vosk_path) and upgrade:
+            # Refused before the upgrade, as HTTP: a client sees why without a session.
+            origin = request.headers.get("Origin")
+            host = request.headers.get("Host")
+            if not origin_allowed(origin, host, self.config.allowed_origins):
+                self.metrics.errors.labels(ErrorCode.UNAUTHORIZED.value).inc()
+                log.info("refused connection: origin %r is not allowed", origin)
+                return _refusal(connection, http.HTTPStatus.FORBIDDEN,
+                                f"origin {origin!r} is not allowed (see --origin)")  # fmt: skip
+            if not authorized:
+                self.metrics.errors.labels(ErrorCode.UNAUTHORIZED.value).inc()
+                log.info("refused connection: missing or wrong bearer token")
+                return _refusal(connection, http.HTTPStatus.UNAUTHORIZED,
+                                "missing or wrong bearer token")  # fmt: skip
             return None  # go on with the WebSocket handshake
         if path == self.config.path:
             return connection.respond(http.HTTPStatus.UPGRADE_REQUIRED, "WebSocket endpoint\n")
         if path == "/healthz":
-            return _response(connection, http.HTTPStatus.OK, self._health(), "application/json")
+            body = self._health(details=authorized)
+            return _response(connection, http.HTTPStatus.OK, body, "application/json")
+        if path == "/metrics" and not (authorized or self.config.metrics_public):
+            message = "missing or wrong bearer token (or serve with --metrics-public)"
+            return _refusal(connection, http.HTTPStatus.UNAUTHORIZED, message)
         if path == "/metrics":
             body = self.metrics.exposition()
             if self.config.worker is not None:
@@ -301,9 +322,14 @@ class StreamServer:
             return _response(connection, http.HTTPStatus.OK, body, ctype)
         return connection.respond(http.HTTPStatus.NOT_FOUND, "not found\n")
 
-    def _health(self) -> bytes:
+    def _health(self, details: bool = True) -> bytes:
+        """The server's state; without the token (on a server that has one),
+        only whether it is up."""
+        state = {"status": "shutting_down" if self._closing else "ok"}
+        if not details:
+            return json.dumps(state).encode()
         status = {
-            "status": "shutting_down" if self._closing else "ok",
+            **state,
             "version": __version__,
             **({"worker": self.config.worker.index} if self.config.worker is not None else {}),
             "sessions": self.active_sessions,
@@ -344,25 +370,10 @@ class StreamServer:
             self.runners.discard(runner)
 
     def _refusal(self, ws: ServerConnection) -> tuple[ErrorCode, str] | None:
-        request = ws.request
-        assert request is not None
+        # Origin and token were checked before the upgrade (_process_request).
         if self._closing:
             return ErrorCode.BUSY, "server is shutting down"
-        origins = self.config.allowed_origins
-        origin = request.headers.get("Origin")
-        if origins and origin is not None and origin not in origins:
-            return ErrorCode.UNAUTHORIZED, f"origin {origin!r} is not allowed"
-        if self.config.token is not None and not self._token_ok(request):
-            return ErrorCode.UNAUTHORIZED, "missing or wrong bearer token"
         return None
-
-    def _token_ok(self, request: Request) -> bool:
-        expected = self.config.token or ""
-        header = request.headers.get("Authorization", "")
-        given = header[7:].strip() if header.lower().startswith("bearer ") else ""
-        if not given:  # browsers cannot set headers on a WebSocket: ?token=...
-            given = parse_qs(urlsplit(request.path).query).get("token", [""])[0]
-        return hmac.compare_digest(given.encode(), expected.encode())
 
     async def _refuse(self, ws: ServerConnection, code: ErrorCode, message: str) -> None:
         error = ServerProtocol(self.config.limits).fail(
@@ -388,6 +399,24 @@ async def _reload(server: StreamServer, rebuild: Callable[[], PipelineRegistry] 
               "models they started with", flush=True)  # fmt: skip
     else:
         print("reload: failed, see the log; the models loaded before keep serving", flush=True)
+
+
+def _refusal(connection: ServerConnection, status: http.HTTPStatus, message: str) -> Response:
+    """An HTTP refusal of a request, with the reason in a JSON body (the same
+    ``error`` shape a session gets) and, for 401, how to authenticate."""
+    code = ErrorCode.UNAUTHORIZED.value
+    body = json.dumps({"type": "error", "code": code, "message": message, "fatal": True})
+    response = _response(connection, status, body.encode(), "application/json")
+    if status is http.HTTPStatus.UNAUTHORIZED:
+        response.headers["WWW-Authenticate"] = 'Bearer realm="dsstream"'
+    return response
+
+
+def _origins_line(allowed: tuple[str, ...]) -> str:
+    if "*" in allowed:
+        return "any (--origin '*': every web page may open sessions)"
+    extra = f", {', '.join(allowed)}" if allowed else ""
+    return f"this server's own and loopback{extra} (--origin to add)"
 
 
 def server_urls(host: str, port: int, path: str) -> tuple[str, str]:
@@ -448,6 +477,7 @@ async def run_server(
             signal.SIGHUP, lambda: asyncio.ensure_future(_reload(server, rebuild))
         )
         print(f"dsstream {__version__} serving {server.url}", flush=True)
+        print(f"browser origins allowed: {_origins_line(config.allowed_origins)}", flush=True)
         print(f"demo page: {server.http_url}", flush=True)
         if config.vosk_path:
             vosk = server_urls(config.host, server.port, config.vosk_path)[0]

@@ -222,6 +222,7 @@ def test_all_is_exact_and_resolves(module):
         "dsstream.pipelines.config",
         "dsstream.pipelines.factories",
         "dsstream.pipelines.channels",
+        "dsstream.access",
         "dsstream.pipelines.base",
         "engine.kv_cache",
         "engine.overlap",

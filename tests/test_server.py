@@ -2,6 +2,7 @@
 
 import asyncio
 import json
+import urllib.error
 import urllib.request
 
 import numpy as np
@@ -11,6 +12,7 @@ import torch
 import torchaudio
 from conftest import async_test, png_bytes, running_server, tone
 from websockets.asyncio.client import connect
+from websockets.exceptions import InvalidStatus
 
 from dsstream.client import BlockingClient, Client, ServerError
 from dsstream.protocol import (
@@ -256,26 +258,89 @@ async def test_max_session_duration_ends_the_session():
 @pytest.mark.parametrize("token", [None, "wrong"])
 @async_test
 async def test_wrong_or_missing_token_is_unauthorized(token):
+    """Refused before the upgrade (HTTP 401 with WWW-Authenticate), which the
+    client raises as the ``unauthorized`` error the body carries."""
     async with running_server(pipelines.registry(), token="s3cret") as server:
-        async with Client(server.url, token=token) as client:
-            error = await client.recv(timeout=5)
-            assert isinstance(error, Error) and error.code is ErrorCode.UNAUTHORIZED
-            assert error.fatal
-            assert await client.recv(timeout=5) is None
-            assert client.ws.close_code == 1008
+        with pytest.raises(ServerError) as refused:
+            async with Client(server.url, token=token):
+                pass
+        assert refused.value.code is ErrorCode.UNAUTHORIZED and refused.value.event.fatal
+        assert "token" in refused.value.event.message
+        with pytest.raises(InvalidStatus) as raw:
+            async with connect(server.url):
+                pass
+        assert raw.value.response.status_code == 401
+        assert raw.value.response.headers["WWW-Authenticate"].startswith("Bearer")
+        # An empty Bearer header is a wrong token, not a reason to read the query.
+        with pytest.raises(InvalidStatus):
+            async with connect(server.url + "?token=s3cret",
+                               additional_headers={"Authorization": "Bearer "}):  # fmt: skip
+                pass
         async with Client(server.url, token="s3cret") as client:
             assert isinstance(await client.start("asr"), Started)
         async with Client(server.url + "?token=s3cret") as client:  # browsers use the query
             assert isinstance(await client.start("asr"), Started)
+        with pytest.raises(InvalidStatus):  # the Vosk endpoint too
+            async with connect(server.url.replace("/v1/stream", "/vosk")):
+                pass
 
 
 @async_test
-async def test_disallowed_origin_is_unauthorized():
-    async with running_server(pipelines.registry(), allowed_origins=("http://ok",)) as server:
-        async with connect(server.url, origin="http://evil") as ws:
-            event = json.loads(await ws.recv())
-            assert event["code"] == "unauthorized" and "origin" in event["message"]
-        async with connect(server.url, origin="http://ok") as ws:
+async def test_with_a_token_metrics_need_it_and_healthz_says_only_whether_it_is_up():
+    async with running_server(pipelines.registry(), token="s3cret") as server:
+        base = server.url.replace("ws://", "http://").replace("/v1/stream", "")
+
+        def get(path, token=None):
+            request = urllib.request.Request(base + path)
+            if token:
+                request.add_header("Authorization", f"Bearer {token}")
+            try:
+                with urllib.request.urlopen(request, timeout=5) as response:
+                    return response.status, response.read().decode()
+            except urllib.error.HTTPError as exc:
+                return exc.code, exc.read().decode()
+
+        status, body = await asyncio.to_thread(get, "/metrics")
+        assert status == 401 and "token" in json.loads(body)["message"]
+        status, body = await asyncio.to_thread(get, "/metrics", "s3cret")
+        assert status == 200 and "dsstream_connections_total" in body
+        assert json.loads((await asyncio.to_thread(get, "/healthz"))[1]) == {"status": "ok"}
+        full = json.loads((await asyncio.to_thread(get, "/healthz", "s3cret"))[1])
+        assert full["status"] == "ok" and "models" in full and "limits" in full
+    async with running_server(pipelines.registry(), token="s3cret", metrics_public=True) as s:
+        url = s.url.replace("ws://", "http://").replace("/v1/stream", "/metrics")
+        with await asyncio.to_thread(urllib.request.urlopen, url, timeout=5) as response:
+            assert response.status == 200
+
+
+@async_test
+async def test_origins_default_to_the_servers_own_and_loopback():
+    """A page elsewhere may not drive the server; the demo page (its own
+    origin, by whatever host name) and loopback pages may; --origin adds."""
+    async with running_server(pipelines.registry()) as server:
+        port = server.port
+        for allowed in (f"http://127.0.0.1:{port}", "http://localhost:3000", "HTTP://LOCALHOST",
+                        None):  # fmt: skip
+            async with connect(server.url, origin=allowed) as ws:
+                await ws.send(json.dumps({"type": "start", "task": "vqa"}))
+                assert json.loads(await ws.recv())["type"] == "started"
+        for refused in ("http://evil.example", "null", "http://127.0.0.1.evil.example"):
+            with pytest.raises(InvalidStatus) as err:
+                async with connect(server.url, origin=refused):
+                    pass
+            body = json.loads(err.value.response.body)
+            assert err.value.response.status_code == 403
+            assert body["code"] == "unauthorized" and "origin" in body["message"]
+    async with running_server(pipelines.registry(), allowed_origins=("https://App.Example",)) as s:
+        async with connect(s.url, origin="https://app.example:443") as ws:
+            await ws.send(json.dumps({"type": "start", "task": "vqa"}))
+            assert json.loads(await ws.recv())["type"] == "started"
+        with pytest.raises(InvalidStatus) as raw:
+            async with connect(s.url, origin="http://evil.example"):
+                pass
+        assert raw.value.response.status_code == 403
+    async with running_server(pipelines.registry(), allowed_origins=("*",)) as s:
+        async with connect(s.url, origin="http://evil.example") as ws:
             await ws.send(json.dumps({"type": "start", "task": "vqa"}))
             assert json.loads(await ws.recv())["type"] == "started"
 
