@@ -11,6 +11,7 @@ import collections
 import threading
 import time
 from collections.abc import AsyncIterator, Iterable, Iterator
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any, Coroutine, TypeVar
 
@@ -23,14 +24,24 @@ from dsstream.protocol import (
     Answer,
     ClientProtocol,
     Ended,
+    Endpoint,
     Error,
     ErrorCode,
+    Final,
+    Partial,
     ServerEvent,
     Started,
     parse_server_event,
 )
 
-__all__ = ["Client", "BlockingClient", "ServerError", "AudioSource"]
+__all__ = [
+    "Client",
+    "BlockingClient",
+    "ServerError",
+    "AudioSource",
+    "Reconnect",
+    "transcribe_resumable",
+]
 
 T = TypeVar("T")
 
@@ -246,6 +257,14 @@ class Client:
         samples, rate = _read_source(source, bool(options.get("split_channels")))
         options = channel_options(samples, options)
         await self.start("asr", sample_rate=rate, **options)
+        async for event in self.transcribe_started(samples, rate, chunk_ms, realtime):
+            yield event
+
+    async def transcribe_started(
+        self, samples: np.ndarray, rate: int, chunk_ms: float = 100.0, realtime: bool = False
+    ) -> AsyncIterator[ServerEvent]:
+        """In a started ASR session: send ``samples`` and ``end`` while yielding
+        every event, until ``ended`` or the connection closes."""
 
         async def feed() -> None:
             await self.stream_audio(samples, rate, chunk_ms, realtime)
@@ -258,6 +277,96 @@ class Client:
             await sender
         finally:
             sender.cancel()
+
+
+@dataclass(frozen=True)
+class Reconnect:
+    """When a transcription's connection is lost (a worker killed: the socket
+    drops without a close frame) or the server shuts down before the audio
+    is all sent, connect again up to ``attempts`` times, ``delay_s`` apart
+    (doubling), and resume (see :func:`transcribe_resumable`)."""
+
+    attempts: int = 3
+    delay_s: float = 0.5
+
+
+async def transcribe_resumable(
+    url: str,
+    source: AudioSource,
+    token: str | None = None,
+    reconnect: Reconnect = Reconnect(),
+    chunk_ms: float = 100.0,
+    realtime: bool = False,
+    **options: Any,
+) -> AsyncIterator[ServerEvent]:
+    """:meth:`Client.transcribe` that survives a lost connection.
+
+    Audio up to the end of the last final is done; after a loss, a new session
+    starts with the same options and the audio from there is sent again (the
+    unfinished segment's audio, whose partials are repeated), so no final is
+    lost or doubled.  Events of a resumed session are shifted to read as one
+    stream: times by the audio already done, segments by those already
+    finalized.  One ``ended`` comes at the end.  ``split_channels`` sessions
+    are not resumable (their channels finalize at different points)."""
+    if options.get("split_channels"):
+        raise ValueError("split_channels sessions are not resumable: use Client.transcribe")
+    samples, rate = _read_source(source)
+    options = channel_options(samples, options)
+    done_s, segments, failures = 0.0, 0, 0
+    while True:
+        offset_s, first_segment = done_s, segments
+        client = Client(url, token)
+        try:
+            await client.connect()
+            await client.start("asr", sample_rate=rate, **options)
+        except (OSError, ConnectionError) as exc:
+            failures += 1
+            if failures > reconnect.attempts:
+                raise ConnectionError(f"gave up after {failures} tries: {exc}") from exc
+            await asyncio.sleep(reconnect.delay_s * 2 ** (failures - 1))
+            continue
+        ended: Ended | None = None
+        remaining = samples[int(round(offset_s * rate)) :]
+        try:
+            async for event in client.transcribe_started(remaining, rate, chunk_ms, realtime):
+                if isinstance(event, Ended):
+                    ended = event
+                    break
+                event = _shifted(event, offset_s, first_segment)
+                if isinstance(event, Final):
+                    done_s, segments = event.end, event.segment + 1
+                yield event
+        except (ConnectionClosed, OSError):
+            pass  # lost while sending: resumed below
+        finally:
+            await client.close()
+        if ended is not None and ended.reason != "shutdown":
+            yield ended
+            return
+        if ended is not None and done_s * rate >= len(samples) - 1:
+            yield ended  # a shutdown after the last final: nothing left to send
+            return
+        failures += 1
+        if failures > reconnect.attempts:
+            raise ConnectionError(f"the connection was lost {failures} times; gave up")
+        await asyncio.sleep(reconnect.delay_s * 2 ** (failures - 1))
+
+
+def _shifted(event: ServerEvent, offset_s: float, segments: int) -> ServerEvent:
+    """``event`` of a resumed session as part of the whole stream."""
+    if not (offset_s or segments):
+        return event
+    if isinstance(event, Final):
+        words = tuple(replace(w, start=w.start + offset_s, end=w.end + offset_s)
+                      for w in event.words)  # fmt: skip
+        return replace(event, segment=event.segment + segments, start=event.start + offset_s,
+                       end=event.end + offset_s, words=words)  # fmt: skip
+    if isinstance(event, Partial):
+        time = None if event.time is None else event.time + offset_s
+        return replace(event, segment=event.segment + segments, time=time)
+    if isinstance(event, Endpoint):
+        return replace(event, segment=event.segment + segments, time=event.time + offset_s)
+    return event
 
 
 class BlockingClient:

@@ -70,7 +70,14 @@ EXPECTED = {
         "supervise",
         "RunWorker",
     },
-    "dsstream.client": {"Client", "BlockingClient", "ServerError", "AudioSource"},
+    "dsstream.client": {
+        "Client",
+        "BlockingClient",
+        "ServerError",
+        "AudioSource",
+        "Reconnect",
+        "transcribe_resumable",
+    },
     "dsstream.decoding": {
         "CTCDecoder",
         "DECODER_PRESETS",

@@ -17,6 +17,7 @@ from websockets.exceptions import InvalidStatus
 from dsstream.client import BlockingClient, Client, ServerError
 from dsstream.protocol import (
     Answer,
+    AudioChunk,
     Ended,
     Endpoint,
     Error,
@@ -603,3 +604,45 @@ async def test_hostile_starts_are_answered_and_a_client_that_never_answers_close
                     await asyncio.sleep(0.005)
             assert time.monotonic() - t0 < 5.0  # 0.5 s plus scheduling; 10 s before the fix
         assert server.active_sessions == 0
+
+
+class _SegmentingAsr(pipelines.CountingAsr):
+    """CountingAsr with an endpoint every half second of audio."""
+
+    def step(self, frame):
+        events = super().step(frame)
+        if isinstance(frame, AudioChunk) and self.count >= 8000:
+            events += self._final("max_length")
+        return events
+
+
+@async_test
+async def test_a_resumable_transcription_survives_a_dropped_connection():
+    """A worker killed mid-stream drops the socket without a close frame; the
+    client connects again and sends the audio from the end of the last final,
+    so the finals count every sample exactly once, in one run of segments."""
+    from dsstream.client import Reconnect, transcribe_resumable
+
+    loop = asyncio.get_running_loop()
+    audio = tone(3.0, 16000)
+    steps = {"n": 0}
+
+    def kill_at_twelve(pipeline):
+        steps["n"] += 1
+        if steps["n"] == 12:  # the first session's 12th frame: 2 finals done, 2 frames pending
+            for runner in list(server.runners):
+                loop.call_soon_threadsafe(runner.ws.transport.abort)
+
+    def make():
+        return _SegmentingAsr(delay_s=0.01, on_step=kill_at_twelve)
+
+    async with running_server(pipelines.registry(asr=make)) as server:
+        events = [e async for e in transcribe_resumable(
+            server.url, (audio, 16000), reconnect=Reconnect(attempts=2, delay_s=0.05))]  # fmt: skip
+    finals = _of(events, Final)
+    assert sum(int(f.text) for f in finals) == len(audio)  # nothing lost, nothing twice
+    assert [f.segment for f in finals] == list(range(len(finals)))
+    assert finals[1].end == 1.0 and finals[2].start == 1.0 and finals[-1].end == 3.0
+    assert all(a.end == b.start for a, b in zip(finals, finals[1:]))
+    assert len(_of(events, Ended)) == 1 and events[-1].reason == "client"
+    assert len(server.registry.resolve("asr").created) == 2  # a second session resumed
