@@ -69,9 +69,9 @@ frames = st.one_of(texts, st.binary(max_size=64), st.integers(0, 5000).map(bytes
 REQUESTS = (StartSession, AudioChunk, ImageData, Question, Flush, End)
 
 
-@FUZZ
-@given(st.lists(frames, max_size=8), st.booleans())
-def test_the_protocol_core_answers_every_input_with_a_request_or_a_coded_error(inputs, warm):
+def drive_protocol(inputs: list[str | bytes], warm: bool) -> None:
+    """Feed ``inputs`` to a fresh protocol core (inside a started session when
+    ``warm``); every output must be a request or a coded error."""
     proto = ServerProtocol()
     if warm:  # the same inputs inside a started session
         [start] = proto.receive_text('{"type": "start", "task": "asr"}')
@@ -86,6 +86,12 @@ def test_the_protocol_core_answers_every_input_with_a_request_or_a_coded_error(i
                 proto.accept_start("s", {})
 
 
+@FUZZ
+@given(st.lists(frames, max_size=8), st.booleans())
+def test_the_protocol_core_answers_every_input_with_a_request_or_a_coded_error(inputs, warm):
+    drive_protocol(inputs, warm)
+
+
 vosk_configs = st.dictionaries(
     st.sampled_from(sorted(CONFIG_KEYS)) | st.text(max_size=6), values, max_size=4
 )
@@ -96,9 +102,8 @@ vosk_texts = st.one_of(
 )
 
 
-@FUZZ
-@given(st.lists(vosk_texts, max_size=5), st.binary(max_size=40))
-def test_the_vosk_translator_raises_only_vosk_errors(messages_in, audio):
+def drive_vosk(messages_in: list[str], audio: bytes) -> None:
+    """Feed a Vosk translator; it may raise only VoskError, with a message."""
     vosk = VoskTranslator()
     for message in messages_in:
         try:
@@ -114,6 +119,12 @@ def test_the_vosk_translator_raises_only_vosk_errors(messages_in, audio):
         assert chunk.samples.shape == (len(audio) // 2,)
     except VoskError:
         assert len(audio) % 2
+
+
+@FUZZ
+@given(st.lists(vosk_texts, max_size=5), st.binary(max_size=40))
+def test_the_vosk_translator_raises_only_vosk_errors(messages_in, audio):
+    drive_vosk(messages_in, audio)
 
 
 def _junk(rng) -> str | bytes:
