@@ -62,6 +62,23 @@ def test_space_delimiter_vocabulary_and_torch_input():
     assert CTCDecoder(vocab).decode(torch.from_numpy(x)).text == "good morning"
 
 
+def test_labels_as_pyctcdecode_and_wav2vec2_take_them():
+    """A plain label list works as other decoders take it: pyctcdecode's (" "
+    between words, "" the blank wherever it stands) and wav2vec2's ("|",
+    "<pad>" first); one with neither delimiter says what to pass."""
+    letters = list("abcdefghijklmnopqrstuvwxyz'")
+    rng = np.random.default_rng(3)
+    for labels in ([" ", *letters, ""], ["<pad>", "|", *letters]):
+        decoder = CTCDecoder(labels)
+        vocab = decoder.vocab
+        assert vocab.tokens[vocab.blank_id] in ("", "<pad>") and vocab.delimiter == labels[
+            0 if labels[0] == " " else 1]  # fmt: skip
+        x = emissions("it's a good morning", rng, vocab)
+        assert decoder.decode(x).text == "it's a good morning"
+    with pytest.raises(VocabularyError, match=r"' ' \(pyctcdecode's convention\) or '\|'"):
+        CTCDecoder(["<pad>", *letters])
+
+
 def test_bpe_vocabulary_with_word_start_marker(lm_path):
     pieces = ["<blank>", "\u2581the", "\u2581c", "at", "\u2581s", "\u2581on", "\u2581m", "\u2581"]
     vocab = Vocabulary(tuple(pieces), 0, kind="bpe")

@@ -188,8 +188,8 @@ class CTCDecoder:
             vocab = ENGLISH_CHARS if blank_id == 0 else replace(ENGLISH_CHARS, blank_id=blank_id)
         elif isinstance(vocabulary, Vocabulary):
             vocab = vocabulary
-        else:
-            vocab = Vocabulary(tuple(vocabulary), blank_id)
+        else:  # labels as other decoders take them: " " or "|" between words
+            vocab = Vocabulary.from_labels(vocabulary, blank_id)
         self.vocab = vocab
         cfg = config or DecoderConfig()
         # Keywords given override ``config`` (default: DecoderConfig(), beam 10).

@@ -50,6 +50,28 @@ class Vocabulary:
             blank = tokens.index(blank)
         return cls(tokens, blank, **kw)
 
+    @classmethod
+    def from_labels(cls, labels: Sequence[str], blank_id: int = 0) -> Vocabulary:
+        """A vocabulary from labels as other CTC decoders take them: characters
+        with ``" "`` (pyctcdecode's convention, whose blank is ``""`` wherever it
+        stands) or ``"|"`` (wav2vec2's) between words, or word pieces marked
+        ``"▁"`` (SentencePiece).  ``blank_id``: the blank's index where no
+        label is ``""``."""
+        tokens = tuple(labels)
+        if "" in tokens:
+            blank_id = tokens.index("")
+        if "|" in tokens:
+            return cls(tokens, blank_id, delimiter="|")
+        if " " in tokens:
+            return cls(tokens, blank_id, delimiter=" ")
+        if any(t.startswith(cls.marker) for t in tokens):
+            return cls(tokens, blank_id, kind="bpe")
+        raise VocabularyError(
+            "the labels have no word delimiter: include ' ' (pyctcdecode's convention) or '|' "
+            "(wav2vec2's) between words, or pass Vocabulary(tokens, kind='bpe') for word "
+            "pieces that start with '\u2581'"
+        )
+
     def __len__(self) -> int:
         return len(self.tokens)
 
