@@ -79,6 +79,19 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
+def start_server(port: int, *args: str) -> subprocess.Popen:
+    """``dsstream serve`` (the default models) in its own process, once it serves."""
+    server = subprocess.Popen(
+        [sys.executable, "-m", "dsstream.cli", "serve", "--port", str(port),
+         "--max-sessions", "512", "--log-level", "WARNING", *args],
+        stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, cwd=ROOT,
+    )  # fmt: skip
+    for line in server.stdout:  # type: ignore[union-attr]
+        if "serving" in line:
+            break
+    return server
+
+
 def _stat(pid: int) -> list[str]:
     return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
 
@@ -186,15 +199,8 @@ def test_concurrent_realtime_streams():
     audio = _audio()
     pcm = (np.clip(audio, -1, 1) * 32767).astype("<i2").tobytes()
     port = _free_port()
-    server = subprocess.Popen(
-        [sys.executable, "-m", "dsstream.cli", "serve", "--port", str(port),
-         "--max-sessions", "512", "--log-level", "WARNING", *SERVE_ARGS],
-        stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, cwd=ROOT,
-    )  # fmt: skip
+    server = start_server(port, *SERVE_ARGS)
     try:
-        for line in server.stdout:  # type: ignore[union-attr]
-            if "serving" in line:
-                break
         url = f"ws://127.0.0.1:{port}/v1/stream"
         rows, profile = [], None
         for n in STREAMS:

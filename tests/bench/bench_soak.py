@@ -18,15 +18,13 @@ from __future__ import annotations
 import asyncio
 import json
 import os
-import socket
-import subprocess
-import sys
 import time
 from pathlib import Path
 
 import numpy as np
 import pytest
 import soundfile as sf
+from bench_asr_load import _free_port, start_server
 from websockets.asyncio.client import connect
 
 from dsstream.protocol import Final, parse_server_event
@@ -121,18 +119,9 @@ async def _soak(url: str, pcm: bytes, pid: int) -> dict:
 
 
 def test_soak_realtime_streams():
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        port = probe.getsockname()[1]
-    server = subprocess.Popen(
-        [sys.executable, "-m", "dsstream.cli", "serve", "--port", str(port),
-         "--max-sessions", "512", "--log-level", "WARNING"],
-        stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, cwd=ROOT,
-    )  # fmt: skip
+    port = _free_port()
+    server = start_server(port)
     try:
-        for line in server.stdout:  # type: ignore[union-attr]
-            if "serving" in line:
-                break
         result = asyncio.run(_soak(f"ws://127.0.0.1:{port}/v1/stream", _pcm(), server.pid))
     finally:
         server.terminate()
