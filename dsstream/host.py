@@ -128,7 +128,7 @@ class SessionHost:
         once; a model a swap replaced is left off (its successor has the names)."""
         if not any(f is factory for f in self.registry.factories()):
             return
-        for collector in getattr(factory, "collectors", lambda: [])():
+        for collector in _collectors(factory):
             if id(collector) not in self._adopted:
                 self._adopted[id(collector)] = collector
                 self.metrics.include(collector)
@@ -138,7 +138,7 @@ class SessionHost:
         replaces are closed when the last session pinned to them ends."""
         old, self.registry = self.registry, new
         for factory in old.factories():
-            for collector in getattr(factory, "collectors", lambda: [])():
+            for collector in _collectors(factory):
                 if self._adopted.pop(id(collector), None) is not None:
                     self.metrics.exclude(collector)
         for factory in new.factories():
@@ -158,6 +158,11 @@ class SessionHost:
     def close(self) -> None:
         """Stop the pool; calls still queued on it are cancelled."""
         self.executor.shutdown(wait=False, cancel_futures=True)
+
+
+def _collectors(factory: Any) -> list[Any]:
+    """A factory's Prometheus collectors (none for factories without any)."""
+    return list(getattr(factory, "collectors", lambda: [])())
 
 
 def _log_failure(what: str) -> Callable[[asyncio.Future[Any]], None]:

@@ -295,12 +295,12 @@ class StreamServer:
             if not origin_allowed(origin, host, self.config.allowed_origins):
                 self.metrics.errors.labels(ErrorCode.UNAUTHORIZED.value).inc()
                 log.info("refused connection: origin %r is not allowed", origin)
-                return _refusal(connection, http.HTTPStatus.FORBIDDEN,
+                return _http_refusal(connection, http.HTTPStatus.FORBIDDEN,
                                 f"origin {origin!r} is not allowed (see --origin)")  # fmt: skip
             if not authorized:
                 self.metrics.errors.labels(ErrorCode.UNAUTHORIZED.value).inc()
                 log.info("refused connection: missing or wrong bearer token")
-                return _refusal(connection, http.HTTPStatus.UNAUTHORIZED,
+                return _http_refusal(connection, http.HTTPStatus.UNAUTHORIZED,
                                 "missing or wrong bearer token")  # fmt: skip
             return None  # go on with the WebSocket handshake
         if path == self.config.path:
@@ -310,7 +310,7 @@ class StreamServer:
             return _response(connection, http.HTTPStatus.OK, body, "application/json")
         if path == "/metrics" and not (authorized or self.config.metrics_public):
             message = "missing or wrong bearer token (or serve with --metrics-public)"
-            return _refusal(connection, http.HTTPStatus.UNAUTHORIZED, message)
+            return _http_refusal(connection, http.HTTPStatus.UNAUTHORIZED, message)
         if path == "/metrics":
             body = self.metrics.exposition()
             if self.config.worker is not None:
@@ -401,7 +401,7 @@ async def _reload(server: StreamServer, rebuild: Callable[[], PipelineRegistry] 
         print("reload: failed, see the log; the models loaded before keep serving", flush=True)
 
 
-def _refusal(connection: ServerConnection, status: http.HTTPStatus, message: str) -> Response:
+def _http_refusal(connection: ServerConnection, status: http.HTTPStatus, message: str) -> Response:
     """An HTTP refusal of a request, with the reason in a JSON body (the same
     ``error`` shape a session gets) and, for 401, how to authenticate."""
     code = ErrorCode.UNAUTHORIZED.value
