@@ -80,6 +80,11 @@ def build_parser() -> argparse.ArgumentParser:
         help="ASR decoder beam (default: the model's tuned one; narrower serves more streams)",
     )  # fmt: skip
     serve.add_argument(
+        "--decoder-mode", choices=("free", "lexicon"),
+        help="ASR sessions' default search (default: the model's, chosen by measurement): "
+             "lexicon emits only words of the LM's vocabulary, free any spelling",
+    )  # fmt: skip
+    serve.add_argument(
         "--batch-delay-ms", type=_non_negative_float,
         help="longest an ASR stream's encoder step waits for others to batch with "
              "(default: AsrConfig's; longer batches more, cheaper, later partials)",
@@ -118,6 +123,9 @@ def build_parser() -> argparse.ArgumentParser:
         help="a result may be several grammar phrases in a row (digits, codes)",
     )  # fmt: skip
     tr.add_argument("--nbest", type=int, default=1)
+    tr.add_argument("--decoder-mode", choices=("free", "lexicon"),
+                    help="lexicon: only words of the LM's vocabulary; free: any spelling "
+                         "(default: the model's)")  # fmt: skip
     tr.add_argument("--split-channels", action="store_true",
                     help="recognize each channel of a stereo file on its own (a call's two "
                          "parties); lines start with the channel")  # fmt: skip
@@ -207,7 +215,7 @@ def _serve(args: argparse.Namespace) -> int:
     def registry() -> PipelineRegistry:  # again at each reload: the files as they are then
         return default_registry(
             args.samples, beam_width=args.beam, batch_delay_ms=args.batch_delay_ms,
-            engine_threads=args.engine_threads,
+            engine_threads=args.engine_threads, decoder_mode=args.decoder_mode,
         )  # fmt: skip
 
     def serve(config: ServerConfig) -> int:
@@ -273,6 +281,8 @@ class _Printer:
 
 def _asr_options(args: argparse.Namespace) -> dict[str, Any]:
     options: dict[str, Any] = {"nbest": args.nbest}
+    if args.decoder_mode:
+        options["decoder_mode"] = args.decoder_mode
     if args.hotword:
         options["hotwords"] = [_hotword(h) for h in args.hotword]
     if args.grammar:

@@ -31,6 +31,7 @@ MIN_SAMPLE_RATE = 8000
 MAX_SAMPLE_RATE = 192000
 MAX_HOTWORDS = 5000
 MAX_HOTWORD_CHARS = 100
+DECODER_MODES = ("free", "lexicon")  # as dsstream.decoding.search.MODES
 MAX_GRAMMAR_PHRASES = 1000  # phrases in a grammar (the ASR pipeline passes it to the decoder)
 
 
@@ -74,6 +75,9 @@ class AsrOptions:
     grammar: tuple[str, ...] = ()
     grammar_sequence: bool = False  # a final may be several phrases in a row (digits)
     lm_weight: float | None = None  # LM weight (alpha); None: the model's default
+    # "free": any spelling (names, rare words); "lexicon": only words of the LM's
+    # vocabulary (no misspellings) and hotwords; None: the model's default.
+    decoder_mode: str | None = None
     endpointing: EndpointOptions = field(default_factory=EndpointOptions)
     model: str | None = None  # a model name; None: the server's default
 
@@ -188,6 +192,14 @@ def _hotwords(value: Any) -> tuple[Hotword, ...]:
     return tuple(_hotword(item) for item in value)
 
 
+def _choice(name: str, value: Any, choices: tuple[str, ...]) -> str | None:
+    if value is None:
+        return None
+    if value not in choices:
+        raise OptionsError(f"option {name!r} must be one of {', '.join(choices)} (or null)")
+    return str(value)
+
+
 def _grammar(value: Any) -> tuple[str, ...]:
     if value is None:
         return ()
@@ -278,6 +290,7 @@ def _asr(raw: dict[str, Any]) -> AsrOptions:
         lm_weight=None
         if raw.get("lm_weight") is None
         else _float("lm_weight", raw["lm_weight"], 0.0, 10.0),
+        decoder_mode=_choice("decoder_mode", raw.get("decoder_mode"), DECODER_MODES),
         endpointing=_endpointing(raw.get("endpointing", {})),
         model=_model(raw.get("model")),
     )

@@ -94,6 +94,8 @@ EXPECTED = {
         "KenLM",
         "LMError",
         "HotwordTrie",
+        "Lexicon",
+        "LexiconError",
         "greedy_decode",
     },
     "engine": {
@@ -211,6 +213,7 @@ def test_all_is_exact_and_resolves(module):
         "dsstream.vosk",
         "dsstream.decoding.lm",
         "dsstream.decoding.vocab",
+        "dsstream.decoding.lexicon",
         "dsstream.lm.builder",
         "dsstream.lm.normalize",
         "engine.artifact",

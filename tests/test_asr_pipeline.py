@@ -350,6 +350,50 @@ def test_decoder_settings_come_from_the_artifact_unless_configured(tiny, tmp_pat
         rt.close()
 
 
+def test_the_search_mode_comes_from_the_artifact_and_sessions_may_choose(tiny, tmp_path):
+    """A tuned mode and each mode's weights travel in the manifest; a session's
+    decoder_mode picks that mode's weights, its lm_weight the weight alone."""
+    from apps.asr.export import export_streaming
+    from dsstream.lm import build_lm, write_arpa
+    from dsstream.options import AsrOptions
+
+    _, model, fbank = tiny
+    modes = {"free": {"alpha": 0.7, "beta": 1.5}, "lexicon": {"alpha": 1.4, "beta": -2.0}}
+    tuned = {"beam_width": 8, "alpha": 1.4, "beta": -2.0, "mode": "lexicon", "modes": modes}
+    path = export_streaming(model, fbank, tmp_path / "tuned.ds", {"decoder": tuned})
+    words = ["the", "cat", "sat", "on", "a", "mat", "it", "is", "at"]
+    lm = tmp_path / "lm.arpa"
+    write_arpa(build_lm([words, words[::-1]], order=2), lm)
+    rt = AsrRuntime(path, lm)
+    audio = two_utterances()
+    for options, expected in (
+        (AsrOptions(), ("lexicon", 1.4, -2.0)),
+        (AsrOptions(decoder_mode="free"), ("free", 0.7, 1.5)),
+        (AsrOptions(decoder_mode="free", lm_weight=0.3), ("free", 0.3, 1.5)),
+        (AsrOptions(decoder_mode="lexicon"), ("lexicon", 1.4, -2.0)),
+    ):
+        pipe = rt.pipeline()
+        assert pipe.begin(options)["decoder_mode"] == expected[0]
+        cfg = pipe.decoder.search.cfg
+        assert (cfg.mode, cfg.alpha, cfg.beta) == expected
+        texts = [f.text for f in finals(run(pipe, audio, [len(audio)]))]
+        if expected[0] == "lexicon":  # the junk model's finals, spelled in the LM's words
+            assert set(" ".join(texts).split()) <= set(words)
+    rt.close()
+    rt = AsrRuntime(path, lm, config=AsrConfig(decoder_mode="free"))  # the server's choice
+    assert rt.decoder.config.mode == "free" and rt.decoder.config.alpha == 0.7
+    rt.close()
+    rt = AsrRuntime(path)  # no LM: lexicon mode has no words, so the default is free
+    assert rt.decoder.config.mode == "free"
+    with pytest.raises(PipelineError, match="needs the model's language model"):
+        rt.stream(decoder_mode="lexicon")
+    with pytest.raises(ValueError, match="decoder_mode"):
+        rt.stream(decoder_mode="closed")
+    rt.close()
+    with pytest.raises(ValueError, match="lexicon mode needs"):
+        AsrRuntime(path, config=AsrConfig(decoder_mode="lexicon"))
+
+
 def test_model_state_is_released_at_the_end(runtime):
     before = runtime.engine.sessions.stats()["sessions"]
     pipes = [runtime.stream() for _ in range(3)]

@@ -3,6 +3,7 @@
 import json
 import subprocess
 import sys
+from pathlib import Path
 
 import pipelines
 import pytest
@@ -11,6 +12,8 @@ from conftest import png_bytes, server_thread, tone
 
 from dsstream import __version__
 from dsstream.cli import _hotword, main
+
+ROOT = Path(__file__).resolve().parents[1]
 
 
 def _cli(*args: str, timeout: float = 60) -> subprocess.CompletedProcess:
@@ -150,6 +153,34 @@ def test_serve_beam_reaches_the_asr_decoder(capsys):
     pipe.begin(AsrOptions())
     assert pipe.decoder.search.cfg.beam_width == 12
     pipe.end()
+
+
+def test_the_decoder_mode_reaches_the_sample_pipeline(tmp_path, capsys):
+    """serve --decoder-mode sets every session's default; transcribe --decoder-mode
+    is one session's choice (the sample model with its LM)."""
+    from dsstream.cli import _asr_options, build_parser, main
+    from dsstream.options import AsrOptions
+    from dsstream.pipelines.defaults import default_registry
+
+    assert build_parser().parse_args(["serve", "--decoder-mode", "lexicon"]).decoder_mode == (
+        "lexicon"
+    )
+    with pytest.raises(SystemExit):
+        build_parser().parse_args(["serve", "--decoder-mode", "closed"])
+    args = build_parser().parse_args(["transcribe", "x.wav", "--decoder-mode", "lexicon"])
+    assert _asr_options(args)["decoder_mode"] == "lexicon"
+    factory = default_registry(decoder_mode="lexicon").resolve("asr")
+    if factory.unavailable_reason() is not None:
+        pytest.skip("no sample ASR model")
+    pipe = factory.create()
+    assert pipe.begin(AsrOptions())["decoder_mode"] == "lexicon"
+    assert pipe.decoder.search.cfg.mode == "lexicon"
+    pipe.end()
+    clip = ROOT / "samples" / "asr" / "clips" / "LJ001-0011.flac"
+    assert main(["transcribe", str(clip), "--decoder-mode", "lexicon"]) == 0
+    words = capsys.readouterr().out.split()
+    vocab = factory.create().runtime.decoder.lm.vocab
+    assert words and set(words) <= vocab
 
 
 def test_serve_threads_default_and_checked(capsys):

@@ -335,3 +335,16 @@ def test_null_means_the_default_where_the_default_is_null_and_minus_zero_is_zero
     assert str(start.options.hotwords[0].boost) == "0.0"
     [vqa] = ServerProtocol().receive_text('{"type": "start", "task": "vqa", "speech": null}')
     assert vqa.options.speech is None
+
+
+def test_decoder_mode_option_is_validated_and_matches_the_decoder():
+    from dsstream.decoding.search import MODES
+    from dsstream.options import DECODER_MODES, OptionsError, parse_task_options
+
+    assert DECODER_MODES == MODES  # the protocol's names are the decoder's
+    assert parse_task_options("asr", {}).decoder_mode is None
+    assert parse_task_options("asr", {"decoder_mode": None}).decoder_mode is None
+    assert parse_task_options("asr", {"decoder_mode": "lexicon"}).decoder_mode == "lexicon"
+    for bad in ("closed", "", 1, True, ["free"]):
+        with pytest.raises(OptionsError, match="'decoder_mode' must be one of free, lexicon"):
+            parse_task_options("asr", {"decoder_mode": bad})

@@ -37,18 +37,25 @@ __all__ = [
 ]  # fmt: skip
 
 # The decoder settings when apps.asr.tune has not chosen any (<data>/decoder.json).
-DEFAULT_DECODER = {"beam_width": 32, "alpha": 0.5, "beta": 1.0}
+DEFAULT_DECODER = {"beam_width": 32, "alpha": 0.5, "beta": 1.0, "mode": "free"}
 
 
-def decoder_settings(data: Path) -> dict[str, Any]:
-    """The ``beam_width``, ``alpha`` and ``beta`` chosen by ``apps.asr.tune`` in
-    ``<data>/decoder.json``, else :data:`DEFAULT_DECODER`; and ``lj_dev``, how many
-    LJ001 clips they were chosen on (0 without a choice)."""
+def decoder_settings(data: Path, mode: str | None = None) -> dict[str, Any]:
+    """The ``beam_width``, ``alpha``, ``beta`` and ``mode`` chosen by
+    ``apps.asr.tune`` in ``<data>/decoder.json``, else :data:`DEFAULT_DECODER`;
+    ``modes``, each search mode's tuned ``alpha`` and ``beta``; and ``lj_dev``,
+    how many LJ001 clips they were chosen on (0 without a choice).  ``mode``:
+    that mode's settings instead of the chosen one's."""
     path = data / "decoder.json"
-    if not path.is_file():
-        return dict(DEFAULT_DECODER, lj_dev=0)
-    saved = json.loads(path.read_text())
-    return {k: saved[k] for k in DEFAULT_DECODER} | {"lj_dev": saved.get("lj_dev", 0)}
+    saved = json.loads(path.read_text()) if path.is_file() else {}
+    out = {k: saved.get(k, v) for k, v in DEFAULT_DECODER.items()}
+    modes = saved.get("modes", {out["mode"]: {"alpha": out["alpha"], "beta": out["beta"]}})
+    out["modes"] = {m: {"alpha": v["alpha"], "beta": v["beta"]} for m, v in modes.items()}
+    if mode is not None:
+        if mode not in out["modes"]:
+            raise ValueError(f"{path} has no tuned settings for mode {mode!r}")
+        out |= {"mode": mode, **out["modes"][mode]}
+    return out | {"lj_dev": saved.get("lj_dev", 0)}
 
 
 def _logp(model: torch.nn.Module, fbank: Fbank, wave: np.ndarray) -> np.ndarray:
@@ -119,6 +126,7 @@ def evaluate(
     limit: int = 2000,
     lj_limit: int = 186,
     lj_dev: int = 0,
+    mode: str = "free",
 ) -> dict[str, Any]:
     """CER/WER greedy and with the LM, overall and per held-out voice, and on LJ001
     (also on its clips past the first ``lj_dev``, those ``apps.asr.tune`` did not see)."""
@@ -126,7 +134,8 @@ def evaluate(
     if lm is not None and lm.is_file():
         from dsstream.decoding import CTCDecoder
 
-        decoder = CTCDecoder(beam_width=beam, language_model=lm, alpha=alpha, beta=beta)
+        decoder = CTCDecoder(beam_width=beam, language_model=lm, alpha=alpha, beta=beta,
+                             mode=mode)  # fmt: skip
     valid = data / "valid.jsonl"
     rows = read_manifest(valid)[:limit] if valid.is_file() else []
     by_voice: dict[str, list[int]] = defaultdict(list)
@@ -166,18 +175,25 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     parser.add_argument("--beam", type=int, help="default: <data>/decoder.json's, else 32")
     parser.add_argument("--alpha", type=float, help="LM weight; default as --beam, else 0.5")
     parser.add_argument("--beta", type=float, help="word bonus; default as --beam, else 1.0")
+    parser.add_argument("--mode", choices=("free", "lexicon"),
+                        help="decoder search mode, with its tuned alpha and beta; default as "
+                        "--beam, else free")  # fmt: skip
     parser.add_argument("--limit", type=int, default=5000, help="validation utterances")
     parser.add_argument("--lj-limit", type=int, default=186, help="LJ001 clips")
     parser.add_argument("--checkpoint", type=Path, help="default: <data>/ckpt/last.pt")
     parser.add_argument("--report", type=Path, help="default: <data>/eval.json")
     args = parser.parse_args(argv)
     model, fbank_cfg, _ = load_checkpoint(args.checkpoint or args.data / "ckpt" / "last.pt")
-    tuned = decoder_settings(args.data)
+    try:
+        tuned = decoder_settings(args.data, args.mode)
+    except ValueError as exc:
+        parser.error(f"{exc}: run apps.asr.tune with --modes free,lexicon")
     given = {"beam_width": args.beam, "alpha": args.alpha, "beta": args.beta}
     settings = {k: tuned[k] if v is None else v for k, v in given.items()}
+    settings["mode"] = tuned["mode"]
     report = evaluate(model, Fbank(fbank_cfg), args.data, args.lm, settings["beam_width"],
                       settings["alpha"], settings["beta"], args.limit, args.lj_limit,
-                      tuned["lj_dev"])  # fmt: skip
+                      tuned["lj_dev"], settings["mode"])  # fmt: skip
     report["decoder"] = settings
     (args.report or args.data / "eval.json").write_text(json.dumps(report, indent=2))
     held_out = [("", report["held_out_voices"])] if "held_out_voices" in report else []

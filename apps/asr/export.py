@@ -11,7 +11,9 @@ model configuration and the chunk geometry, so a pipeline needs nothing else.
 attention's left context of the exported model, by default those it was
 trained with: a larger chunk waits longer for each step and sees more of it
 (accuracy against latency, measured in docs/asr.md); the left context sets
-the size of the per-layer key/value state.
+the size of the per-layer key/value state.  ``--decoder-only`` records a
+retuned decoder (``apps.asr.tune``'s ``decoder.json``) in an existing
+artifact without exporting it again.
 """
 
 from __future__ import annotations
@@ -158,8 +160,21 @@ def main(argv: list[str] | None = None) -> Path:
     parser.add_argument("--data", type=Path, default=ROOT / "cache" / "asr")
     parser.add_argument("--checkpoint", type=Path, help="default: <data>/ckpt/last.pt")
     parser.add_argument("--out", type=Path, default=ROOT / "samples" / "asr" / "model.ds")
+    parser.add_argument(
+        "--decoder-only", action="store_true",
+        help="only record <data>/decoder.json's settings (apps.asr.tune) in the existing "
+             "artifact --out, its weights untouched (a retuned decoder, no new export)",
+    )  # fmt: skip
     add_geometry_arguments(parser)
     args = parser.parse_args(argv)
+    if args.decoder_only:
+        from engine.artifact import update_extra
+
+        if not args.out.is_file():
+            parser.error(f"--decoder-only: no artifact at {args.out}")
+        path = update_extra(args.out, decoder=manifest_decoder(args.data))
+        print(f"recorded the decoder settings in {path}: {manifest_decoder(args.data)}")
+        return path
     from apps.asr.train import load_checkpoint
 
     model, fbank, ckpt = load_checkpoint(args.checkpoint or args.data / "ckpt" / "last.pt")

@@ -143,7 +143,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     def score(m: torch.nn.Module) -> dict[str, float]:
         return _summary(evaluate(m, fbank, args.data, args.lm, tuned["beam_width"],
                                  tuned["alpha"], tuned["beta"], limit=args.limit,
-                                 lj_limit=args.lj_limit))  # fmt: skip
+                                 lj_limit=args.lj_limit, mode=tuned["mode"]))  # fmt: skip
 
     result: dict[str, Any] = {"mode": args.mode, "observer": args.observer,
                               "checkpoint_step": ckpt.get("state", {}).get("step"),

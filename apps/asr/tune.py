@@ -39,10 +39,11 @@ ROOT = Path(__file__).resolve().parents[2]
 __all__ = ["choose", "main"]
 
 
-def _decode(mats: list[np.ndarray], lm: Any, beam: int, alpha: float, beta: float):
+def _decode(mats: list[np.ndarray], lm: Any, beam: int, alpha: float, beta: float,
+            mode: str = "free"):  # fmt: skip
     from dsstream.decoding import CTCDecoder
 
-    decoder = CTCDecoder(beam_width=beam, language_model=lm, alpha=alpha, beta=beta)
+    decoder = CTCDecoder(beam_width=beam, language_model=lm, alpha=alpha, beta=beta, mode=mode)
     started = time.process_time()
     texts = [decoder.decode(m).text for m in mats]  # one thread, one utterance at a time
     return texts, time.process_time() - started
@@ -59,6 +60,24 @@ def choose(rows: list[dict[str, Any]], tolerance: float) -> dict[str, Any]:
     return next(r for _, r in sorted(best_per_beam.items()) if r["wer"] <= best + tolerance)
 
 
+def _keep_recorded(
+    chosen: dict[str, Any], grid: list[dict[str, Any]], path: Path, within: float
+) -> dict[str, Any]:
+    """The grid row of the recorded free-search setting at the chosen beam, if
+    it scores within ``within`` (a fraction) of ``chosen``; else ``chosen``."""
+    if not path.is_file():
+        return chosen
+    old = json.loads(path.read_text())
+    for row in grid:
+        same = all(row[k] == old.get(k) for k in ("beam_width", "alpha", "beta"))
+        if same and row.get("mode", "free") == "free" and row["wer"] <= chosen["wer"] + within:
+            if (row["alpha"], row["beta"]) != (chosen["alpha"], chosen["beta"]):
+                print(f"kept the recorded alpha {row['alpha']}, beta {row['beta']}: "
+                      f"{row['wer']:.2%} against the grid's best {chosen['wer']:.2%}")  # fmt: skip
+            return dict(row, mode="free")
+    return chosen
+
+
 # A recipe's script (options, grid, report), read top to bottom; over ~60 lines.
 def main(argv: list[str] | None = None) -> dict[str, Any]:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
@@ -68,6 +87,11 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     parser.add_argument("--beams", default="8,16,32,64,128,256")
     parser.add_argument("--alphas", default="0.3,0.5,0.65,0.8,1.0")
     parser.add_argument("--betas", default="0.5,1.0,1.5,2.0,2.5,3.0")
+    parser.add_argument("--lexicon-alphas", default="0.4,0.5,0.65,0.8,1.0,1.2")
+    parser.add_argument("--lexicon-betas", default="-2,-1,0,1,2,3")
+    parser.add_argument("--modes", default="free,lexicon",
+                        help="search modes to compare at the chosen beam (the free search "
+                        "chooses the beam)")  # fmt: skip
     parser.add_argument("--lj-dev", type=int, default=60, help="LJ001 clips to choose on")
     parser.add_argument(
         "--no-real-dev",
@@ -77,13 +101,24 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     )
     parser.add_argument("--held-out", type=int, default=300, help="held-out utterances, a check")
     parser.add_argument("--tolerance", type=float, default=1.0, help="WER points")
+    parser.add_argument(
+        "--keep-within", type=float, default=0.1, metavar="POINTS",
+        help="keep the free search's recorded alpha and beta (<data>/decoder.json) where the "
+             "new grid scores them within this many WER points of its best: a tie is not "
+             "worth new artifacts and re-measured cards",
+    )  # fmt: skip
     args = parser.parse_args(argv)
     try:
         beams = [int(b) for b in args.beams.split(",")]
         alphas = [float(a) for a in args.alphas.split(",")]
         betas = [float(b) for b in args.betas.split(",")]
+        lex_grid = [(float(a), float(b)) for a in args.lexicon_alphas.split(",")
+                    for b in args.lexicon_betas.split(",")]  # fmt: skip
     except ValueError as exc:
         parser.error(f"--beams, --alphas and --betas are comma-separated numbers ({exc})")
+    modes = args.modes.split(",")
+    if not set(modes) <= {"free", "lexicon"} or "free" not in modes:
+        parser.error("--modes is free, or free,lexicon")
     if not args.lm.is_file():
         parser.error(f"the LM {args.lm} is missing (python -m apps.asr.lm makes it)")
     from dsstream.decoding.lm import KenLM
@@ -125,17 +160,35 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
             f"beam {beam}: best WER {row['wer']:.2%} on {dev_name} (alpha {row['alpha']}, "
             f"beta {row['beta']}), {row['cpu_ms_per_audio_s']:.2f} ms CPU per s of audio"
         )
-    chosen = choose(grid, args.tolerance / 100)
+    chosen = dict(choose(grid, args.tolerance / 100), mode="free")
+    chosen = _keep_recorded(chosen, grid, args.data / "decoder.json", args.keep_within / 100)
+    per_mode = {"free": chosen}
+    if "lexicon" in modes:  # at the beam the free search chose, on the same dev set
+        beam = chosen["beam_width"]
+        rows = []
+        for alpha, beta in lex_grid:
+            texts, _ = _decode(mats, lm, beam, alpha, beta, "lexicon")
+            rows.append({"beam_width": beam, "alpha": alpha, "beta": beta, "mode": "lexicon",
+                         "wer": round(wer(refs, texts), 4)})  # fmt: skip
+        grid += rows
+        per_mode["lexicon"] = row = min(rows, key=lambda r: r["wer"])
+        print(f"lexicon mode, beam {beam}: best WER {row['wer']:.2%} on {dev_name} "
+              f"(alpha {row['alpha']}, beta {row['beta']})")  # fmt: skip
+        if row["wer"] < chosen["wer"]:
+            chosen = row
     result: dict[str, Any] = {k: chosen[k] for k in DEFAULT_DECODER}
+    result["modes"] = {m: {k: r[k] for k in ("alpha", "beta", "wer")} for m, r in per_mode.items()}
     result |= {"dev": dev_name, "lj_dev": len(lj), "real_dev": len(real), "dev_wer": chosen["wer"],
                "tolerance": args.tolerance, "grid": grid}  # fmt: skip
     if (lj or real) and held:  # how the choice does on synthetic voices it was not chosen on
         held_mats = [_logp(model, fbank, load_wave(r["path"])) for r in held]
-        texts, _ = _decode(held_mats, lm, chosen["beam_width"], chosen["alpha"], chosen["beta"])
+        texts, _ = _decode(held_mats, lm, chosen["beam_width"], chosen["alpha"], chosen["beta"],
+                           chosen["mode"])  # fmt: skip
         result["held_out_wer"] = round(wer([r["text"] for r in held], texts), 4)
     (args.data / "decoder.json").write_text(json.dumps(result, indent=2))
     print(
-        f"chose beam {chosen['beam_width']}, alpha {chosen['alpha']}, beta {chosen['beta']}: "
+        f"chose beam {chosen['beam_width']}, {chosen['mode']} search, alpha {chosen['alpha']}, "
+        f"beta {chosen['beta']}: "
         f"WER {chosen['wer']:.2%} on {dev_name}; wrote {args.data / 'decoder.json'}"
     )
     return result

@@ -11,6 +11,7 @@ from dsstream.decoding.decoder import (
 )
 from dsstream.decoding.grammar import Grammar, GrammarError
 from dsstream.decoding.hotwords import HotwordTrie
+from dsstream.decoding.lexicon import Lexicon, LexiconError
 from dsstream.decoding.lm import KenLM, LMError
 from dsstream.decoding.search import DECODER_PRESETS, DecoderConfig
 from dsstream.decoding.vocab import Vocabulary, VocabularyError
@@ -31,5 +32,7 @@ __all__ = [
     "KenLM",
     "LMError",
     "HotwordTrie",
+    "Lexicon",
+    "LexiconError",
     "greedy_decode",
 ]

@@ -14,6 +14,7 @@
 #include <cstdint>
 #include <limits>
 #include <mutex>
+#include <stdexcept>
 #include <string>
 #include <unordered_map>
 #include <unordered_set>
@@ -39,33 +40,56 @@ struct PairHash {
   }
 };
 
-// Read-only LM facts plus a shared (state, word) -> (ln p, next state) cache.
-class LMInfo {
+// A byte trie of words: a partial word is a prefix of a word iff its walk
+// stays inside (node >= 0), and a word is in the set iff it ends on a terminal
+// node.  Same answers as the Python prefix and word sets, without hashing whole
+// strings for every candidate extension.
+class WordTrie {
  public:
-  LMInfo(py::object lm, const std::vector<std::string>& vocab, int begin_state)
-      : lm_(std::move(lm)), begin_state_(begin_state) {
+  // `scores` (empty, or one per word): each node's best() is the maximum
+  // score of the words below it (the lookahead of Lexicon.lookahead).
+  // `unk`: the score of a word outside the set (the lookahead of a partial
+  // word that leaves the trie).
+  explicit WordTrie(const std::vector<std::string>& words,
+                    const std::vector<double>& scores = {}, double unk = 0.0)
+      : unk_(unk) {
+    const bool scored = !scores.empty();
+    if (scored && scores.size() != words.size())
+      throw std::invalid_argument("WordTrie needs one score per word");
     kids_.emplace_back();
     terminal_.push_back(false);
-    for (const auto& word : vocab) {
+    if (scored) best_.push_back(NEG);
+    for (size_t w = 0; w < words.size(); ++w) {
       int node = 0;
-      for (unsigned char c : word) {
+      for (unsigned char c : words[w]) {
         int next = child(node, c);
         if (next < 0) {
           next = static_cast<int>(kids_.size());
           kids_[node].push_back({c, next});
           kids_.emplace_back();
           terminal_.push_back(false);
+          if (scored) best_.push_back(NEG);
         }
         node = next;
+        if (scored && scores[w] > best_[node]) best_[node] = scores[w];
       }
       terminal_[node] = true;
     }
+    // Nodes with many children (the root, the first letters) answer from a
+    // 256-entry table instead of a scan: the search walks them most.
+    dense_.assign(kids_.size(), -1);
+    for (size_t n = 0; n < kids_.size(); ++n) {
+      if (kids_[n].size() <= kDenseAbove) continue;
+      dense_[n] = static_cast<int>(table_.size());
+      table_.resize(table_.size() + 256, -1);
+      for (const auto& kv : kids_[n]) table_[dense_[n] + kv.first] = kv.second;
+    }
   }
 
-  // Vocabulary trie over UTF-8 bytes: a partial word is a prefix of an LM word
-  // iff its walk stays inside (node >= 0), and a word is known iff it ends on a
-  // terminal node.  Same answers as the Python prefix and vocabulary sets,
-  // without hashing whole strings for every candidate extension.
+  bool scored() const { return !best_.empty(); }
+  double best(int node) const { return best_[node]; }
+  double unk() const { return unk_; }
+
   int walk(int node, const std::string& bytes) const {
     for (unsigned char c : bytes) {
       if (node < 0) return -1;
@@ -74,6 +98,34 @@ class LMInfo {
     return node;
   }
   bool terminal(int node) const { return node >= 0 && terminal_[node]; }
+
+ private:
+  static constexpr size_t kDenseAbove = 6;  // children: past a short scan
+
+  int child(int node, unsigned char c) const {
+    if (!dense_.empty() && dense_[node] >= 0) return table_[dense_[node] + c];
+    for (const auto& kv : kids_[node])
+      if (kv.first == c) return kv.second;
+    return -1;
+  }
+
+  std::vector<int> dense_;  // per node: offset of its table in table_, or -1
+  std::vector<int> table_;
+  std::vector<std::vector<std::pair<unsigned char, int>>> kids_;
+  std::vector<bool> terminal_;
+  std::vector<double> best_;
+  double unk_;
+};
+
+// Read-only LM facts (its vocabulary as a trie) plus a shared
+// (state, word) -> (ln p, next state) cache.
+class LMInfo {
+ public:
+  LMInfo(py::object lm, const std::vector<std::string>& vocab, int begin_state)
+      : score_(lm.attr("_score_uncached")), vocab_(vocab), begin_state_(begin_state) {}
+
+  int walk(int node, const std::string& bytes) const { return vocab_.walk(node, bytes); }
+  bool terminal(int node) const { return vocab_.terminal(node); }
   int begin_state() const { return begin_state_; }
 
   // Called without the GIL; takes it only on a cache miss.
@@ -87,7 +139,7 @@ class LMInfo {
     std::pair<double, int> result;
     {
       py::gil_scoped_acquire gil;
-      py::tuple out = lm_.attr("score")(state, word);
+      py::tuple out = score_(state, word);
       result = {out[0].cast<double>(), out[1].cast<int>()};
     }
     std::lock_guard<std::mutex> guard(mutex_);
@@ -96,15 +148,8 @@ class LMInfo {
   }
 
  private:
-  int child(int node, unsigned char c) const {
-    for (const auto& kv : kids_[node])
-      if (kv.first == c) return kv.second;
-    return -1;
-  }
-
-  py::object lm_;
-  std::vector<std::vector<std::pair<unsigned char, int>>> kids_;
-  std::vector<bool> terminal_;
+  py::object score_;  // KenLM._score_uncached: this object caches what it asks
+  WordTrie vocab_;
   int begin_state_;
   std::mutex mutex_;
   std::unordered_map<std::pair<int, std::string>, std::pair<double, int>, PairHash> cache_;
@@ -130,6 +175,7 @@ struct Ctx {
   std::string partial;  // UTF-8
   int partial_len;      // in characters (code points), as Python's len()
   int lm_node;          // the partial word's node in the LM vocabulary trie; -1 outside
+  int lex_node;         // ... in the lexicon's trie (lexicon mode); -1 outside
   HW hw;
   int words;
   double score;
@@ -137,10 +183,12 @@ struct Ctx {
 
 struct Config {
   int beam_width;
-  double alpha, beta, unk_offset, beam_prune_logp, token_min_logp;
+  double alpha, beta, unk_offset, beam_prune_logp, token_min_logp, lexicon_prune_logp;
   int top_k;
   bool has_blank_skip;
   double blank_skip_logp;
+  bool has_lexicon_unk;
+  double lexicon_unk;
 };
 
 struct Beam {
@@ -151,17 +199,25 @@ struct Beam {
 class Core {
  public:
   Core(int blank, std::vector<bool> starts, std::vector<std::vector<std::string>> chars,
-       py::dict cfg, std::shared_ptr<LMInfo> lm, py::object trie)
-      : blank_(blank), starts_(std::move(starts)), chars_(std::move(chars)), lm_(std::move(lm)) {
+       py::dict cfg, std::shared_ptr<LMInfo> lm, py::object trie,
+       std::shared_ptr<WordTrie> lexicon)
+      : blank_(blank),
+        starts_(std::move(starts)),
+        chars_(std::move(chars)),
+        lm_(std::move(lm)),
+        lex_(std::move(lexicon)) {
     cfg_.beam_width = cfg["beam_width"].cast<int>();
     cfg_.alpha = cfg["alpha"].cast<double>();
     cfg_.beta = cfg["beta"].cast<double>();
     cfg_.unk_offset = cfg["unk_offset"].cast<double>();
     cfg_.beam_prune_logp = cfg["beam_prune_logp"].cast<double>();
+    cfg_.lexicon_prune_logp = cfg["lexicon_prune_logp"].cast<double>();
     cfg_.token_min_logp = cfg["token_min_logp"].cast<double>();
     cfg_.top_k = cfg["top_k"].cast<int>();
     cfg_.has_blank_skip = !cfg["blank_skip_logp"].is_none();
     cfg_.blank_skip_logp = cfg_.has_blank_skip ? cfg["blank_skip_logp"].cast<double>() : 0.0;
+    cfg_.has_lexicon_unk = !cfg["lexicon_unk"].is_none();
+    cfg_.lexicon_unk = cfg_.has_lexicon_unk ? cfg["lexicon_unk"].cast<double>() : 0.0;
     if (!trie.is_none()) {
       trie_.present = true;
       for (auto item : trie.attr("children")) {
@@ -173,12 +229,13 @@ class Core {
       trie_.terminal = trie.attr("terminal").cast<std::vector<bool>>();
       for (auto w : trie.attr("words")) trie_.words.insert(w.cast<std::string>());
     }
+    lex_strict_ = lex_ && !cfg_.has_lexicon_unk && !trie_.present;
     HW root_hw;
     parent_.push_back(-1);
     token_.push_back(-1);
     frame_.push_back(-1);
     logp_.push_back(0.0);
-    ctx_.push_back(make_ctx(0.0, lm_ ? lm_->begin_state() : 0, "", 0, 0, root_hw, 0));
+    ctx_.push_back(make_ctx(0.0, lm_ ? lm_->begin_state() : 0, "", 0, 0, 0, root_hw, 0));
     beams_.push_back({0, 0.0, NEG});
   }
 
@@ -203,7 +260,7 @@ class Core {
   }
 
   // (node, final score, acoustic), best first.
-  py::list finish() {
+  py::list finish(bool lenient) {
     struct F { double score; size_t order; int node; double acoustic; };
     std::vector<F> finals;
     {
@@ -212,10 +269,13 @@ class Core {
         const Beam& b = beams_[i];
         double lm_score;
         HW hw;
-        final_context(ctx_[b.node], lm_score, hw);
+        const bool dropped = final_context(ctx_[b.node], lenient, lm_score, hw);
         double bonus = trie_.present ? hw.banked : 0.0;
         double acoustic = logaddexp(b.pb, b.pnb);
-        finals.push_back({acoustic + lm_score + bonus, i, b.node, acoustic});
+        int shown = b.node;
+        if (dropped)  // the prefix before the unfinished word
+          while (!ctx_[shown].partial.empty()) shown = parent_[shown];
+        finals.push_back({acoustic + lm_score + bonus, i, shown, acoustic});
       }
       std::stable_sort(finals.begin(), finals.end(), [](const F& a, const F& b) {
         if (a.score != b.score) return a.score > b.score;
@@ -287,39 +347,65 @@ class Core {
   }
 
   // -- contexts (BeamSearch._context / _word / extend) ------------------------
-  Ctx make_ctx(double lm_score, int state, std::string partial, int partial_len, int lm_node,
-               const HW& hw, int words) const {
-    double score = lm_score;
-    if (trie_.present) score += hw_bonus(hw);
-    if (!partial.empty() && lm_ && lm_node < 0 && !(trie_.present && hw.node != 0)) {
-      const int n = partial_len;
-      score += cfg_.unk_offset *
-               (n > OOV_SCALE_CHARS ? static_cast<double>(n) / OOV_SCALE_CHARS : 1.0);
-    }
-    return {lm_score, state, std::move(partial), partial_len, lm_node, hw, words, score};
+  static double oov_scale(int n) {
+    return n > OOV_SCALE_CHARS ? static_cast<double>(n) / OOV_SCALE_CHARS : 1.0;
   }
 
-  void word(double& lm_score, int& state, const std::string& w, int lm_node) const {
+  Ctx make_ctx(double lm_score, int state, std::string partial, int partial_len, int lm_node,
+               int lex_node, const HW& hw, int words) const {
+    double score = lm_score;
+    if (trie_.present) score += hw_bonus(hw);
+    if (!partial.empty() && !(trie_.present && hw.node != 0)) {
+      if (lex_) {
+        if (lex_node >= 0) {
+          if (lex_->scored()) score += cfg_.alpha * lex_->best(lex_node);
+        } else if (!cfg_.has_lexicon_unk) {
+          score = NEG;  // forbidden
+        } else {
+          score += cfg_.lexicon_unk * oov_scale(partial_len);
+          if (lex_->scored()) score += cfg_.alpha * lex_->unk();
+        }
+      } else if (lm_ && lm_node < 0) {
+        score += cfg_.unk_offset * oov_scale(partial_len);
+      }
+    }
+    return {lm_score, state, std::move(partial), partial_len, lm_node, lex_node, hw, words, score};
+  }
+
+  // The LM score after word `w`; NEG where lexicon mode forbids it.
+  void word(double& lm_score, int& state, const std::string& w, int lm_node,
+            int lex_node) const {
+    const bool hot = trie_.present && trie_.words.count(w);
+    if (lex_ && !hot && !lex_->terminal(lex_node)) {
+      if (!cfg_.has_lexicon_unk) {
+        lm_score = NEG;
+        return;
+      }
+      lm_score += cfg_.lexicon_unk;
+    }
     if (!lm_) return;
     static const std::string unk = "<unk>";
     const bool known = lm_->terminal(lm_node);
     auto r = lm_->score(state, known ? w : unk);  // as search.py: unknown words score as <unk>
     state = r.second;
     lm_score += cfg_.alpha * r.first + cfg_.beta;
-    if (!known && !(trie_.present && trie_.words.count(w))) lm_score += cfg_.unk_offset;
+    if (!lex_ && !known && !hot) lm_score += cfg_.unk_offset;
   }
 
   Ctx extend(const Ctx& c, int tok) const {
     double lm_score = c.lm_score;
-    int state = c.lm_state, words = c.words, partial_len = c.partial_len, lm_node = c.lm_node;
+    int state = c.lm_state, words = c.words, partial_len = c.partial_len;
+    int lm_node = c.lm_node, lex_node = c.lex_node;
     std::string partial = c.partial;
     HW hw = c.hw;
     if (starts_[tok] && !partial.empty()) {
-      word(lm_score, state, partial, lm_node);
+      word(lm_score, state, partial, lm_node, lex_node);
+      if (lm_score == NEG) return {NEG, state, "", 0, 0, 0, hw, words, NEG};  // forbidden word
       words += 1;
       partial.clear();
       partial_len = 0;
       lm_node = 0;
+      lex_node = 0;
       if (trie_.present) hw = hw_word_end(hw);
     }
     for (const auto& ch : chars_[tok]) {
@@ -327,20 +413,34 @@ class Core {
       partial += ch;
       ++partial_len;
       if (lm_) lm_node = lm_->walk(lm_node, ch);
+      if (lex_) lex_node = lex_->walk(lex_node, ch);
     }
-    return make_ctx(lm_score, state, std::move(partial), partial_len, lm_node, hw, words);
+    return make_ctx(lm_score, state, std::move(partial), partial_len, lm_node, lex_node, hw,
+                    words);
   }
 
-  void final_context(const Ctx& c, double& lm_score, HW& hw) const {
+  // Whether the last word was left out (`lenient`: a word lexicon mode
+  // forbids is dropped, not scored NEG).
+  bool final_context(const Ctx& c, bool lenient, double& lm_score, HW& hw) const {
     lm_score = c.lm_score;
     int state = c.lm_state;
     hw = c.hw;
+    bool dropped = false;
     if (!c.partial.empty()) {
-      word(lm_score, state, c.partial, c.lm_node);
-      if (trie_.present) hw = hw_word_end(hw);
+      double score = lm_score;
+      int after = state;
+      word(score, after, c.partial, c.lm_node, c.lex_node);
+      if (score == NEG && lenient) {
+        dropped = true;
+      } else {
+        lm_score = score;
+        state = after;
+        if (trie_.present) hw = hw_word_end(hw);
+      }
     }
     if (lm_) lm_score += cfg_.alpha * lm_->score(state, "</s>").first;
     if (trie_.present) hw = hw_finish(hw);
+    return dropped;
   }
 
   // -- frames (BeamSearch._frame / _select) -----------------------------------
@@ -376,6 +476,22 @@ class Core {
       e.pb = logaddexp(e.pb, pb);
       e.pnb = logaddexp(e.pnb, pnb);
     }
+  }
+
+  // Whether prefix + tok is forbidden in lexicon mode without hotwords or an
+  // unk allowance: it completes a word outside the lexicon, or spells the
+  // start of none (extend() would score it NEG).
+  bool blocked_ext(const Ctx& c, int tok) const {
+    int node = c.lex_node;
+    if (starts_[tok] && !c.partial.empty()) {
+      if (!lex_->terminal(node)) return true;
+      node = 0;
+    }
+    for (const auto& ch : chars_[tok]) {
+      node = lex_->walk(node, ch);
+      if (node < 0) return true;
+    }
+    return false;
   }
 
   void move_peak(int node, double lp) {
@@ -414,20 +530,31 @@ class Core {
       const double total = logaddexp(b.pb, b.pnb);
       acc_node(b.node, total + blank_lp, NEG);
       const int last = token_[b.node];
+      const bool boundary = ctx_[b.node].partial.empty();
       for (int tok : cands_) {
         const double lp = row[tok];
-        auto found = children_.find(static_cast<int64_t>(b.node) * V + tok);
-        const int child = found != children_.end() ? found->second : -1;
+        if (boundary && starts_[tok] && chars_[tok].empty()) {
+          acc_node(b.node, NEG, total + lp);  // a delimiter with no word open: same prefix
+          continue;
+        }
+        // A prefix lexicon mode forbids is never created (search.py skips it
+        // in _select, after scoring it; the same hypotheses survive).
+        const bool blocked = lex_strict_ && blocked_ext(ctx_[b.node], tok);
+        int child = -1;
+        if (!blocked) {
+          auto found = children_.find(static_cast<int64_t>(b.node) * V + tok);
+          if (found != children_.end()) child = found->second;
+        }
         if (tok == last) {
           acc_node(b.node, NEG, b.pnb + lp);
           if (lp > logp_[b.node]) move_peak(b.node, lp);
-          if (b.pb > NEG) {
+          if (b.pb > NEG && !blocked) {
             if (child >= 0) acc_node(child, NEG, b.pb + lp);
             else acc_new(bi, V, b.node, tok, NEG, b.pb + lp);
           }
         } else if (child >= 0) {
           acc_node(child, NEG, total + lp);
-        } else {
+        } else if (!blocked) {
           acc_new(bi, V, b.node, tok, NEG, total + lp);
         }
         if (child >= 0 && lp > logp_[child]) move_peak(child, lp);
@@ -453,6 +580,7 @@ class Core {
       } else {
         pending_[i] = extend(ctx_[e.parent], e.tok);
         ctx_score = pending_[i].score;
+        if (ctx_score == NEG) continue;  // lexicon mode: not a word, nor the start of one
       }
       scored_.push_back({logaddexp(e.pb, e.pnb) + ctx_score, i});
     }
@@ -464,7 +592,8 @@ class Core {
                         if (a.score != b.score) return a.score > b.score;
                         return a.order < b.order;
                       });
-    const double floor = scored_[0].score + cfg_.beam_prune_logp;
+    const double floor =
+        scored_[0].score + (lex_ ? cfg_.lexicon_prune_logp : cfg_.beam_prune_logp);
     std::vector<Beam> beams;
     const int64_t V = static_cast<int64_t>(row.size());
     for (size_t i = 0; i < keep; ++i) {
@@ -489,6 +618,8 @@ class Core {
   std::vector<bool> starts_;
   std::vector<std::vector<std::string>> chars_;
   std::shared_ptr<LMInfo> lm_;
+  std::shared_ptr<WordTrie> lex_;  // lexicon mode only
+  bool lex_strict_ = false;        // lexicon mode, no hotwords, no unk allowance
   Trie trie_;
   Config cfg_{};
   std::vector<int> parent_, token_, frame_;
@@ -512,11 +643,15 @@ PYBIND11_MODULE(_native, m) {
   m.doc() = "Compiled core of dsstream's CTC prefix beam search";
   py::class_<LMInfo, std::shared_ptr<LMInfo>>(m, "LMInfo")
       .def(py::init<py::object, const std::vector<std::string>&, int>());
+  py::class_<WordTrie, std::shared_ptr<WordTrie>>(m, "WordTrie")
+      .def(py::init<const std::vector<std::string>&, const std::vector<double>&, double>(),
+           py::arg("words"), py::arg("scores") = std::vector<double>(), py::arg("unk") = 0.0);
   py::class_<Core>(m, "Core")
       .def(py::init<int, std::vector<bool>, std::vector<std::vector<std::string>>, py::dict,
-                    std::shared_ptr<LMInfo>, py::object>(),
+                    std::shared_ptr<LMInfo>, py::object, std::shared_ptr<WordTrie>>(),
            py::arg("blank"), py::arg("starts"), py::arg("chars"), py::arg("config"),
-           py::arg("lm").none(true), py::arg("trie").none(true))
+           py::arg("lm").none(true), py::arg("trie").none(true),
+           py::arg("lexicon").none(true))
       .def("advance", &Core::advance)
       .def("beams", &Core::beams)
       .def("finish", &Core::finish)

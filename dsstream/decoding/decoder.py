@@ -14,12 +14,14 @@ import numpy as np
 
 from dsstream.decoding.grammar import UNK, Grammar, GrammarSearch, search_for
 from dsstream.decoding.hotwords import HotwordTrie
+from dsstream.decoding.lexicon import Lexicon
 from dsstream.decoding.lm import KenLM
 from dsstream.decoding.search import (
     BeamSearch,
     DecoderConfig,
     NativeBeamSearch,
     native_available,
+    path_text,
     word_spans,
 )
 from dsstream.decoding.vocab import Vocabulary
@@ -136,21 +138,9 @@ def _pick_backend(backend: str) -> str:
 
 def greedy_decode(logits: Any, vocab: Vocabulary = ENGLISH_CHARS) -> str:
     """Best-path decoding: argmax per frame, collapse repeats, drop blanks."""
-    best = np.argmax(_as_matrix(logits, len(vocab)), axis=1)
-    parts = vocab.token_parts()
-    words: list[str] = []
-    current, prev = "", -1
-    for tok in best.tolist():
-        if tok != prev and tok != vocab.blank_id:
-            starts, chars = parts[tok]
-            if starts and current:
-                words.append(current)
-                current = ""
-            current += chars
-        prev = tok
-    if current:
-        words.append(current)
-    return " ".join(words)
+    best = np.argmax(_as_matrix(logits, len(vocab)), axis=1).tolist()
+    tokens = [t for i, t in enumerate(best) if t != vocab.blank_id and (i == 0 or t != best[i - 1])]
+    return path_text(vocab.token_parts(), tokens)
 
 
 class CTCDecoder:
@@ -161,6 +151,9 @@ class CTCDecoder:
     :class:`Vocabulary` or token list) for another model.  ``decode(logits)``
     takes ``[frames, vocab]`` logits or log-probabilities (normalized with a
     log-softmax either way).  ``frame_shift_s`` converts frames to seconds.
+    ``mode="lexicon"`` (or ``begin(mode="lexicon")`` for one stream) emits
+    only words of ``lexicon`` (a word list; by default the LM's vocabulary)
+    and hotwords; ``lexicon_unk`` lets other words through at that score.
     Streams with hotwords search a beam of at least ``hotword_beam_width``
     (None: the configured beam): a partial match's credit lifts its
     hypotheses, and in a narrow beam they crowd out the ones that win once
@@ -182,6 +175,7 @@ class CTCDecoder:
         hotword_beam_width: int | None = 16,
         backend: str = "auto",
         config: DecoderConfig | None = None,
+        lexicon: Lexicon | Iterable[str] | None = None,
         **overrides: Any,
     ) -> None:
         if vocabulary is None:
@@ -213,6 +207,13 @@ class CTCDecoder:
             raise ValueError(f"hotword_beam_width must be at least 1, got {hotword_beam_width}")
         self.hotword_beam_width = hotword_beam_width
         self.backend = _pick_backend(backend)
+        if lexicon is not None and not isinstance(lexicon, Lexicon):
+            lexicon = Lexicon(lexicon)
+        if lexicon is not None:
+            lexicon.check_spelling(self.alphabet)
+        self._lexicon = lexicon
+        if self.config.mode == "lexicon":
+            self.lexicon  # noqa: B018 - refuse lexicon mode without words now, not per stream
         self._executor: ThreadPoolExecutor | None = None
         self._pool_lock = threading.Lock()
 
@@ -243,9 +244,22 @@ class CTCDecoder:
         if trie is not None and len(trie) and self.hotword_beam_width is not None:
             width = max(config.beam_width, self.hotword_beam_width)
             config = replace(config, beam_width=width)
+        lexicon = self.lexicon if config.mode == "lexicon" else None
         search_cls = NativeBeamSearch if self.backend == "native" else BeamSearch
-        search = search_cls(self.vocab, config, self.lm, trie)
+        search = search_cls(self.vocab, config, self.lm, trie, lexicon)
         return DecoderStream(self, search, time_offset)
+
+    @property
+    def lexicon(self) -> Lexicon:
+        """The words lexicon mode may emit: the word list given, else the LM's
+        vocabulary."""
+        if self._lexicon is not None:
+            return self._lexicon
+        if self.lm is not None:
+            return Lexicon.of(self.lm)
+        raise ValueError(
+            "lexicon mode needs words to allow: pass lexicon=[...] or a language model"
+        )
 
     def hotwords(self, hotwords: HotwordsArg) -> HotwordTrie | None:
         """``hotwords`` (phrases, or ``(phrase, boost)`` pairs; a bare phrase gets
@@ -268,7 +282,7 @@ class CTCDecoder:
     ) -> DecodeResult:
         """Decode one utterance ``[frames, vocab]``."""
         stream = self.begin(hotwords, grammar=grammar, **overrides)
-        stream.step(logits)
+        stream.feed(logits)  # no partial text: nobody reads it
         return stream.end(nbest)
 
     def decode_batch(
@@ -330,10 +344,14 @@ class _Stream:
 
     def step(self, log_probs: Any) -> str:
         """Consume ``[frames, vocab]``; return the current best partial text."""
+        self.feed(log_probs)
+        return self.partial()
+
+    def feed(self, log_probs: Any) -> None:
+        """Consume ``[frames, vocab]`` (``step`` without the partial text)."""
         if self.ended:
             raise RuntimeError("decoder stream has ended")
         self.search.advance(_as_matrix(log_probs, len(self.decoder.vocab)))
-        return self.partial()
 
     def partial(self) -> str:
         raise NotImplementedError
@@ -352,8 +370,8 @@ class DecoderStream(_Stream):
         return self._text(self.search.beams[0][0])
 
     def _text(self, node: int) -> str:
-        spans = word_spans(self.search.parts, self.search.path_info(node))
-        return " ".join(word for word, _, _ in spans)
+        tokens = self.search.path_info(node)[0]
+        return path_text(self.search.parts, tokens)
 
     def end(self, nbest: int = 1) -> DecodeResult:
         """Finish: score the last word and the sentence end; return the result."""

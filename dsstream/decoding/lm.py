@@ -104,6 +104,7 @@ class KenLM:
         self._cache: dict[tuple[int, str], tuple[float, int]] = {}
         self._lock = threading.Lock()
         self._native: object | None = None
+        self._unigrams: dict[str, float] = {}
         begin = kenlm.State()
         self.model.BeginSentenceWrite(begin)
         self.begin_state = self._intern(begin)
@@ -151,6 +152,24 @@ class KenLM:
             self._cache[key] = result
         return result
 
+    def _score_uncached(self, state: int, word: str) -> tuple[float, int]:
+        """:meth:`score` without this object's cache: the compiled core's miss
+        path, which keeps its own cache of every pair it asks for."""
+        with self._lock:
+            out = self._kenlm.State()
+            logp = self.model.BaseScore(self._states[state], word, out) * LN10
+            return logp, self._intern(out)
+
+    def unigram(self, word: str) -> float:
+        """``ln p(word)`` with no context (an unknown word as ``<unk>``)."""
+        with self._lock:
+            score = self._unigrams.get(word)
+            if score is None:
+                state, out = self._kenlm.State(), self._kenlm.State()
+                self.model.NullContextWrite(state)
+                score = self._unigrams[word] = float(self.model.BaseScore(state, word, out)) * LN10
+            return score
+
     def native_info(self) -> object:
         """The compiled core's view of this LM (built once, shared by all streams)."""
         with self._lock:
@@ -163,7 +182,3 @@ class KenLM:
     def is_prefix(self, partial: str) -> bool:
         """Whether some LM word starts with ``partial``."""
         return partial in self.prefixes
-
-    @property
-    def cache_size(self) -> int:
-        return len(self._cache)

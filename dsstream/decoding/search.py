@@ -14,12 +14,14 @@ computed once per node, in a :class:`Context`.
 from __future__ import annotations
 
 import math
-from dataclasses import asdict, dataclass, replace
-from typing import Any, Union
+from dataclasses import dataclass, replace
+from itertools import accumulate
+from typing import Any, Callable, Union
 
 import numpy as np
 
 from dsstream.decoding.hotwords import HotwordState, HotwordTrie
+from dsstream.decoding.lexicon import Lexicon
 from dsstream.decoding.lm import KenLM
 from dsstream.decoding.vocab import Vocabulary
 
@@ -31,10 +33,12 @@ __all__ = [
     "NativeBeamSearch",
     "FinalBeam",
     "word_spans",
+    "path_text",
     "native_available",
 ]
 
 NEG = float("-inf")
+MODES = ("free", "lexicon")
 OOV_SCALE_CHARS = 6  # partial words longer than this pay a proportionally larger OOV penalty
 
 
@@ -52,13 +56,31 @@ class DecoderConfig:
     # Frames whose blank log-probability is at least this only extend with blank
     # (log 0.999); None disables the shortcut.
     blank_skip_logp: float | None = math.log(0.999)
+    # "free": any spelling, words outside the LM pay unk_offset; "lexicon": only
+    # words of the lexicon (and hotwords) are emitted (dsstream.decoding.lexicon).
+    mode: str = "free"
+    # Lexicon mode: the score of a word outside the lexicon (in place of
+    # unk_offset); None: such words are not allowed at all.
+    lexicon_unk: float | None = None
+    # Lexicon mode with an LM: a partial word is charged alpha times the best
+    # unigram ln p of the words it starts, until it completes (Lexicon.lookahead).
+    lexicon_lookahead: bool = True
+    # Lexicon mode's beam_prune_logp: a completed word trades its lookahead for
+    # its real LM score, so hypotheses spread wider than in the free search
+    # (measured, docs/benchmarks.md: -10 cut the right words at alpha 1.4 and up).
+    lexicon_prune_logp: float = -20.0
 
     def __post_init__(self) -> None:
+        if self.mode not in MODES:
+            raise ValueError(f"mode must be one of {', '.join(MODES)}, got {self.mode!r}")
+        if self.lexicon_unk is not None and not math.isfinite(self.lexicon_unk):
+            raise ValueError("lexicon_unk must be finite or None")
         if self.beam_width < 1:
             raise ValueError(f"beam_width must be at least 1, got {self.beam_width}")
         if self.top_k < 1:
             raise ValueError(f"top_k must be at least 1, got {self.top_k}")
-        for name in ("alpha", "beta", "unk_offset", "beam_prune_logp", "token_min_logp"):
+        for name in ("alpha", "beta", "unk_offset", "beam_prune_logp", "token_min_logp",
+                     "lexicon_prune_logp"):  # fmt: skip
             if not math.isfinite(getattr(self, name)):
                 raise ValueError(f"{name} must be finite")
 
@@ -122,13 +144,25 @@ class BeamSearch:
         config: DecoderConfig,
         lm: KenLM | None = None,
         hotwords: HotwordTrie | None = None,
+        lexicon: Lexicon | None = None,
     ) -> None:
         self.vocab = vocab
         self.cfg = config
         self.lm = lm
         self.trie = hotwords if hotwords is not None and len(hotwords) else None
+        self.lexicon = _lexicon_for(config, lexicon)
+        self.look = (
+            self.lexicon.lookahead(lm)
+            if self.lexicon is not None and lm is not None and config.lexicon_lookahead
+            else None
+        )
+        # An out-of-lexicon partial word's lookahead (with lexicon_unk): the
+        # LM's <unk>, as its completed word will score.
+        self.look_unk = lm.unigram("<unk>") if self.look is not None and lm is not None else 0.0
         self.blank = vocab.blank_id
         self.parts = vocab.token_parts()
+        # Tokens that end a word and add no characters (the char delimiter).
+        self.silent = [starts and not chars for starts, chars in self.parts]
         # Prefix tree; node 0 is the empty prefix.
         self.parent: list[int] = [-1]
         self.token: list[int] = [-1]
@@ -151,21 +185,35 @@ class BeamSearch:
         trie = self.trie
         if trie is not None:
             score += hw.bonus(trie)
-        if (
-            partial
-            and self.lm is not None
-            and not self.lm.is_prefix(partial)
-            and not (trie is not None and trie.in_match(hw))
-        ):
+        if not partial or (trie is not None and trie.in_match(hw)):
+            return Context(lm_score, state, partial, hw, words, score)
+        lexicon, look = self.lexicon, self.look
+        if lexicon is not None:
+            if look is not None and partial in look:
+                score += self.cfg.alpha * look[partial]
+            elif look is None and lexicon.is_prefix(partial):
+                pass
+            elif self.cfg.lexicon_unk is None:
+                return Context(lm_score, state, partial, hw, words, NEG)  # forbidden
+            else:
+                score += self.cfg.lexicon_unk * _oov_scale(len(partial))
+                if look is not None:
+                    score += self.cfg.alpha * self.look_unk
+        elif self.lm is not None and not self.lm.is_prefix(partial):
             # Scaled by length past a typical word, as pyctcdecode does: a flat
             # penalty let beams glue words into one long OOV string (measured:
             # "took impressions from" -> "dookosimpresseiunsrfrom...").
-            n = len(partial)
-            score += self.cfg.unk_offset * (n / OOV_SCALE_CHARS if n > OOV_SCALE_CHARS else 1.0)
+            score += self.cfg.unk_offset * _oov_scale(len(partial))
         return Context(lm_score, state, partial, hw, words, score)
 
     def _word(self, lm_score: float, state: int, word: str) -> tuple[float, int]:
-        lm = self.lm
+        """The LM score after ``word``; NEG where lexicon mode forbids it."""
+        cfg, lm, lexicon = self.cfg, self.lm, self.lexicon
+        hot = self.trie is not None and word in self.trie.words
+        if lexicon is not None and not hot and word not in lexicon:
+            if cfg.lexicon_unk is None:
+                return NEG, state
+            lm_score += cfg.lexicon_unk
         if lm is None:
             return lm_score, state
         known = word in lm.vocab
@@ -173,9 +221,9 @@ class BeamSearch:
         # asking for "<unk>" keeps one cache entry per context instead of one
         # per misspelling: most completed words in a wide beam are junk.
         logp, state = lm.score(state, word if known else "<unk>")
-        lm_score += self.cfg.alpha * logp + self.cfg.beta
-        if not known and not (self.trie is not None and word in self.trie.words):
-            lm_score += self.cfg.unk_offset
+        lm_score += cfg.alpha * logp + cfg.beta
+        if lexicon is None and not known and not hot:
+            lm_score += cfg.unk_offset
         return lm_score, state
 
     def extend(self, ctx: Context, tok: int) -> Context:
@@ -187,6 +235,8 @@ class BeamSearch:
         trie = self.trie
         if starts and partial:
             lm_score, state = self._word(lm_score, state, partial)
+            if lm_score == NEG:
+                return Context(NEG, state, "", hw, words, NEG)  # a word lexicon mode forbids
             words += 1
             partial = ""
             if trie is not None:
@@ -197,18 +247,27 @@ class BeamSearch:
             partial += ch
         return self._context(lm_score, state, partial, hw, words)
 
-    def final_context(self, ctx: Context) -> tuple[float, HotwordState]:
-        """LM score with the last word and </s>, and the settled hotword state."""
+    def final_context(
+        self, ctx: Context, lenient: bool = False
+    ) -> tuple[float, HotwordState, bool]:
+        """LM score with the last word and </s>, the settled hotword state, and
+        whether the last word was left out (``lenient``: a word lexicon mode
+        forbids is dropped, not scored NEG)."""
         lm_score, state, hw = ctx.lm_score, ctx.lm_state, ctx.hw
+        dropped = False
         if ctx.partial:
-            lm_score, state = self._word(lm_score, state, ctx.partial)
-            if self.trie is not None:
-                hw = self.trie.word_end(hw)
+            score, after = self._word(lm_score, state, ctx.partial)
+            if score == NEG and lenient:
+                dropped = True
+            else:
+                lm_score, state = score, after
+                if self.trie is not None:
+                    hw = self.trie.word_end(hw)
         if self.lm is not None:
             lm_score += self.cfg.alpha * self.lm.score(state, "</s>")[0]
         if self.trie is not None:
             hw = self.trie.finish(hw)
-        return lm_score, hw
+        return lm_score, hw, dropped
 
     # -- frames -------------------------------------------------------------------
 
@@ -238,11 +297,19 @@ class BeamSearch:
         cands = self.candidates(row)
         nxt: dict[Key, list[float]] = {}
         children, token, peak, t = self.children, self.token, self.logp, self.frames
+        silent = self.silent
         for node, pb, pnb in self.beams:
             total = logaddexp(pb, pnb)
             _acc(nxt, node, total + blank_lp, NEG)
             last = token[node]
+            boundary = not self.ctx[node].partial
             for tok, lp in cands:
+                if boundary and silent[tok]:
+                    # A delimiter where no word is open ("the| |", or one
+                    # before the first word) spells what the prefix spells:
+                    # the same hypothesis, not a new one crowding the beam.
+                    _acc(nxt, node, NEG, total + lp)
+                    continue
                 key: Key = children.get((node, tok), (node, tok))
                 if tok == last:
                     _acc(nxt, node, NEG, pnb + lp)
@@ -270,10 +337,13 @@ class BeamSearch:
                 ctx = self.ctx[key]
             else:
                 ctx = pending[key] = self.extend(self.ctx[key[0]], key[1])
+                if ctx.score == NEG:  # lexicon mode: not a word, nor the start of one
+                    continue
             scored.append((logaddexp(pb, pnb) + ctx.score, order, key))
         scored.sort(key=lambda s: (-s[0], s[1]))
         best = scored[0][0]
-        floor = best + self.cfg.beam_prune_logp
+        cfg = self.cfg
+        floor = best + (cfg.lexicon_prune_logp if self.lexicon is not None else cfg.beam_prune_logp)
         beams = []
         for score, _, key in scored[: self.cfg.beam_width]:
             if score < floor:
@@ -296,15 +366,29 @@ class BeamSearch:
     # -- results ---------------------------------------------------------------------
 
     def finish(self) -> list[FinalBeam]:
-        """Rescore the beams with the final word and </s>; best first."""
+        """Rescore the beams with the final word and </s>; best first.
+
+        In lexicon mode, beams that end inside a word that is not a lexicon
+        word are dropped; if every beam does (the audio stopped mid-word),
+        their unfinished words are left out of the texts instead."""
+        return _finish(self._finals, self.lexicon is not None)
+
+    def _finals(self, lenient: bool) -> list[FinalBeam]:
         finals = []
         for order, (node, pb, pnb) in enumerate(self.beams):
-            lm_score, hw = self.final_context(self.ctx[node])
+            lm_score, hw, dropped = self.final_context(self.ctx[node], lenient)
             bonus = hw.banked if self.trie is not None else 0.0
             acoustic = logaddexp(pb, pnb)
-            finals.append((acoustic + lm_score + bonus, order, FinalBeam(node, 0.0, acoustic)))
+            shown = self._word_start(node) if dropped else node
+            finals.append((acoustic + lm_score + bonus, order, FinalBeam(shown, 0.0, acoustic)))
         finals.sort(key=lambda f: (-f[0], f[1]))
         return [FinalBeam(f.node, score, f.acoustic) for score, _, f in finals]
+
+    def _word_start(self, node: int) -> int:
+        """The prefix before ``node``'s unfinished word."""
+        while self.ctx[node].partial:
+            node = self.parent[node]
+        return node
 
     def path_info(self, node: int) -> tuple[list[int], list[int], list[float]]:
         """Tokens, frames and emission log-probs from the first token to ``node``."""
@@ -334,9 +418,7 @@ def word_spans(
     its child appeared); a backward running minimum keeps the path in time order,
     so every word starts before it ends and after the word before it."""
     tokens, peaks, logps_in = info
-    ordered = list(peaks)
-    for i in range(len(ordered) - 2, -1, -1):
-        ordered[i] = min(ordered[i], ordered[i + 1])
+    ordered = list(accumulate(reversed(peaks), min))[::-1]
     words: list[tuple[str, list[int], list[float]]] = []
     current, frames, logps = "", list[int](), list[float]()
     for tok, frame, logp in zip(tokens, ordered, logps_in):
@@ -353,6 +435,21 @@ def word_spans(
     return words
 
 
+def path_text(parts: list[tuple[bool, str]], tokens: list[int]) -> str:
+    """The words a path spells, joined by spaces (``word_spans`` without times)."""
+    words: list[str] = []
+    current = ""
+    for tok in tokens:
+        starts, chars = parts[tok]
+        if starts and current:
+            words.append(current)
+            current = ""
+        current += chars
+    if current:
+        words.append(current)
+    return " ".join(words)
+
+
 class NativeBeamSearch:
     """The compiled core behind the same interface as :class:`BeamSearch`."""
 
@@ -362,6 +459,7 @@ class NativeBeamSearch:
         config: DecoderConfig,
         lm: KenLM | None = None,
         hotwords: HotwordTrie | None = None,
+        lexicon: Lexicon | None = None,
     ) -> None:
         from dsstream.decoding import _native  # type: ignore[attr-defined]
 
@@ -369,13 +467,17 @@ class NativeBeamSearch:
         self.cfg = config
         self.parts = vocab.token_parts()
         trie = hotwords if hotwords is not None and len(hotwords) else None
+        lexicon = _lexicon_for(config, lexicon)
+        self.lexicon = lexicon is not None
+        look_lm = lm if config.lexicon_lookahead else None
         self.core = _native.Core(
             vocab.blank_id,
             [starts for starts, _ in self.parts],
             [list(chars) for _, chars in self.parts],
-            asdict(config),
+            dict(vars(config)),  # asdict's deep copy costs more than the search of a short clip
             lm.native_info() if lm is not None else None,
             trie,
+            lexicon.native_info(look_lm) if lexicon is not None else None,
         )
 
     @property
@@ -394,7 +496,10 @@ class NativeBeamSearch:
         self.core.advance(np.ascontiguousarray(log_probs, dtype=np.float64))
 
     def finish(self) -> list[FinalBeam]:
-        return [FinalBeam(n, score, ac) for n, score, ac in self.core.finish()]
+        def finals(lenient: bool) -> list[FinalBeam]:
+            return [FinalBeam(n, score, ac) for n, score, ac in self.core.finish(lenient)]
+
+        return _finish(finals, self.lexicon)
 
     def path_info(self, node: int) -> tuple[list[int], list[int], list[float]]:
         tokens, frames, logps = self.core.path_info(node)
@@ -407,6 +512,29 @@ def native_available() -> bool:
     except ImportError:
         return False
     return True
+
+
+def _finish(finals: Callable[[bool], list[FinalBeam]], lexicon: bool) -> list[FinalBeam]:
+    """Both searches' end rule: ``finals(lenient)`` ranks the beams; lexicon
+    mode drops those its last word forbids, unless that is all of them."""
+    ranked = finals(False)
+    if lexicon and all(f.score == NEG for f in ranked):
+        ranked = finals(True)
+    return [f for f in ranked if f.score > NEG] or ranked
+
+
+def _oov_scale(n: int) -> float:
+    """Partial words longer than OOV_SCALE_CHARS pay proportionally more."""
+    return n / OOV_SCALE_CHARS if n > OOV_SCALE_CHARS else 1.0
+
+
+def _lexicon_for(config: DecoderConfig, lexicon: Lexicon | None) -> Lexicon | None:
+    """The lexicon a search walks: only in lexicon mode, where one is required."""
+    if config.mode != "lexicon":
+        return None
+    if lexicon is None:
+        raise ValueError("lexicon mode needs a lexicon: a language model or a word list")
+    return lexicon
 
 
 def _acc(table: dict[Key, list[float]], key: Key, pb: float, pnb: float) -> None:

@@ -4,6 +4,7 @@ BPE-style pieces with a word-start marker."""
 from __future__ import annotations
 
 from dataclasses import dataclass
+from functools import cached_property
 from typing import Sequence
 
 __all__ = ["Vocabulary", "VocabularyError"]
@@ -79,8 +80,12 @@ class Vocabulary:
         """Per token: (begins a new word, the characters it adds to the word).
 
         The blank and the char delimiter add nothing; the delimiter ends a word
-        (``True, ""``).
+        (``True, ""``).  Computed once per vocabulary (every stream asks).
         """
+        return list(self._parts)
+
+    @cached_property
+    def _parts(self) -> tuple[tuple[bool, str], ...]:
         parts: list[tuple[bool, str]] = []
         for i, tok in enumerate(self.tokens):
             if i == self.blank_id:
@@ -91,4 +96,4 @@ class Vocabulary:
                 parts.append((True, tok[len(self.marker) :]))
             else:
                 parts.append((False, tok))
-        return parts
+        return tuple(parts)

@@ -22,7 +22,7 @@ from __future__ import annotations
 
 import math
 import time
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -69,6 +69,9 @@ class AsrModelSpec:
     alpha: float | None  # the decoder's LM weight tuned for this model, if recorded
     beta: float | None
     beam_width: int | None = None  # the beam the model's decoder settings were tuned at
+    mode: str | None = None  # the search mode chosen by measurement ("free" or "lexicon")
+    # Each search mode's tuned (alpha, beta), where the settings record them.
+    modes: dict[str, tuple[float, float]] = field(default_factory=dict)
 
     @classmethod
     def from_manifest(cls, extra: dict[str, Any], inputs: list[str]) -> AsrModelSpec:
@@ -98,6 +101,11 @@ class AsrModelSpec:
             alpha=decoder.get("alpha"),
             beta=decoder.get("beta"),
             beam_width=decoder.get("beam_width"),
+            mode=decoder.get("mode"),
+            modes={
+                m: (float(v["alpha"]), float(v["beta"]))
+                for m, v in decoder.get("modes", {}).items()
+            },  # fmt: skip
         )
 
     @property
@@ -138,20 +146,33 @@ class AsrRuntime:
             raise ValueError(f"{model}: {exc}") from None
         self.fbank = Fbank(self.spec.fbank).eval()
         spec = self.spec
-        search = DecoderConfig(
-            beam_width=int(_first(config.beam_width, spec.beam_width, 32)),
-            alpha=_first(config.alpha, spec.alpha, 0.5),
-            beta=_first(config.beta, spec.beta, 1.0),
-        )
-        self.decoder = CTCDecoder(
-            vocabulary=spec.vocabulary, language_model=lm, frame_shift_s=spec.frame_shift_s,
-            hotword_beam_width=config.hotword_beam_width, config=search,
-        )  # fmt: skip
+        # The artifact's choice was measured with its LM; without one, lexicon
+        # mode has no words to allow, so only an explicit setting insists on it.
+        mode = config.decoder_mode or (spec.mode if lm is not None else None) or "free"
+        search = DecoderConfig(beam_width=int(_first(config.beam_width, spec.beam_width, 32)),
+                               **self.search_settings(mode))  # fmt: skip
+        try:
+            self.decoder = CTCDecoder(
+                vocabulary=spec.vocabulary, language_model=lm, frame_shift_s=spec.frame_shift_s,
+                hotword_beam_width=config.hotword_beam_width, config=search,
+            )  # fmt: skip
+        except ValueError as exc:  # lexicon mode without an LM
+            raise ValueError(f"{model}: decoder_mode {mode!r}: {exc}") from None
         self.vad = SileroVad(config=VadConfig(threshold=config.vad_threshold))
         self.times = StageTimes(STAGES, task="asr")
         self._collectors = [
             self.engine.prometheus("asr"), self.times.collector(), self.vad.collector()
         ]  # fmt: skip
+
+    def search_settings(self, mode: str) -> dict[str, Any]:
+        """The decoder settings of search ``mode``: its LM weight and word
+        bonus as tuned for this model (``AsrConfig``'s where it sets them)."""
+        spec, config = self.spec, self.config
+        alpha, beta = spec.modes.get(mode) or (
+            (spec.alpha, spec.beta) if spec.mode in (None, mode) else (None, None)
+        )
+        return {"mode": mode, "alpha": _first(config.alpha, alpha, 0.5),
+                "beta": _first(config.beta, beta, 1.0)}  # fmt: skip
 
     def pipeline(self) -> AsrPipeline:
         """A new session pipeline (call ``begin`` with options before use)."""
@@ -221,7 +242,7 @@ class AsrPipeline:
         # Built once: every segment's decoder stream searches the same trie.
         self.hotwords = rt.decoder.hotwords([(h.phrase, h.boost) for h in options.hotwords])
         self.grammar = self._grammar(options.grammar, options.grammar_sequence)
-        self.overrides = {} if options.lm_weight is None else {"alpha": options.lm_weight}
+        self.overrides = self._search(options)
         self.held: list[np.ndarray] = []  # audio not yet through the VAD and frontend
         self.held_samples = 0
         self.pending = np.zeros((0, spec.fbank.n_mels), np.float32)  # features not yet run
@@ -237,6 +258,7 @@ class AsrPipeline:
             "model_sample_rate": spec.sample_rate,
             "chunk_ms": round(spec.chunk_s * 1000),
             "language_model": rt.decoder.lm is not None,
+            "decoder_mode": self.overrides.get("mode", rt.decoder.config.mode),
         }
 
     def step(self, frame: Any) -> list[ServerEvent]:
@@ -301,6 +323,22 @@ class AsrPipeline:
             raise PipelineError(ErrorCode.BAD_MESSAGE, "the ASR pipeline was not begun")
         if self._ended:
             raise PipelineError(ErrorCode.BAD_MESSAGE, "the stream has ended")
+
+    def _search(self, options: AsrOptions) -> dict[str, Any]:
+        """Per-session decoder settings: a search mode other than the runtime's
+        brings that mode's tuned weights; ``lm_weight`` overrides the weight."""
+        decoder = self.runtime.decoder
+        out: dict[str, Any] = {}
+        mode = options.decoder_mode
+        if mode is not None and mode != decoder.config.mode:
+            if mode == "lexicon" and decoder.lm is None:
+                raise PipelineError(ErrorCode.UNSUPPORTED,
+                                    "decoder_mode 'lexicon' needs the model's language "
+                                    "model, and this server has none", True)  # fmt: skip
+            out = self.runtime.search_settings(mode)
+        if options.lm_weight is not None:
+            out["alpha"] = options.lm_weight
+        return out
 
     def _grammar(self, phrases: tuple[str, ...], sequence: bool) -> Grammar | None:
         """The session's phrases spelled as transcripts are (lowercase, numbers

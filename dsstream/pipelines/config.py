@@ -31,10 +31,15 @@ class AsrConfig:
     hotword_beam_width: int = 16  # sessions with hotwords (see CTCDecoder)
     alpha: float | None = None  # LM weight; None: the artifact's tuned value, else 0.5
     beta: float | None = None  # word insertion bonus; None: artifact's, else 1.0
+    # Sessions' default search mode ("free" or "lexicon"); None: the one the
+    # artifact's decoder settings chose by measurement, else "free".
+    decoder_mode: str | None = None
     vad_threshold: float = 0.5
     session_pool_bytes: int = 512 << 20  # model state of all open streams
 
     def __post_init__(self) -> None:
+        if self.decoder_mode not in (None, "free", "lexicon"):
+            raise ValueError(f"decoder_mode must be free or lexicon, got {self.decoder_mode!r}")
         if self.beam_width is not None and self.beam_width < 1:
             raise ValueError(f"beam_width must be at least 1, got {self.beam_width}")
         if not (math.isfinite(self.batch_delay_ms) and self.batch_delay_ms >= 0):

@@ -45,6 +45,7 @@ def default_registry(
     beam_width: int | None = None,
     batch_delay_ms: float | None = None,
     engine_threads: int | None = None,
+    decoder_mode: str | None = None,
 ) -> PipelineRegistry:
     """ASR and VQA backed by the sample artifacts; unavailable ones say what is missing.
 
@@ -55,13 +56,16 @@ def default_registry(
     ``batch_delay_ms``: how long a stream's encoder step may wait for other
     streams' steps to batch with (default: ``AsrConfig``'s).
     ``engine_threads``: ONNX Runtime threads per forward pass of every model
-    (default: the configs' 1, best where streams share the cores)."""
+    (default: the configs' 1, best where streams share the cores).
+    ``decoder_mode``: ASR sessions' default search, "free" or "lexicon"
+    (default: the one the artifact's decoder settings chose)."""
     # Unset settings keep the configs' defaults; the configs check the values.
     asr_default, vqa_default = AsrConfig(), VqaConfig()
     asr_config = AsrConfig(
         beam_width=beam_width,  # None: the artifact's tuned beam
         batch_delay_ms=_or(batch_delay_ms, asr_default.batch_delay_ms),
         engine_threads=_or(engine_threads, asr_default.engine_threads),
+        decoder_mode=decoder_mode,  # None: the artifact's choice
     )
     vqa_config = VqaConfig(engine_threads=_or(engine_threads, vqa_default.engine_threads))
     root = Path(samples_dir or SAMPLES_DIR)
