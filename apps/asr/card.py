@@ -347,6 +347,7 @@ def _score_fields(data: Path, report: dict[str, Any]) -> dict[str, Any]:
         )
         name = f"LJ001 clips {first}-{first - 1 + report['lj001_test']['n']}, not used to tune"
         lj_test_row = _score_row(name, report["lj001_test"]) + "\n"
+    decoder_note += _modes_note(data)
     held, lj = report.get("held_out_voices", {}), report.get("lj001", {})
     per_release = report.get("per_release", {})
     rows = _real_score_rows(report)
@@ -360,6 +361,23 @@ def _score_fields(data: Path, report: dict[str, Any]) -> dict[str, Any]:
         if len(per_release) > 1
     )
     return {"score_rows": rows, "decoder_note": decoder_note, "peer_rows": _peer_rows(data)}
+
+
+def _modes_note(data: Path) -> str:
+    """How the search mode the pipeline does not use by default scored on the
+    same dev set, from apps.asr.tune's record."""
+    path = data / "decoder.json"
+    tuned = json.loads(path.read_text()) if path.is_file() else {}
+    modes, chosen = tuned.get("modes", {}), tuned.get("mode", "free")
+    others = [(m, v) for m, v in modes.items() if m != chosen and "wer" in v]
+    if not others or "wer" not in modes.get(chosen, {}):
+        return ""
+    notes = [f"{m} mode (`decoder_mode`) scored {_pct(v['wer'])} at alpha {v['alpha']}, "
+             f"beta {v['beta']}" for m, v in others]  # fmt: skip
+    return (
+        f". The {chosen} search was chosen by measurement: {_pct(modes[chosen]['wer'])} "
+        f'WER on the dev set, where {"; ".join(notes)} (docs/asr.md, "Lexicon mode")'
+    )
 
 
 CARD = (
