@@ -101,3 +101,26 @@ def png_bytes(width: int = 32, height: int = 24, fmt: str = "PNG") -> bytes:
     buf = io.BytesIO()
     img.save(buf, format=fmt)
     return buf.getvalue()
+
+
+# A tiny word LM's text, shared by the decoder tests (test_decoding, test_lexicon).
+LM_SENTENCES = [
+    "the cat sat on the mat",
+    "the dog sat on the log",
+    "a cat and a dog met on the mat",
+    "the quick brown fox jumps over the lazy dog",
+    "she sells sea shells by the sea shore",
+    "the weather is nice today",
+    "we met the cat near the dog",
+    "the cat is on the mat today",
+] * 3
+
+
+@pytest.fixture(scope="session")
+def lm_path(tmp_path_factory):
+    """A trigram ARPA model of ``LM_SENTENCES``."""
+    from dsstream.lm import build_lm, write_arpa
+
+    path = tmp_path_factory.mktemp("lm") / "lm.arpa"
+    write_arpa(build_lm([s.split() for s in LM_SENTENCES], order=3), path)
+    return path

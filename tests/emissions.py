@@ -61,3 +61,17 @@ def emissions(
                 logits[t, rival] += 7.0 + rng.uniform(0.1, 1.0)  # the rival wins greedy
     logits -= np.log(np.exp(logits).sum(axis=1, keepdims=True))
     return logits.astype(np.float32)
+
+
+def assert_backends_agree(kw: dict, x: np.ndarray, hotwords, rng: np.random.Generator) -> None:
+    """The compiled core and the Python reference, built with ``kw``, give the
+    same results on ``x``: whole, and streamed in random chunks."""
+    from dsstream.decoding import CTCDecoder
+
+    ref, fast = CTCDecoder(backend="python", **kw), CTCDecoder(backend="native", **kw)
+    assert fast.decode(x, hotwords=hotwords, nbest=8) == ref.decode(x, hotwords=hotwords, nbest=8)
+    cuts = np.sort(rng.choice(np.arange(1, len(x)), size=5, replace=False))
+    a, b = ref.begin(hotwords=hotwords), fast.begin(hotwords=hotwords)
+    for chunk in np.split(x, cuts):
+        assert a.step(chunk) == b.step(chunk)
+    assert a.end(3) == b.end(3)

@@ -243,17 +243,30 @@ def test_training_runs_is_seeded_and_resumes(tmp_path):
     from apps.asr.tune import main as tune_main
 
     chosen = tune_main(["--data", str(tmp_path), "--beams", "1,4", "--alphas", "0.5,0.8",
-                        "--betas", "1.0", "--lj-dev", "2", "--held-out", "2"])  # fmt: skip
-    assert chosen["beam_width"] in (1, 4) and chosen["lj_dev"] == 2 and len(chosen["grid"]) == 4
-    assert all(r["wer"] >= chosen["dev_wer"] for r in chosen["grid"] if r["beam_width"] == 4)
+                        "--betas", "1.0", "--lj-dev", "2", "--held-out", "2",
+                        "--lexicon-alphas", "0.65", "--lexicon-betas", "1.0"])  # fmt: skip
+    assert chosen["beam_width"] in (1, 4) and chosen["lj_dev"] == 2 and len(chosen["grid"]) == 5
+    # Both search modes scored at the chosen beam; the better one is the default.
+    modes = chosen["modes"]
+    assert set(modes) == {"free", "lexicon"} and modes["lexicon"]["alpha"] == 0.65
+    assert chosen["dev_wer"] == min(m["wer"] for m in modes.values())
+    assert chosen["mode"] == min(modes, key=lambda m: (modes[m]["wer"], m != "free"))
+    free_rows = [r for r in chosen["grid"] if r.get("mode", "free") == "free"]
+    assert all(r["wer"] >= modes["free"]["wer"] for r in free_rows if r["beam_width"] == 4)
     tuned = evaluate_main(["--data", str(tmp_path), "--lj-limit", "3"])
-    assert tuned["decoder"] == {k: chosen[k] for k in ("beam_width", "alpha", "beta")}
+    assert tuned["decoder"] == {k: chosen[k] for k in ("beam_width", "alpha", "beta", "mode")}
     assert tuned["lj001_test"]["n"] == 1 and tuned["lj001_test"]["first_clip"] == 3
     artifact = export_main(["--data", str(tmp_path), "--out", str(tmp_path / "model.ds")])
     assert artifact.is_file()
     from engine import read_manifest as read_artifact_manifest
 
-    assert read_artifact_manifest(artifact)[0].extra["decoder"] == tuned["decoder"]
+    recorded = {m: {"alpha": v["alpha"], "beta": v["beta"]} for m, v in modes.items()}
+    assert read_artifact_manifest(artifact)[0].extra["decoder"] == {**tuned["decoder"],
+                                                                    "modes": recorded}  # fmt: skip
+    # A retuned decoder goes into the artifact without a new export.
+    (tmp_path / "decoder.json").write_text(json.dumps({**chosen, "alpha": 0.3}))
+    export_main(["--data", str(tmp_path), "--out", str(artifact), "--decoder-only"])
+    assert read_artifact_manifest(artifact)[0].extra["decoder"]["alpha"] == 0.3
     # Training goes on from the artifact alone (apps.asr.recover: no optimizer moments).
     from apps.asr.recover import main as recover_main
 

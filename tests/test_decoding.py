@@ -4,7 +4,8 @@ streaming against whole-matrix decoding, results, and input errors."""
 import numpy as np
 import pytest
 import torch
-from emissions import emissions
+from conftest import LM_SENTENCES
+from emissions import assert_backends_agree, emissions
 
 from dsstream.decoding import (
     ENGLISH_CHARS,
@@ -20,25 +21,8 @@ from dsstream.decoding.grammar import Grammar, GrammarError, GrammarSearch
 from dsstream.decoding.hotwords import HotwordState
 from dsstream.decoding.search import native_available
 from dsstream.evaluation import cer, wer
-from dsstream.lm import build_lm, write_arpa
 
-SENTENCES = [
-    "the cat sat on the mat",
-    "the dog sat on the log",
-    "a cat and a dog met on the mat",
-    "the quick brown fox jumps over the lazy dog",
-    "she sells sea shells by the sea shore",
-    "the weather is nice today",
-    "we met the cat near the dog",
-    "the cat is on the mat today",
-] * 3
-
-
-@pytest.fixture(scope="module")
-def lm_path(tmp_path_factory):
-    path = tmp_path_factory.mktemp("lm") / "lm.arpa"
-    write_arpa(build_lm([s.split() for s in SENTENCES], order=3), path)
-    return path
+SENTENCES = LM_SENTENCES
 
 
 @pytest.fixture(scope="module")
@@ -409,16 +393,7 @@ def test_native_core_is_identical_to_python(lm, seed):
     hotwords = [None, ["cat", ("sea shore", 2.0), "zebra"], [f"w{i}" for i in range(200)]][seed % 3]
     for use_lm in (False, True):
         kw = {"beam_width": 16, "language_model": lm if use_lm else None, **knobs}
-        ref = CTCDecoder(backend="python", **kw)
-        fast = CTCDecoder(backend="native", **kw)
-        assert fast.decode(x, hotwords=hotwords, nbest=8) == ref.decode(
-            x, hotwords=hotwords, nbest=8
-        )
-        cuts = np.sort(rng.choice(np.arange(1, len(x)), size=5, replace=False))
-        a, b = ref.begin(hotwords=hotwords), fast.begin(hotwords=hotwords)
-        for chunk in np.split(x, cuts):
-            assert a.step(chunk) == b.step(chunk)
-        assert a.end(3) == b.end(3)
+        assert_backends_agree(kw, x, hotwords, rng)
 
 
 @native

@@ -4,33 +4,22 @@ Python reference in it as in the free search."""
 
 import numpy as np
 import pytest
-from emissions import emissions
+from conftest import LM_SENTENCES
+from emissions import assert_backends_agree, emissions
 
 from dsstream.decoding import CTCDecoder, DecoderConfig, KenLM, Lexicon, LexiconError
 from dsstream.decoding.search import native_available
 from dsstream.evaluation import wer
-from dsstream.lm import build_lm, write_arpa
 
-SENTENCES = [
-    "the cat sat on the mat",
-    "the dog sat on the log",
-    "a cat and a dog met on the mat",
-    "the quick brown fox jumps over the lazy dog",
-    "she sells sea shells by the sea shore",
-    "the weather is nice today",
-    "we met the cat near the dog",
-    "the cat is on the mat today",
-] * 3
+SENTENCES = LM_SENTENCES
 VOCAB = sorted({w for s in SENTENCES for w in s.split()})
 
 native = pytest.mark.skipif(not native_available(), reason="compiled decoder core not built")
 
 
 @pytest.fixture(scope="module")
-def lm(tmp_path_factory):
-    path = tmp_path_factory.mktemp("lm") / "lm.arpa"
-    write_arpa(build_lm([s.split() for s in SENTENCES], order=3), path)
-    return KenLM(path)
+def lm(lm_path):
+    return KenLM(lm_path)
 
 
 def _noisy(seed: int, n: int = 12) -> list[tuple[str, np.ndarray]]:
@@ -169,12 +158,4 @@ def test_native_core_is_identical_to_python_in_lexicon_mode(lm, seed):
             "lexicon": None if source == "lm" else VOCAB[::2] + ["zebu"],
             **knobs,
         }
-        ref, fast = CTCDecoder(backend="python", **kw), CTCDecoder(backend="native", **kw)
-        assert fast.decode(x, hotwords=hotwords, nbest=8) == ref.decode(
-            x, hotwords=hotwords, nbest=8
-        )
-        cuts = np.sort(rng.choice(np.arange(1, len(x)), size=5, replace=False))
-        a, b = ref.begin(hotwords=hotwords), fast.begin(hotwords=hotwords)
-        for chunk in np.split(x, cuts):
-            assert a.step(chunk) == b.step(chunk)
-        assert a.end(3) == b.end(3)
+        assert_backends_agree(kw, x, hotwords, rng)

@@ -189,10 +189,10 @@ class BeamSearch:
             return Context(lm_score, state, partial, hw, words, score)
         lexicon, look = self.lexicon, self.look
         if lexicon is not None:
-            if look is not None and partial in look:
-                score += self.cfg.alpha * look[partial]
-            elif look is None and lexicon.is_prefix(partial):
-                pass
+            inside = partial in look if look is not None else lexicon.is_prefix(partial)
+            if inside:
+                if look is not None:
+                    score += self.cfg.alpha * look[partial]
             elif self.cfg.lexicon_unk is None:
                 return Context(lm_score, state, partial, hw, words, NEG)  # forbidden
             else:
