@@ -143,10 +143,8 @@ class KenLM:
         hit = self._cache.get(key)
         if hit is not None:
             return hit
+        result = self._score_uncached(state, word)
         with self._lock:
-            out = self._kenlm.State()
-            logp = self.model.BaseScore(self._states[state], word, out) * LN10
-            result = (logp, self._intern(out))
             if len(self._cache) >= MAX_CACHE:
                 self._cache.clear()
             self._cache[key] = result
