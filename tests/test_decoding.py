@@ -312,6 +312,27 @@ def test_lm_state_cache_scores_each_word_once_per_context(lm_path, backend, mode
     assert counting.calls > 0 and looked_up == 0  # the second pass hit the cache only
 
 
+@pytest.mark.skipif(not native_available(), reason="compiled decoder core not built")
+@pytest.mark.parametrize("mode", ["free", "lexicon"])
+def test_native_core_queries_kenlm_directly_and_once_per_context(lm_path, mode):
+    lm = KenLM(lm_path)
+    info = lm.native_info()
+    assert info.direct  # the kenlm package's C++ model, with no Python on a miss
+    x = emissions("the cat sat on the mat", np.random.default_rng(10), confusion=0.3)
+    kw = {"beam_width": 16, "language_model": lm, "mode": mode}
+    first = CTCDecoder(backend="native", **kw).decode(x, nbest=4)
+    before = info.lookups
+    assert CTCDecoder(backend="native", **kw).decode(x, nbest=4) == first
+    assert before > 0 and info.lookups == before  # the second pass hit the cache only
+    assert first == CTCDecoder(backend="python", **kw).decode(x, nbest=4)
+    # A model that is not the kenlm package's (here a wrapper) is asked through Python.
+    wrapped = KenLM(lm_path)
+    wrapped.model = type("Wrapped", (), {"__getattr__": lambda self, n: getattr(lm.model, n)})()
+    assert not wrapped.native_info().direct
+    kw["language_model"] = wrapped
+    assert CTCDecoder(backend="native", **kw).decode(x, nbest=4) == first
+
+
 def test_empty_input_gives_empty_result():
     result = CTCDecoder().decode(np.zeros((0, len(ENGLISH_CHARS)), np.float32))
     assert result.text == "" and result.words == () and result.frames == 0

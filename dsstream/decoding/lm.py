@@ -102,7 +102,7 @@ class KenLM:
         self._states: list[object] = []
         self._state_ids: dict[object, int] = {}
         self._cache: dict[tuple[int, str], tuple[float, int]] = {}
-        self._lock = threading.Lock()
+        self._lock = threading.RLock()  # native_info: LMInfo checks its scores against ours
         self._native: object | None = None
         self._unigrams: dict[str, float] = {}
         begin = kenlm.State()

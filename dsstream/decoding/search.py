@@ -33,6 +33,7 @@ __all__ = [
     "NativeBeamSearch",
     "FinalBeam",
     "word_spans",
+    "word_times",
     "path_text",
     "native_available",
 ]
@@ -407,6 +408,15 @@ class BeamSearch:
     def num_nodes(self) -> int:
         return len(self.parent)
 
+    def text(self, node: int) -> str:
+        """The words the path to ``node`` spells."""
+        return path_text(self.parts, self.path_info(node)[0])
+
+    def word_times(self, node: int) -> list[tuple[str, int, int, float]]:
+        """Each word on the path to ``node``: (word, first frame, last frame,
+        mean log-prob of its tokens)."""
+        return word_times(self.parts, self.path_info(node))
+
 
 def word_spans(
     parts: list[tuple[bool, str]], info: tuple[list[int], list[int], list[float]]
@@ -433,6 +443,14 @@ def word_spans(
     if current:
         words.append((current, frames, logps))
     return words
+
+
+def word_times(
+    parts: list[tuple[bool, str]], info: tuple[list[int], list[int], list[float]]
+) -> list[tuple[str, int, int, float]]:
+    """``word_spans`` summed up: (word, first frame, last frame, mean log-prob)."""
+    return [(w, frames[0], frames[-1], sum(logps) / len(logps))
+            for w, frames, logps in word_spans(parts, info)]  # fmt: skip
 
 
 def path_text(parts: list[tuple[bool, str]], tokens: list[int]) -> str:
@@ -504,6 +522,12 @@ class NativeBeamSearch:
     def path_info(self, node: int) -> tuple[list[int], list[int], list[float]]:
         tokens, frames, logps = self.core.path_info(node)
         return list(tokens), list(frames), list(logps)
+
+    def text(self, node: int) -> str:
+        return str(self.core.text(node))
+
+    def word_times(self, node: int) -> list[tuple[str, int, int, float]]:
+        return list(self.core.word_times(node))
 
 
 def native_available() -> bool:
