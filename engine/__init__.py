@@ -1,10 +1,14 @@
 """dsstream's inference engine: conversion to ``.ds`` artifacts, graph passes,
-ONNX Runtime and PyTorch backends."""
+ONNX Runtime and PyTorch backends.
+
+Running an artifact needs ONNX Runtime and NumPy only; conversion, the graph
+passes and the torch backend need torch (``pip install dsstream[convert]``),
+so their names here import it when first used, not with the package.
+"""
 
 from engine.artifact import ArtifactError, Manifest, TensorSpec, read_manifest
 from engine.backends import BackendError
 from engine.batching import BatchPlan, BatchPolicy, QueuedRequest, plan
-from engine.convert import PRECISIONS, ConversionError, Dim, convert
 from engine.engine import (
     BatchInfo,
     DeadlineExceeded,
@@ -14,7 +18,6 @@ from engine.engine import (
     InputError,
     QueueFull,
 )
-from engine.passes import DEFAULT_PASSES, run_passes
 from engine.pipeline import Pipeline, StagePipeline
 from engine.seed import EngineMonitor, ModelConverter
 from engine.sessions import (
@@ -60,3 +63,27 @@ __all__ = [
     "SessionClosed",
     "SessionEvicted",
 ]
+
+# name -> module, imported on first use (these modules import torch).
+_NEEDS_TORCH = {
+    "convert": "engine.conversion",
+    "Dim": "engine.conversion",
+    "PRECISIONS": "engine.conversion",
+    "ConversionError": "engine.conversion",
+    "run_passes": "engine.passes",
+    "DEFAULT_PASSES": "engine.passes",
+}
+
+
+def __getattr__(name: str) -> object:
+    module = _NEEDS_TORCH.get(name)
+    if module is None:
+        raise AttributeError(f"module 'engine' has no attribute {name!r}")
+    from engine.extras import require
+
+    require("torch", "convert", f"engine.{name}")
+    import importlib
+
+    value = getattr(importlib.import_module(module), name)
+    globals()[name] = value  # later lookups skip this function
+    return value

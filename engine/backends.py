@@ -11,6 +11,7 @@ from typing import Any, Protocol
 import numpy as np
 
 from engine.artifact import Manifest, read_member
+from engine.extras import require
 
 __all__ = ["Backend", "OnnxBackend", "TorchBackend", "load_backend", "BackendError"]
 
@@ -69,6 +70,7 @@ class TorchBackend:
         """``fuse_kernels``: swap in the project's fused kernels (kernels/) where the
         graph allows; default on CUDA, where they are GPU kernels (on the CPU the
         fused op runs torch's own layer_norm and linear, so it gains nothing)."""
+        require("torch", "gpu", "the PyTorch backend")
         import torch
 
         self.torch = torch
@@ -108,11 +110,12 @@ class TorchBackend:
 
 
 def _check_device(device: str) -> None:
-    import torch
-
     if device == "cpu":
         return
     if device.startswith("cuda"):
+        require("torch", "gpu", f"device {device!r}")
+        import torch
+
         if not torch.cuda.is_available():
             raise BackendError(f"device {device!r} requested but CUDA is not available here")
         index = int(device.split(":")[1]) if ":" in device else 0

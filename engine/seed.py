@@ -10,8 +10,6 @@ import time
 from pathlib import Path
 from typing import Any, Iterable, Sequence
 
-from engine.convert import convert
-
 __all__ = ["ModelConverter", "EngineMonitor"]
 
 
@@ -58,6 +56,8 @@ class ModelConverter:
             from engine.quant import QuantConfig
 
             quantize = QuantConfig(mode="static" if calibration is not None else "dynamic")
+        from engine.conversion import convert  # torch: the convert extra
+
         return convert(
             self.input_model,
             self.example_inputs,

@@ -17,7 +17,8 @@ from apps.asr.augment import (
     telephone,
     vtlp,
 )
-from dsstream.frontend import Fbank, FbankConfig
+from dsstream.frontend import FbankConfig
+from dsstream.frontend_torch import Fbank
 
 RATE = 16000
 

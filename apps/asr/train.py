@@ -32,7 +32,8 @@ import torch
 from apps.asr.augment import AugmentConfig, augment_wave, spec_augment, vtlp
 from apps.asr.model import AsrModel, ModelConfig
 from dsstream.decoding import ENGLISH_CHARS
-from dsstream.frontend import Fbank, FbankConfig
+from dsstream.frontend import FbankConfig
+from dsstream.frontend_torch import Fbank
 
 ROOT = Path(__file__).resolve().parents[2]
 INDEX = {t: i for i, t in enumerate(ENGLISH_CHARS.tokens)}

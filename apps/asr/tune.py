@@ -32,7 +32,7 @@ from apps.asr.evaluate import DEFAULT_DECODER, _logp, lj_set, real_sets
 from apps.asr.lm import SHARED
 from apps.asr.train import load_checkpoint, load_wave, read_manifest
 from dsstream.evaluation import wer
-from dsstream.frontend import Fbank
+from dsstream.frontend_torch import Fbank
 
 ROOT = Path(__file__).resolve().parents[2]
 

@@ -32,7 +32,7 @@ from dsstream.audio import ResampleError, StreamingResampler
 from dsstream.decoding import CTCDecoder, DecoderConfig, Vocabulary
 from dsstream.decoding.grammar import UNK, Grammar, GrammarError
 from dsstream.endpoint import Endpointer
-from dsstream.frontend import Fbank, FbankConfig, StreamingFbank
+from dsstream.frontend import FbankConfig, LogMel, StreamingFbank
 from dsstream.metrics import StageTimes
 from dsstream.options import MAX_GRAMMAR_PHRASES, AsrOptions, parse_task_options
 from dsstream.pipelines.base import PipelineError
@@ -144,7 +144,7 @@ class AsrRuntime:
             self.spec = AsrModelSpec.from_manifest(manifest.extra, self.engine.input_names)
         except ValueError as exc:
             raise ValueError(f"{model}: {exc}") from None
-        self.fbank = Fbank(self.spec.fbank).eval()
+        self.fbank = LogMel(self.spec.fbank)
         spec = self.spec
         # The artifact's choice was measured with its LM; without one, lexicon
         # mode has no words to allow, so only an explicit setting insists on it.

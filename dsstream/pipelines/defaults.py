@@ -88,12 +88,10 @@ def _or(value: T | None, default: T) -> T:
 def preload(samples_dir: Path | None = None) -> None:
     """What every worker of a default server loads alike, loaded once before
     ``dsstream serve --workers`` forks them, so they share it copy-on-write:
-    torch, ONNX Runtime and the pipelines (about 290 MB a process, measured)
-    and the sample LM (``KenLM.shared``; 30 MB).  The ONNX Runtime sessions
-    are made in each worker, after the fork."""
+    ONNX Runtime and the pipelines and the sample LM (``KenLM.shared``;
+    30 MB).  The ONNX Runtime sessions are made in each worker, after the
+    fork.  Serving needs no torch (the core install has none)."""
     import onnxruntime  # noqa: F401
-    import torch  # noqa: F401
-    import torchaudio  # noqa: F401
 
     import dsstream.pipelines.asr  # noqa: F401
     import dsstream.pipelines.vqa  # noqa: F401

@@ -1,6 +1,11 @@
 """INT8 quantization: observers, quantized layers, post-training quantization,
 quantization-aware training and per-layer sensitivity (see engine.quant.api)."""
 
+# ruff: noqa: E402  (the extra is checked before the imports that need it)
+from engine.extras import require
+
+require("torch", "convert", "INT8 quantization (engine.quant)")
+
 from engine.quant.api import (
     QuantConfig,
     calibrate,

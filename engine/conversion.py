@@ -23,7 +23,7 @@ from engine.artifact import Manifest, TensorSpec, torch_save_bytes, write_artifa
 
 __all__ = ["convert", "ConversionError", "PRECISIONS", "Dim"]
 
-log = logging.getLogger("engine.convert")
+log = logging.getLogger("engine.conversion")
 
 PRECISIONS = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 
