@@ -158,6 +158,15 @@ def build_parser() -> argparse.ArgumentParser:
     )
     build.add_argument("--exclude", type=Path, help="file of sentences to leave out")
     build.add_argument("--quiet", action="store_true", help="no progress bar")
+    binary = lm_sub.add_parser(
+        "binary", help="an ARPA LM in KenLM's binary format (loads in ms; same scores)"
+    )
+    binary.add_argument("arpa", type=Path)
+    binary.add_argument("-o", "--output", type=Path, required=True, help="binary file to write")
+    binary.add_argument(
+        "--build-binary", default="build_binary", metavar="PATH",
+        help="KenLM's build_binary tool (see dsstream.lm.binary for how to compile it)",
+    )  # fmt: skip
 
     sub.add_parser("version", help="print the version")
     return parser
@@ -165,6 +174,13 @@ def build_parser() -> argparse.ArgumentParser:
 
 def _lm(args: argparse.Namespace) -> int:
     from dsstream.lm import build_arpa, read_corpus
+
+    if args.lm_command == "binary":
+        from dsstream.lm.binary import vocab_sidecar, write_binary
+
+        write_binary(args.arpa, args.output, args.build_binary)
+        print(f"wrote {args.output} and {vocab_sidecar(args.output)}")
+        return 0
 
     exclude = list(read_corpus(args.exclude, one_per_line=True)) if args.exclude else []
     model = build_arpa(

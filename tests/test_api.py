@@ -216,6 +216,7 @@ def test_all_is_exact_and_resolves(module):
         "dsstream.decoding.lexicon",
         "dsstream.lm.builder",
         "dsstream.lm.normalize",
+        "dsstream.lm.binary",
         "engine.artifact",
         "engine.backends",
         "engine.batching",

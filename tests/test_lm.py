@@ -5,6 +5,7 @@ import itertools
 import math
 import subprocess
 import sys
+from pathlib import Path
 
 import kenlm
 import numpy as np
@@ -170,3 +171,38 @@ def test_cli_lm_build(tmp_path):
     assert "two" in lm and "dogs" in lm and "cat" in lm
     assert "dog" not in lm  # only in the excluded sentence
     assert math.isfinite(lm.score("the cat sat"))
+
+
+SHIPPED = Path(__file__).resolve().parent.parent / "samples" / "asr"
+
+
+@pytest.mark.skipif(not (SHIPPED / "lm.bin").exists(), reason="no shipped binary LM")
+def test_shipped_binary_lm_scores_as_its_arpa_and_is_served():
+    from dsstream.decoding.lm import read_arpa_unigrams
+    from dsstream.lm.binary import vocab_sidecar
+    from dsstream.pipelines.defaults import asr_lm
+
+    arpa, binary = SHIPPED / "lm.arpa", SHIPPED / "lm.bin"
+    a, b = kenlm.Model(str(arpa)), kenlm.Model(str(binary))
+    # The highest-order n-grams (exact hits), then random word strings (backoffs).
+    grams, lines = [], iter(arpa.read_text(encoding="utf-8").splitlines())
+    for line in lines:
+        if line.startswith(f"\\{a.order}-grams:"):
+            break
+    for line in itertools.islice(lines, 3000):
+        if "\t" in line:
+            grams.append(line.split("\t")[1])
+    words = vocab_sidecar(binary).read_text(encoding="utf-8").split()
+    assert words == read_arpa_unigrams(arpa)
+    rng = np.random.default_rng(0)
+    grams += [" ".join(rng.choice(words, int(rng.integers(1, 6)))) for _ in range(3000)]
+    for text in grams:
+        assert list(a.full_scores(text)) == list(b.full_scores(text)), text
+    assert asr_lm(SHIPPED.parent) == binary  # what a default server loads
+
+
+def test_binary_conversion_without_kenlms_tool_says_how_to_get_it(tmp_path):
+    from dsstream.lm.binary import write_binary
+
+    with pytest.raises(FileNotFoundError, match="compile_query_only.sh"):
+        write_binary(SHIPPED / "lm.arpa", tmp_path / "lm.bin", build_binary="no-such-tool")
