@@ -1,6 +1,8 @@
 """CTC prefix beam search: text against transcripts, LM fusion, hotwords,
 streaming against whole-matrix decoding, results, and input errors."""
 
+import gc
+
 import numpy as np
 import pytest
 import torch
@@ -330,6 +332,11 @@ def test_native_core_queries_kenlm_directly_and_once_per_context(lm_path, mode):
     wrapped.model = type("Wrapped", (), {"__getattr__": lambda self, n: getattr(lm.model, n)})()
     assert not wrapped.native_info().direct
     kw["language_model"] = wrapped
+    assert CTCDecoder(backend="native", **kw).decode(x, nbest=4) == first
+    # The core holds the C++ model it scores with: dropping Python's does not free it.
+    lm.model = None
+    gc.collect()
+    kw["language_model"] = lm
     assert CTCDecoder(backend="native", **kw).decode(x, nbest=4) == first
 
 

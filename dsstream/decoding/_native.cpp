@@ -243,6 +243,7 @@ class LMInfo {
     if (obj->model == nullptr || obj->vocab != obj->model->base_vocab_) return;
     py::object path = model.attr("path");
     if (obj->path != path.ptr()) return;
+    model_ref_ = model;  // the C++ model lives as long as this Python object
     const Model& m = *obj->model;
     // lm/state.hh: WordIndex words[N-1]; float backoff[N-1]; unsigned char length.
     const size_t size = m.state_size_;
@@ -340,7 +341,8 @@ class LMInfo {
     return result;
   }
 
-  py::object lm_;     // keeps the Python model (and so the C++ one) alive
+  py::object lm_;         // the Python KenLM wrapper
+  py::object model_ref_;  // its kenlm.Model when scored directly: keeps the C++ model alive
   py::object score_;  // KenLM._score_uncached: this object caches what it asks
   WordTrie vocab_;
   int begin_state_;
