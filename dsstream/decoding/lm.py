@@ -13,7 +13,7 @@ import threading
 from pathlib import Path
 from typing import Iterable
 
-__all__ = ["KenLM", "LMError", "read_arpa_unigrams"]
+__all__ = ["KenLM", "LMError", "read_arpa_unigrams", "vocab_sidecar"]
 
 LN10 = math.log(10.0)
 _SPECIAL = {"<s>", "</s>", "<unk>"}
@@ -64,6 +64,13 @@ def _is_arpa(path: Path) -> bool:
     return b"\\data\\" in head
 
 
+def vocab_sidecar(binary: str | Path) -> Path:
+    """Where a binary LM's unigrams live: ``<path>.vocab`` (a binary model does
+    not list its words)."""
+    binary = Path(binary)
+    return binary.with_name(binary.name + ".vocab")
+
+
 class KenLM:
     """A KenLM model (ARPA or KenLM binary) with interned states and a score cache.
 
@@ -85,7 +92,7 @@ class KenLM:
         except (OSError, RuntimeError, IOError) as exc:
             raise LMError(f"cannot load language model {path}: {exc}") from None
         if unigrams is None:
-            sidecar = path.with_name(path.name + ".vocab")
+            sidecar = vocab_sidecar(path)
             if _is_arpa(path):
                 unigrams = read_arpa_unigrams(path)
             elif sidecar.is_file():
@@ -152,7 +159,8 @@ class KenLM:
 
     def _score_uncached(self, state: int, word: str) -> tuple[float, int]:
         """:meth:`score` without this object's cache: the compiled core's miss
-        path, which keeps its own cache of every pair it asks for."""
+        path where it cannot query KenLM itself (it keeps its own cache of
+        every pair it asks for)."""
         with self._lock:
             out = self._kenlm.State()
             logp = self.model.BaseScore(self._states[state], word, out) * LN10

@@ -15,15 +15,9 @@ import shutil
 import subprocess
 from pathlib import Path
 
-from dsstream.decoding.lm import read_arpa_unigrams
+from dsstream.decoding.lm import read_arpa_unigrams, vocab_sidecar
 
 __all__ = ["write_binary", "vocab_sidecar"]
-
-
-def vocab_sidecar(binary: str | Path) -> Path:
-    """Where a binary LM's unigrams live (``KenLM`` reads them from there)."""
-    binary = Path(binary)
-    return binary.with_name(binary.name + ".vocab")
 
 
 def write_binary(arpa: str | Path, out: str | Path, build_binary: str = "build_binary") -> Path:

@@ -6,6 +6,7 @@ import os
 from pathlib import Path
 from typing import TypeVar
 
+from dsstream.decoding.lm import vocab_sidecar
 from dsstream.pipelines.base import PipelineRegistry
 from dsstream.pipelines.config import AsrConfig, VqaConfig
 from dsstream.pipelines.factories import AsrFactory, VqaFactory
@@ -39,7 +40,7 @@ def asr_lm(root: Path) -> Path:
     of it where shipped (it maps in a millisecond; the 21 MB ARPA takes half a
     second to parse, most of a cold start), else the ARPA."""
     binary = root / "asr" / "lm.bin"
-    if binary.is_file() and binary.with_name("lm.bin.vocab").is_file():
+    if binary.is_file() and vocab_sidecar(binary).is_file():
         return binary
     return root / "asr" / "lm.arpa"
 
