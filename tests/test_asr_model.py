@@ -8,7 +8,7 @@ import pytest
 import torch
 from torch.export import Dim
 
-from apps.asr.model import AsrModel, ModelConfig, StreamingStep, chunk_mask
+from apps.asr.model import AsrModel, ModelConfig, StreamingStep, chunk_mask, grow_depth
 from dsstream.frontend import FbankConfig, LogMel, StreamingFbank
 from dsstream.frontend_torch import Fbank
 
@@ -37,6 +37,45 @@ def test_streaming_equals_offline_with_the_chunk_mask(chunks):
         streamed = _stream(StreamingStep(model), feats)
     assert offline.shape == (2, SMALL.chunk * chunks, SMALL.vocab)
     torch.testing.assert_close(streamed, offline, rtol=1e-10, atol=1e-10)
+
+
+def _trained_like(model: AsrModel) -> AsrModel:
+    """Non-default LayerNorm affines, as a trained model has (the growth moves them)."""
+    with torch.no_grad():
+        for module in model.modules():
+            if isinstance(module, torch.nn.LayerNorm):
+                module.weight.uniform_(0.5, 1.5)
+                module.bias.uniform_(-0.3, 0.3)
+    return model
+
+
+@pytest.mark.parametrize("layers", [2, 3, 5])
+def test_grow_depth_keeps_the_function_and_streams_exactly(layers):
+    torch.manual_seed(layers)
+    model = _trained_like(AsrModel(SMALL).double().eval())
+    feats = torch.randn(2, 4 * SMALL.chunk * 3, 80, dtype=torch.float64)
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    grown = grow_depth(model, layers).double().eval()
+    assert grown.cfg.layers == len(grown.blocks) == layers
+    with torch.no_grad():
+        want = model(feats)
+        got = grown(feats)
+        streamed = _stream(StreamingStep(grown), feats)
+    # Equal to LayerNorm's epsilon (a normalized vector normalized again).
+    torch.testing.assert_close(got, want, rtol=0, atol=1e-4)
+    torch.testing.assert_close(streamed, got, rtol=1e-10, atol=1e-10)
+    for key, value in model.state_dict().items():  # the source model is untouched
+        assert torch.equal(value, before[key]), key
+    if layers > SMALL.layers:  # and the new blocks can learn: gradients reach them
+        grown.train()
+        grown(feats).sum().backward()
+        new = grown.blocks[1]  # the first new block goes after old block 0
+        assert new.att.out.weight.grad.abs().sum() > 0
+
+
+def test_grow_depth_refuses_to_shrink():
+    with pytest.raises(ValueError, match="adds layers"):
+        grow_depth(AsrModel(SMALL), 1)
 
 
 def test_padding_does_not_change_valid_frames():

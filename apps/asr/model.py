@@ -23,7 +23,7 @@ from dataclasses import asdict, dataclass
 import torch
 from torch import nn
 
-__all__ = ["ModelConfig", "AsrModel", "StreamingStep"]
+__all__ = ["ModelConfig", "AsrModel", "StreamingStep", "grow_depth"]
 
 
 @dataclass(frozen=True)
@@ -210,6 +210,58 @@ class AsrModel(nn.Module):
         for block in self.blocks:
             x = block(x, blocked.to(x.device))
         return self.head(x).log_softmax(-1)
+
+
+def _identity_block(cfg: ModelConfig, after: Block) -> Block:
+    """A new block that, inserted after ``after``, leaves the model's function
+    unchanged: its residual branches end in zeroed projections, and it takes
+    over ``after``'s final LayerNorm affine while ``after``'s becomes (1, 0).
+
+    ``after`` then emits a plain normalized ``x̂``; the new block's branches add
+    nothing and its LayerNorm of ``x̂`` is ``x̂`` again (to LayerNorm's epsilon),
+    scaled and shifted as ``after`` did.  The zeroed projections get gradients
+    at the first step (their inputs are not zero), so the block starts learning
+    at once.
+    """
+    block = Block(cfg)
+    for last in (block.ff1.net[-2], block.ff2.net[-2], block.att.out, block.conv.pw2):
+        nn.init.zeros_(last.weight)
+        nn.init.zeros_(last.bias)
+    with torch.no_grad():
+        block.norm.load_state_dict(after.norm.state_dict())
+        nn.init.ones_(after.norm.weight)
+        nn.init.zeros_(after.norm.bias)
+    return block
+
+
+def grow_depth(model: AsrModel, layers: int) -> AsrModel:
+    """A deeper model computing what ``model`` computes: ``layers - cfg.layers``
+    new blocks, spread evenly, each inserted as an identity (:func:`_identity_block`).
+
+    The way to give a trained model more capacity without training from
+    scratch (the CTC "all blank" plateau costs a from-scratch run epochs on two
+    cores).  ``model`` itself is left as it was.
+    """
+    old = model.cfg.layers
+    if layers < old:
+        raise ValueError(f"grow_depth adds layers: the model has {old}, asked for {layers}")
+    import copy
+
+    src = copy.deepcopy(model)
+    cfg = ModelConfig(**{**model.cfg.to_dict(), "layers": layers})
+    grown = AsrModel(cfg)
+    grown.sub.load_state_dict(src.sub.state_dict())
+    grown.head.load_state_dict(src.head.state_dict())
+    extra = layers - old
+    # New block k goes after old block round((k + 1) * old / (extra + 1)) - 1.
+    after = [min(old - 1, max(0, round((k + 1) * old / (extra + 1)) - 1)) for k in range(extra)]
+    blocks: list[Block] = []
+    for i, block in enumerate(src.blocks):
+        blocks.append(block)
+        for _ in range(after.count(i)):
+            blocks.append(_identity_block(cfg, blocks[-1]))
+    grown.blocks = nn.ModuleList(blocks)
+    return grown
 
 
 class StreamingStep(nn.Module):

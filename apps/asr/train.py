@@ -30,7 +30,7 @@ import soundfile as sf
 import torch
 
 from apps.asr.augment import AugmentConfig, augment_wave, spec_augment, vtlp
-from apps.asr.model import AsrModel, ModelConfig
+from apps.asr.model import AsrModel, ModelConfig, grow_depth
 from dsstream.decoding import ENGLISH_CHARS
 from dsstream.frontend import FbankConfig
 from dsstream.frontend_torch import Fbank
@@ -391,6 +391,10 @@ def train(args: argparse.Namespace) -> dict[str, Any]:
         cfg = ModelConfig(**saved["config"])
         model = AsrModel(cfg)
         model.load_state_dict(saved["model"])
+        if args.grow_layers:
+            model = grow_depth(model, args.grow_layers)
+            cfg = model.cfg
+            state["grown"] = {"from_layers": saved["config"]["layers"], "layers": cfg.layers}
         opt = torch.optim.AdamW(model.parameters(), lr=args.lr, weight_decay=1e-2)
         fbank_cfg = FbankConfig(**saved["fbank"])
         state["init"] = str(args.init)
@@ -536,6 +540,11 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     parser.add_argument("--ckpt-name", default="last.pt", help="checkpoint file in <data>/ckpt")
     parser.add_argument("--init", type=Path, help="start a new run from this checkpoint's model")
     parser.add_argument(
+        "--grow-layers", type=int, metavar="N",
+        help="with --init: deepen the model to N blocks, the new ones inserted as identities"
+        " (apps.asr.model.grow_depth), so the run starts from the init model's scores",
+    )  # fmt: skip
+    parser.add_argument(
         "--qat",
         action="store_true",
         help="INT8 quantization-aware fine-tuning of ckpt/last.pt into ckpt/qat.pt",
@@ -543,6 +552,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     args = parser.parse_args(argv)
     if args.release_weights and (min(args.release_weights) < 0 or not any(args.release_weights)):
         parser.error(f"--release-weights must be >= 0, not all 0: got {args.release_weights}")
+    if args.grow_layers is not None and not args.init:
+        parser.error("--grow-layers deepens the --init model: give --init")
     if args.real_weight < 0:
         parser.error(f"--real-weight must be >= 0: got {args.real_weight}")
     for name in _AUGMENT_PROBABILITIES:
