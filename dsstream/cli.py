@@ -113,27 +113,39 @@ def build_parser() -> argparse.ArgumentParser:
     tr.add_argument("--token")
     tr.add_argument("--realtime", action="store_true", help="send at the pace of the audio")
     tr.add_argument("--chunk-ms", type=float, default=100.0)
-    tr.add_argument("--hotword", action="append", default=[], help="PHRASE or PHRASE:BOOST")
-    tr.add_argument(
-        "--grammar", action="append", default=[], metavar="PHRASE",
-        help="recognize only these phrases (repeat it; '[unk]' reports other speech as such)",
-    )  # fmt: skip
-    tr.add_argument(
-        "--grammar-sequence", action="store_true",
-        help="a result may be several grammar phrases in a row (digits, codes)",
-    )  # fmt: skip
-    tr.add_argument("--nbest", type=int, default=1)
-    tr.add_argument("--decoder-mode", choices=("free", "lexicon"),
-                    help="lexicon: only words of the LM's vocabulary; free: any spelling "
-                         "(default: the model's)")  # fmt: skip
-    tr.add_argument("--split-channels", action="store_true",
-                    help="recognize each channel of a stereo file on its own (a call's two "
-                         "parties); lines start with the channel")  # fmt: skip
-    tr.add_argument("--no-endpointing", action="store_true")
+    _add_asr_flags(tr)
     tr.add_argument("--json", action="store_true", help="print every event as a JSON line")
     tr.add_argument("--captions", choices=("srt", "vtt"),
                     help="print subtitles timed by the words, once the file is done")  # fmt: skip
     tr.add_argument("--samples", type=Path, help="folder of the sample models (in-process)")
+
+    batch = sub.add_parser(
+        "transcribe-batch", help="transcribe many files into JSON lines (resumable)",
+        description="Transcribe files, folders, globs or manifests (.txt/.lst/.list/.tsv: "
+        "one path per line) into OUT/transcripts.jsonl, one record per file; files "
+        "already there are skipped, so a rerun resumes.",
+    )  # fmt: skip
+    batch.add_argument("inputs", nargs="+", help="files, folders, glob patterns, manifests")
+    batch.add_argument("-o", "--out", type=Path, required=True, help="output folder")
+    batch.add_argument("--jobs", type=positive_int, default=1,
+                       help="processes, each loading the models once (without --ray)")  # fmt: skip
+    batch.add_argument("--ray", action="store_true",
+                       help="run on Ray Data, on a private local cluster (pip install "
+                            "'dsstream[ray]')")  # fmt: skip
+    batch.add_argument("--ray-address", metavar="ADDR",
+                       help="run on the Ray cluster whose head is ADDR (HOST:PORT)")  # fmt: skip
+    batch.add_argument("--actors", type=positive_int, default=1,
+                       help="Ray actors recognizing (one set of models each)")  # fmt: skip
+    batch.add_argument("--cpus-per-actor", type=float, default=1.0)
+    batch.add_argument("--srt", action="store_true", help="also OUT/captions/<file>.srt")
+    batch.add_argument("--vtt", action="store_true", help="also OUT/captions/<file>.vtt")
+    batch.add_argument("--max-seconds", type=float, default=4 * 3600.0,
+                       help="longer files are recorded as too_long")  # fmt: skip
+    batch.add_argument("--retry-errors", action="store_true",
+                       help="also redo files whose record is an error")  # fmt: skip
+    batch.add_argument("--no-progress", action="store_true")
+    batch.add_argument("--samples", type=Path, help="folder of the sample models")
+    _add_asr_flags(batch)
 
     ask = sub.add_parser("ask", help="ask a question about an image")
     ask.add_argument("image", type=Path)
@@ -258,6 +270,27 @@ def _serve(args: argparse.Namespace) -> int:
     )
 
 
+def _add_asr_flags(parser: argparse.ArgumentParser) -> None:
+    """The recognition options ``transcribe`` and ``transcribe-batch`` share."""
+    parser.add_argument("--hotword", action="append", default=[], help="PHRASE or PHRASE:BOOST")
+    parser.add_argument(
+        "--grammar", action="append", default=[], metavar="PHRASE",
+        help="recognize only these phrases (repeat it; '[unk]' reports other speech as such)",
+    )  # fmt: skip
+    parser.add_argument(
+        "--grammar-sequence", action="store_true",
+        help="a result may be several grammar phrases in a row (digits, codes)",
+    )  # fmt: skip
+    parser.add_argument("--nbest", type=int, default=1)
+    parser.add_argument("--decoder-mode", choices=("free", "lexicon"),
+                        help="lexicon: only words of the LM's vocabulary; free: any spelling "
+                             "(default: the model's)")  # fmt: skip
+    parser.add_argument("--split-channels", action="store_true",
+                        help="recognize each channel of a stereo file on its own (a call's "
+                             "two parties)")  # fmt: skip
+    parser.add_argument("--no-endpointing", action="store_true")
+
+
 # -- transcribe -------------------------------------------------------------------
 
 
@@ -358,6 +391,66 @@ def _transcribe(args: argparse.Namespace) -> int:
     return status
 
 
+# -- transcribe-batch ---------------------------------------------------------------
+
+
+def _transcribe_batch(args: argparse.Namespace) -> int:
+    from dsstream.batch import BatchConfig, Output, collect_inputs, common_root, pending
+
+    if args.ray_address and args.jobs > 1:
+        raise ValueError("--jobs is the local pool's; on Ray use --actors")
+    use_ray = args.ray or args.ray_address is not None
+    captions = tuple(fmt for fmt, on in (("srt", args.srt), ("vtt", args.vtt)) if on)
+    config = BatchConfig(
+        options=_asr_options(args), captions=captions, max_seconds=args.max_seconds,
+        samples_dir=str(args.samples) if args.samples else None,
+    )  # fmt: skip
+    paths = collect_inputs(args.inputs)
+    with Output(args.out, common_root(paths)) as output:
+        todo = pending(paths, output.done(), retry_errors=args.retry_errors)
+        show = _BatchProgress(len(todo), enabled=not args.no_progress)
+        try:
+            if use_ray and todo:
+                from dsstream.batch_ray import connect, run_ray
+
+                connect(args.ray_address)
+                summary = run_ray(todo, output, config, args.actors, args.cpus_per_actor, show)
+            else:
+                from dsstream.batch import run_local
+
+                summary = run_local(todo, output, config, args.jobs, show)
+        finally:
+            show.close()
+    summary.skipped = len(paths) - len(todo)
+    print(f"{summary.line()}; records in {output.ledger}", file=sys.stderr)
+    return 1 if summary.failed else 0
+
+
+class _BatchProgress:
+    """A progress bar over files with the audio hours done and the x real-time so far
+    (tqdm's ETA follows the files' pace); a failed file's error on its own line."""
+
+    def __init__(self, total: int, enabled: bool) -> None:
+        from tqdm import tqdm
+
+        from dsstream.batch import duration_text
+
+        self.text = duration_text
+        self.bar = tqdm(total=total, unit="file", disable=not enabled or total == 0,
+                        dynamic_ncols=True)  # fmt: skip
+
+    def __call__(self, result: Any, summary: Any) -> None:
+        if result.failed:
+            error = result.record["error"]
+            self.bar.write(f"error: {error['code']}: {error['message']}", file=sys.stderr)
+        self.bar.set_postfix(audio=self.text(summary.audio_seconds),
+                             speed=f"{summary.x_realtime:.1f}x")  # fmt: skip
+        self.bar.update(1)
+
+    def close(self) -> None:
+        self.bar.close()
+
+
 # -- ask ---------------------------------------------------------------------------
 
 
@@ -398,7 +491,10 @@ def main(argv: list[str] | None = None) -> int:
     if args.command == "version":
         print(f"dsstream {__version__}")
         return 0
-    handlers = {"serve": _serve, "transcribe": _transcribe, "ask": _ask, "lm": _lm}
+    handlers = {
+        "serve": _serve, "transcribe": _transcribe, "transcribe-batch": _transcribe_batch,
+        "ask": _ask, "lm": _lm,
+    }  # fmt: skip
     try:
         return handlers[args.command](args)
     except KeyboardInterrupt:

@@ -9,7 +9,7 @@ from __future__ import annotations
 import threading
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Iterable
 
 import numpy as np
 
@@ -27,7 +27,7 @@ from dsstream.protocol import (
     Word,
 )
 
-__all__ = ["LocalSession", "Transcript", "transcribe"]
+__all__ = ["PIECE_SECONDS", "LocalSession", "Transcript", "transcribe", "transcribe_pieces"]
 
 
 class LocalSession:
@@ -153,12 +153,33 @@ def transcribe(
     if samples.ndim == 2 and not split:
         samples = samples.mean(axis=1)
     options = channel_options(samples, options)
+    step = rate * PIECE_SECONDS
+    pieces = (samples[i : i + step] for i in range(0, len(samples), step))
+    return transcribe_pieces(pieces, rate, registry, **options)
+
+
+# Audio goes into a session in pieces of this many seconds: memory stays flat on
+# long recordings, and every caller that cuts the same pieces gets the same result.
+PIECE_SECONDS = 10
+
+
+def transcribe_pieces(
+    pieces: Iterable[np.ndarray],
+    sample_rate: int,
+    registry: PipelineRegistry | None = None,
+    **options: Any,
+) -> Transcript:
+    """Transcribe audio that arrives in pieces (float32 ``[n]``, or ``[n, channels]``
+    with ``split_channels=True, channels=c`` as in a start message), e.g. a long
+    file read block by block, so it is never held whole.  :func:`transcribe` cuts
+    an array into :data:`PIECE_SECONDS` pieces and calls this; equal pieces give
+    equal results."""
+    split = bool(options.get("split_channels"))
     finals: list[Final] = []
-    session = LocalSession("asr", registry, sample_rate=rate, **options)
+    session = LocalSession("asr", registry, sample_rate=sample_rate, **options)
     try:
-        step = rate * 10  # 10 s pieces: memory stays flat on long files
-        for i in range(0, len(samples), step):
-            finals += [e for e in session.send_audio(samples[i : i + step]) if isinstance(e, Final)]
+        for piece in pieces:
+            finals += [e for e in session.send_audio(piece) if isinstance(e, Final)]
     finally:
         finals += [e for e in session.end() if isinstance(e, Final)]
     if split:  # each channel's segments are in order; the call's are by time
