@@ -6,18 +6,13 @@ recognized in an actor pool, one :class:`dsstream.batch.Recognizer` (the models,
 loaded once) per actor; records reach the output as files finish, so a run
 that stops resumes like a local one.
 
-``connect(None)`` starts a private local cluster on this machine with every
-Ray listener on the loopback interface and usage statistics off
-(:data:`LOOPBACK_ENV`, set before ``ray`` is imported); ``connect(ADDRESS)``
-joins a running cluster (``ray start``), whose nodes need dsstream installed
-(a cluster at a loopback address gets the same settings).
+Connect first with :func:`dsstream.ray_cluster.connect` (a private loopback
+cluster, or a running one).
 """
 
 from __future__ import annotations
 
-import ipaddress
 import json
-import os
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -35,48 +30,7 @@ from dsstream.batch import (
     probe,
 )
 
-__all__ = ["LOOPBACK_ENV", "connect", "run_ray"]
-
-# Ray reads these when it is imported.  On Linux it otherwise takes the host's
-# address as the node's even when 127.0.0.1 is asked for, and binds its
-# servers there; with cluster mode off it binds them to 127.0.0.1.
-LOOPBACK_ENV = {
-    "RAY_USAGE_STATS_ENABLED": "0",
-    "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0",
-}
-
-
-def connect(address: str | None = None, num_cpus: int | None = None) -> None:
-    """Start a local, loopback-only Ray (``address=None``) or join the cluster at
-    ``address`` (``HOST:PORT`` of its head, or ``"auto"``).  A process already
-    connected stays connected."""
-    from engine.extras import require
-
-    require("ray", "ray", "transcribing on Ray")
-    os.environ["RAY_USAGE_STATS_ENABLED"] = "0"
-    if address is None or _is_loopback(address):
-        # Ray would otherwise swap 127.0.0.1 for the host's address, and find
-        # no cluster there.
-        os.environ.update(LOOPBACK_ENV)
-    import ray
-
-    if ray.is_initialized():
-        return
-    quiet: dict[str, Any] = {"logging_level": "WARNING", "configure_logging": True}
-    if address is None:
-        ray.init(num_cpus=num_cpus, include_dashboard=False, _node_ip_address="127.0.0.1", **quiet)
-    else:
-        ray.init(address=address, **quiet)
-
-
-def _is_loopback(address: str) -> bool:
-    host = address.rsplit(":", 1)[0].strip("[]")
-    if host == "localhost":
-        return True
-    try:
-        return ipaddress.ip_address(host).is_loopback
-    except ValueError:  # a host name, or "auto"
-        return False
+__all__ = ["run_ray"]
 
 
 def _decode(row: dict[str, Any], config: BatchConfig) -> dict[str, Any]:
@@ -148,7 +102,7 @@ def run_ray(
     report: Report | None = None,
 ) -> BatchSummary:
     """Transcribe ``paths`` into ``output`` on the connected Ray cluster
-    (:func:`connect` first): decoding in tasks, recognition in ``actors``
+    (:func:`dsstream.ray_cluster.connect` first): decoding in tasks, recognition in ``actors``
     actors of ``cpus_per_actor`` CPUs each.  Records are written here, in the
     driver, as they arrive."""
     if actors < 1:

@@ -40,6 +40,18 @@ def positive_int(text: str) -> int:
     return value
 
 
+def _min_max(text: str) -> tuple[int, int]:
+    """An argparse ``type``: ``MIN..MAX``, two whole numbers, 0 <= MIN <= MAX, MAX >= 1."""
+    low, sep, high = text.partition("..")
+    try:
+        pair = (int(low), int(high))
+    except ValueError:
+        pair = None
+    if not sep or pair is None or not 0 <= pair[0] <= pair[1] or pair[1] < 1:
+        raise argparse.ArgumentTypeError(f"expected MIN..MAX (e.g. 1..4), got {text!r}")
+    return pair
+
+
 def _non_negative_float(text: str) -> float:
     try:
         value = float(text)
@@ -106,6 +118,28 @@ def build_parser() -> argparse.ArgumentParser:
     )  # fmt: skip
     serve.add_argument("--log-level", default="INFO")
     serve.add_argument("--log-format", choices=["text", "json"], default="text")
+    serve.add_argument(
+        "--ray", action="store_true",
+        help="deploy on Ray Serve (pip install 'dsstream[ray]'; docs/deploy.md): replicas "
+             "behind Serve's proxy on --host/--port; a private local cluster unless "
+             "--ray-address",
+    )  # fmt: skip
+    serve.add_argument(
+        "--ray-address",
+        metavar="ADDR",
+        help="deploy on the Ray cluster whose head is ADDR (implies --ray)",
+    )
+    scale = serve.add_mutually_exclusive_group()
+    scale.add_argument("--replicas", type=positive_int, default=1, help="with --ray")
+    scale.add_argument(
+        "--autoscale", type=_min_max, metavar="MIN..MAX",
+        help="with --ray: as many replicas as open sessions need (see --target-sessions)",
+    )  # fmt: skip
+    serve.add_argument(
+        "--target-sessions", type=float, default=32.0,
+        help="with --autoscale: open sessions per replica the autoscaler aims at",
+    )  # fmt: skip
+    serve.add_argument("--cpus-per-replica", type=float, default=1.0, help="with --ray")
 
     tr = sub.add_parser("transcribe", help="transcribe an audio file")
     tr.add_argument("file", type=Path)
@@ -240,11 +274,16 @@ def _serve(args: argparse.Namespace) -> int:
         drain_timeout_s=args.drain_timeout,
     )
 
+    registry_args = {
+        "samples_dir": args.samples, "beam_width": args.beam,
+        "batch_delay_ms": args.batch_delay_ms, "engine_threads": args.engine_threads,
+        "decoder_mode": args.decoder_mode,
+    }  # fmt: skip
+    if args.ray or args.ray_address:
+        return _serve_ray(args, config, registry_args)
+
     def registry() -> PipelineRegistry:  # again at each reload: the files as they are then
-        return default_registry(
-            args.samples, beam_width=args.beam, batch_delay_ms=args.batch_delay_ms,
-            engine_threads=args.engine_threads, decoder_mode=args.decoder_mode,
-        )  # fmt: skip
+        return default_registry(**registry_args)
 
     def serve(config: ServerConfig) -> int:
         asyncio.run(run_server(registry(), config, rebuild=registry))
@@ -268,6 +307,39 @@ def _serve(args: argparse.Namespace) -> int:
     return supervise(
         worker, args.workers, args.host, args.port, announce, lambda: preload(args.samples)
     )
+
+
+def _serve_ray(args: argparse.Namespace, config: Any, registry_args: dict[str, Any]) -> int:
+    """``serve --ray``: deploy on Ray Serve, then wait for SIGINT/SIGTERM and take
+    the application down (a private cluster goes with this process)."""
+    import signal
+    import threading
+
+    from dsstream.ray_cluster import connect
+    from dsstream.serve_ray import ServeSettings, deploy
+
+    if args.workers != 1:
+        raise ValueError("--workers is the single-machine server's; on Ray use --replicas")
+    settings = ServeSettings(
+        replicas=args.replicas, autoscale=args.autoscale, target_sessions=args.target_sessions,
+        drain_timeout_s=args.drain_timeout, cpus_per_replica=args.cpus_per_replica,
+        host=args.host, port=args.port,
+        # One node (a private cluster): one proxy.  A cluster: one per node.
+        proxy_location="HeadOnly" if args.ray_address is None else "EveryNode",
+    )  # fmt: skip
+    connect(args.ray_address)
+    url = deploy(config, settings, registry_args)
+    print(f"dsstream {__version__} serving {url} on Ray Serve", flush=True)
+    print(f"demo page: {url.rsplit('/', 2)[0].replace('ws://', 'http://')}/", flush=True)
+    stop = threading.Event()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(sig, lambda *_: stop.set())
+    stop.wait()
+    from ray import serve
+
+    print("shutting down: draining the replicas", flush=True)
+    serve.shutdown()
+    return 0
 
 
 def _add_asr_flags(parser: argparse.ArgumentParser) -> None:
@@ -411,7 +483,8 @@ def _transcribe_batch(args: argparse.Namespace) -> int:
         show = _BatchProgress(len(todo), enabled=not args.no_progress)
         try:
             if use_ray and todo:
-                from dsstream.batch_ray import connect, run_ray
+                from dsstream.batch_ray import run_ray
+                from dsstream.ray_cluster import connect
 
                 connect(args.ray_address)
                 summary = run_ray(todo, output, config, args.actors, args.cpus_per_actor, show)

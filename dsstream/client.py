@@ -103,6 +103,7 @@ class Client:
         self._pending: collections.deque[ServerEvent] = collections.deque()
         self._encoding = "pcm_s16le"
         self._tagged = False
+        self._in_session = False  # between start and ended: a lost connection is an error
 
     # -- connection ------------------------------------------------------------
 
@@ -153,6 +154,7 @@ class Client:
             if event is None:
                 raise ConnectionError("server closed the connection before 'started'")
             if isinstance(event, Started):
+                self._in_session = True
                 return event
             if isinstance(event, Error):
                 raise ServerError(event)
@@ -194,11 +196,29 @@ class Client:
     async def _recv_raw(self) -> ServerEvent | None:
         try:
             message = await self.ws.recv()
-        except ConnectionClosed:
-            return None
+        except ConnectionClosed as closed:
+            return self._lost(closed)
         if isinstance(message, bytes):
             raise ValueError("unexpected binary frame from the server")
-        return self.protocol.receive(message)
+        event = self.protocol.receive(message)
+        if isinstance(event, Ended) or (isinstance(event, Error) and event.fatal):
+            self._in_session = False
+        return event
+
+    def _lost(self, closed: ConnectionClosed) -> Error | None:
+        """A session whose connection closed before ``ended`` (its server
+        process died: a killed worker, a lost Ray Serve replica) gets one fatal
+        ``unavailable`` error, then None."""
+        if not self._in_session:
+            return None
+        self._in_session = False
+        code = closed.rcvd.code if closed.rcvd is not None else 1006
+        return Error(
+            ErrorCode.UNAVAILABLE,
+            f"the connection was lost before the session ended (close code {code}); "
+            "start a new session",
+            fatal=True,
+        )
 
     async def recv(self, timeout: float | None = None) -> ServerEvent | None:
         """The next event, or None once the server closed the connection."""
@@ -332,6 +352,8 @@ async def transcribe_resumable(
                 if isinstance(event, Ended):
                     ended = event
                     break
+                if isinstance(event, Error) and event.code is ErrorCode.UNAVAILABLE:
+                    break  # the connection was lost: resumed below
                 event = _shifted(event, offset_s, first_segment)
                 if isinstance(event, Final):
                     done_s, segments = event.end, event.segment + 1

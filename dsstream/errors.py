@@ -31,6 +31,10 @@ class ErrorCode(enum.StrEnum):
     NO_IMAGE = "no_image"  # a question before any image in a vqa session
     TIMEOUT = "timeout"  # idle timeout or maximum session duration reached
     INTERNAL = "internal"  # a server-side failure; the session ends, the server goes on
+    # The connection closed before ``ended``: the process serving the session
+    # stopped (a killed worker, a lost Ray Serve replica).  Reported by the
+    # clients, which saw it happen; start a new session, another process takes it.
+    UNAVAILABLE = "unavailable"
 
 
 class CloseCode(enum.IntEnum):

@@ -20,15 +20,30 @@ import logging
 import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
-from typing import Any, Callable
+from typing import Any, Callable, Protocol
 
 from dsstream.metrics import ServerMetrics
 from dsstream.pipelines.base import PipelineFactory, PipelineRegistry
 from dsstream.protocol import Limits
 
-__all__ = ["Lease", "SessionHost", "SessionSettings"]
+__all__ = ["Connection", "Lease", "SessionHost", "SessionSettings"]
 
 log = logging.getLogger("dsstream.server")
+
+
+class Connection(Protocol):
+    """The WebSocket a runner drives: websockets' server connection, or an
+    adapter of another server's (:class:`dsstream.serve_ray.AsgiConnection`).
+
+    ``recv`` may be cancelled without losing a message, and ``recv`` and
+    ``send`` raise ``websockets.exceptions.ConnectionClosed`` once the
+    connection is closed."""
+
+    async def recv(self) -> str | bytes: ...
+
+    async def send(self, message: str | bytes) -> None: ...
+
+    async def close(self, code: int = 1000, reason: str = "") -> None: ...
 
 
 @dataclass(frozen=True)

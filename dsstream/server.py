@@ -39,11 +39,11 @@ from dsstream.workers import (
     watch_parent,
 )
 
-__all__ = ["ServerConfig", "StreamServer", "run_server", "server_urls"]
+__all__ = ["ServerConfig", "StreamServer", "health_document", "run_server", "server_urls", "STATIC"]
 
 log = logging.getLogger("dsstream.server")
 
-_STATIC = {
+STATIC = {
     "/": ("index.html", "text/html; charset=utf-8"),
     "/index.html": ("index.html", "text/html; charset=utf-8"),
     "/app.js": ("app.js", "text/javascript; charset=utf-8"),
@@ -316,8 +316,8 @@ class StreamServer:
             if self.config.worker is not None:
                 body = await gather_metrics(self.config.worker, body)
             return _response(connection, http.HTTPStatus.OK, body, CONTENT_TYPE)
-        if path in _STATIC:
-            name, ctype = _STATIC[path]
+        if path in STATIC:
+            name, ctype = STATIC[path]
             body = resources.files("dsstream.web").joinpath(name).read_bytes()
             return _response(connection, http.HTTPStatus.OK, body, ctype)
         return connection.respond(http.HTTPStatus.NOT_FOUND, "not found\n")
@@ -325,20 +325,9 @@ class StreamServer:
     def _health(self, details: bool = True) -> bytes:
         """The server's state; without the token (on a server that has one),
         only whether it is up."""
-        state = {"status": "shutting_down" if self._closing else "ok"}
-        if not details:
-            return json.dumps(state).encode()
-        status = {
-            **state,
-            "version": __version__,
-            **({"worker": self.config.worker.index} if self.config.worker is not None else {}),
-            "sessions": self.active_sessions,
-            "max_sessions": self.config.max_sessions,
-            "models": self.registry.describe(),
-            "reloads": self.reloads,
-            "limits": asdict(self.config.limits),
-        }
-        return json.dumps(status).encode()
+        worker = {"worker": self.config.worker.index} if self.config.worker is not None else {}
+        state = health_document(self.config, self.host, self._closing, details, self.reloads)
+        return json.dumps({**state, **worker} if details else state).encode()
 
     # -- WebSocket -----------------------------------------------------------------
 
@@ -410,6 +399,27 @@ def _http_refusal(connection: ServerConnection, status: http.HTTPStatus, message
     if status is http.HTTPStatus.UNAUTHORIZED:
         response.headers["WWW-Authenticate"] = 'Bearer realm="dsstream"'
     return response
+
+
+def health_document(
+    config: ServerConfig, host: SessionHost, closing: bool, details: bool, reloads: int = 0
+) -> dict[str, Any]:
+    """/healthz's body for a server (or a Ray Serve replica) with ``config``
+    whose sessions run on ``host``: with ``details``, its sessions, models and
+    limits; without (no token given to a server that has one), only whether it
+    is up."""
+    state: dict[str, Any] = {"status": "shutting_down" if closing else "ok"}
+    if not details:
+        return state
+    return {
+        **state,
+        "version": __version__,
+        "sessions": host.active_sessions,
+        "max_sessions": config.max_sessions,
+        "models": host.registry.describe(),
+        "reloads": reloads,
+        "limits": asdict(config.limits),
+    }
 
 
 def _origins_line(allowed: tuple[str, ...]) -> str:

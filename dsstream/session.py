@@ -16,11 +16,10 @@ import uuid
 from dataclasses import dataclass
 from typing import Any
 
-from websockets.asyncio.server import ServerConnection
 from websockets.exceptions import ConnectionClosed
 
 from dsstream.errors import close_code_for
-from dsstream.host import Lease, SessionHost
+from dsstream.host import Connection, Lease, SessionHost
 from dsstream.logs import session_logger
 from dsstream.options import options_dict
 from dsstream.pipelines.base import ModelUnavailable, Pipeline, PipelineError
@@ -61,7 +60,7 @@ class _Stop(Exception):
 class SessionRunner:
     """Drives one WebSocket connection (one session) to completion."""
 
-    def __init__(self, host: SessionHost, ws: ServerConnection) -> None:
+    def __init__(self, host: SessionHost, ws: Connection) -> None:
         self.host = host
         self.ws = ws
         self.config = host.settings

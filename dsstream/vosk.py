@@ -49,7 +49,7 @@ from dsstream.protocol import (
 )
 
 if TYPE_CHECKING:
-    from websockets.asyncio.server import ServerConnection
+    from dsstream.host import Connection
 
 
 __all__ = ["VoskTranslator", "VoskError", "serve_vosk", "DEFAULT_SAMPLE_RATE"]
@@ -178,7 +178,7 @@ class VoskTranslator:
         return out
 
 
-async def serve_vosk(host: SessionHost, ws: ServerConnection) -> None:
+async def serve_vosk(host: SessionHost, ws: Connection) -> None:
     """Run one Vosk-protocol connection to its end (the host's admission,
     models and pipeline threads; one reply per message)."""
     loop, call = asyncio.get_running_loop(), host.run
@@ -244,7 +244,7 @@ class _Closed(Exception):
 
 
 async def _next_message(
-    ws: ServerConnection, stopping: asyncio.Event, timeout: float
+    ws: Connection, stopping: asyncio.Event, timeout: float
 ) -> str | bytes | None:
     """The client's next message; None once ``stopping`` is set or after
     ``timeout`` seconds without one; a closed connection ends the session

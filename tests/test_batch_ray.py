@@ -1,5 +1,5 @@
 """Batch transcription on Ray Data: the same records as the local run, on a
-two-node loopback cluster (tests/ray_cluster.py), and on the private cluster
+two-node loopback cluster (tests/local_ray.py), and on the private cluster
 ``--ray`` starts."""
 
 from __future__ import annotations
@@ -7,8 +7,8 @@ from __future__ import annotations
 import subprocess
 import sys
 
+import local_ray
 import pytest
-import ray_cluster
 from test_batch import _corpus, _sorted_lines
 
 from dsstream.batch import BatchConfig, Output, collect_inputs, common_root, run_local
@@ -38,17 +38,17 @@ def local_ledger(corpus, tmp_path_factory):
 def _batch(corpus, out, *flags):
     cmd = [sys.executable, "-m", "dsstream.cli", "transcribe-batch", "--no-progress", "--srt",
            str(corpus["lj"].parent), "-o", str(out), *flags]  # fmt: skip
-    return subprocess.run(cmd, env=ray_cluster.ray_env(), capture_output=True, text=True,
+    return subprocess.run(cmd, env=local_ray.ray_env(), capture_output=True, text=True,
                           timeout=500)  # fmt: skip
 
 
 def test_two_node_cluster_writes_the_local_records(corpus, local_ledger, tmp_path):
-    with ray_cluster.two_nodes(worker_cpus=2) as address:
-        assert ray_cluster.non_loopback_listeners() == []
+    with local_ray.two_nodes(worker_cpus=2) as address:
+        assert local_ray.non_loopback_listeners() == []
         run = _batch(corpus, tmp_path, "--ray-address", address, "--actors", "1")
         assert run.returncode == 1, run.stderr  # the two bad files
         assert "5 files done (2 failed)" in run.stderr
-        assert ray_cluster.non_loopback_listeners() == []
+        assert local_ray.non_loopback_listeners() == []
     assert _sorted_lines(tmp_path / "transcripts.jsonl") == _sorted_lines(local_ledger)
     srt = (tmp_path / "captions" / "sub" / "david.srt").read_text()
     assert srt == (local_ledger.parent / "captions" / "sub" / "david.srt").read_text()
@@ -61,13 +61,13 @@ def test_private_local_cluster(corpus, local_ledger, tmp_path):
     try:
         run = _batch(corpus, tmp_path, "--ray", "--actors", "1")
     finally:
-        ray_cluster.stop()
+        local_ray.stop()
     assert run.returncode == 1, run.stderr
     assert _sorted_lines(tmp_path / "transcripts.jsonl") == _sorted_lines(local_ledger)
 
 
 def test_actors_must_leave_cpu_for_reading(corpus, tmp_path):
-    with ray_cluster.two_nodes(worker_cpus=1) as address:
+    with local_ray.two_nodes(worker_cpus=1) as address:
         run = _batch(corpus, tmp_path, "--ray-address", address, "--actors", "1")
     assert run.returncode == 2
     assert "leave" in run.stderr and "reading" in run.stderr

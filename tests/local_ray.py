@@ -18,7 +18,7 @@ import sys
 from collections.abc import Iterator
 from pathlib import Path
 
-from dsstream.batch_ray import LOOPBACK_ENV
+from dsstream.ray_cluster import LOOPBACK_ENV
 
 RAY = Path(sys.executable).parent / "ray"
 

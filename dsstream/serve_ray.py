@@ -1,0 +1,218 @@
+"""The streaming endpoint on Ray Serve: ``dsstream serve --ray``.
+
+Each replica (:class:`StreamReplica`) hosts the pipelines and serves what one
+``dsstream serve`` process serves: ``/v1/stream`` (the same protocol, through
+the same :class:`dsstream.session.SessionRunner`), ``/vosk``, ``/healthz``,
+``/metrics`` (the replica's own series) and the demo page.  Clients connect to
+Ray Serve's proxy, whose FastAPI ingress carries the WebSocket; a session is
+one request, so it stays on the replica that accepted it for its whole life
+(the replica names itself in the handshake's ``x-dsstream-replica`` header).
+
+Scaling: a fixed number of replicas, or Serve's autoscaler following open
+sessions per replica (each open WebSocket is an ongoing request).  Scaling
+down drains a replica: Serve routes no new session to it and waits up to the
+drain timeout for its open sessions to end before stopping it.
+
+Failures: when a replica dies, or a drained one is stopped with sessions still
+open, Serve's proxy drops each of its WebSockets (close 1006, no ``ended``);
+dsstream's clients report that as a fatal ``unavailable`` error, and
+:func:`dsstream.client.transcribe_resumable` starts again on another replica.
+Sessions on other replicas go on.
+
+The settings are pure data (:class:`ServeSettings`, :func:`deployment_options`);
+:func:`deploy` talks to Ray (``pip install 'dsstream[ray]'``).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import math
+from dataclasses import dataclass
+from typing import Any
+
+from websockets.exceptions import ConnectionClosedError, ConnectionClosedOK
+from websockets.frames import Close
+
+from dsstream.errors import CloseCode
+from dsstream.server import ServerConfig
+
+__all__ = [
+    "REPLICA_HEADER",
+    "AsgiConnection",
+    "ServeSettings",
+    "deployment_options",
+    "deploy",
+]
+
+REPLICA_HEADER = "x-dsstream-replica"  # the handshake response names the replica
+APP_NAME = "dsstream"
+
+
+@dataclass(frozen=True)
+class ServeSettings:
+    """How the endpoint is deployed on Ray Serve.
+
+    ``replicas`` fixed, or ``autoscale=(min, max)`` with ``target_sessions``
+    open sessions per replica (the autoscaler's aim; the upscale and
+    downscale delays keep it from flapping).  ``drain_timeout_s``: how long a
+    replica being removed lets its open sessions go on.  ``cpus_per_replica``:
+    what Ray reserves per replica (one process runs about 1.4 cores of
+    pipeline work: docs/benchmarks.md).  ``proxy_location``: "EveryNode"
+    (Serve's default: a proxy on each node, behind your load balancer) or
+    "HeadOnly"."""
+
+    replicas: int = 1
+    autoscale: tuple[int, int] | None = None
+    target_sessions: float = 32.0
+    upscale_delay_s: float = 30.0
+    downscale_delay_s: float = 300.0
+    look_back_period_s: float = 10.0
+    drain_timeout_s: float = 600.0
+    cpus_per_replica: float = 1.0
+    host: str = "127.0.0.1"
+    port: int = 8000
+    proxy_location: str = "EveryNode"
+
+    def __post_init__(self) -> None:
+        if self.replicas < 1:
+            raise ValueError(f"replicas must be at least 1, got {self.replicas}")
+        if self.autoscale is not None:
+            low, high = self.autoscale
+            if not 0 <= low <= high or high < 1:
+                raise ValueError(f"autoscale is MIN..MAX with 0 <= MIN <= MAX, MAX >= 1: "
+                                 f"got {low}..{high}")  # fmt: skip
+        if not self.target_sessions > 0:
+            raise ValueError(f"target_sessions must be > 0, got {self.target_sessions}")
+        if self.proxy_location not in ("EveryNode", "HeadOnly"):
+            raise ValueError(f"proxy_location is EveryNode or HeadOnly, not {self.proxy_location}")
+        for name in ("upscale_delay_s", "downscale_delay_s", "drain_timeout_s"):
+            if not (math.isfinite(getattr(self, name)) and getattr(self, name) >= 0):
+                raise ValueError(f"{name} must be a finite number >= 0")
+
+
+def deployment_options(settings: ServeSettings, config: ServerConfig) -> dict[str, Any]:
+    """The ``@serve.deployment`` options for ``settings`` (pure data).
+
+    A replica takes a few requests past ``max_sessions`` (health checks,
+    /metrics, and sessions it refuses as ``busy`` itself, with the coded
+    error, rather than Serve queueing them unseen)."""
+    options: dict[str, Any] = {
+        "max_ongoing_requests": config.max_sessions + 16,
+        "graceful_shutdown_timeout_s": settings.drain_timeout_s,
+        "graceful_shutdown_wait_loop_s": 1.0,
+        "health_check_period_s": 5.0,
+        "ray_actor_options": {"num_cpus": settings.cpus_per_replica},
+    }
+    if settings.autoscale is None:
+        options["num_replicas"] = settings.replicas
+    else:
+        low, high = settings.autoscale
+        options["autoscaling_config"] = {
+            "min_replicas": low,
+            "max_replicas": high,
+            "initial_replicas": max(low, 1),
+            "target_ongoing_requests": settings.target_sessions,
+            "upscale_delay_s": settings.upscale_delay_s,
+            "downscale_delay_s": settings.downscale_delay_s,
+            "look_back_period_s": settings.look_back_period_s,
+        }
+    return options
+
+
+# -- the WebSocket adapter -------------------------------------------------------------
+
+
+_CLOSED = object()
+
+
+class AsgiConnection:
+    """A Starlette WebSocket with the surface :class:`dsstream.host.Connection`
+    asks for (websockets' own), so the same runners serve it.
+
+    A reader task moves incoming messages to a queue, which makes ``recv``
+    safe to cancel (the runners cancel it on a timeout or a stop) without
+    losing a message."""
+
+    def __init__(self, websocket: Any) -> None:
+        self.websocket = websocket
+        self._inbox: asyncio.Queue[Any] = asyncio.Queue()
+        self._reader: asyncio.Task[None] | None = None
+        self._close_code: int | None = None  # the client's, once it closed
+        self._closed = False
+
+    async def accept(self, headers: list[tuple[bytes, bytes]] | None = None) -> None:
+        await self.websocket.accept(headers=headers)
+        self._reader = asyncio.ensure_future(self._read())
+
+    async def _read(self) -> None:
+        while True:
+            message = await self.websocket.receive()
+            if message["type"] == "websocket.disconnect":
+                self._close_code = int(message.get("code", 1000))
+                self._inbox.put_nowait(_CLOSED)
+                return
+            data = message.get("bytes")
+            self._inbox.put_nowait(data if data is not None else message.get("text", ""))
+
+    def _closed_error(self) -> Exception:
+        code = self._close_code or CloseCode.NORMAL
+        frame = Close(code, "")
+        kind = ConnectionClosedOK if code in (1000, 1001) else ConnectionClosedError
+        return kind(frame, None)
+
+    async def recv(self) -> str | bytes:
+        item = await self._inbox.get()
+        if item is _CLOSED:
+            self._inbox.put_nowait(_CLOSED)  # every later recv sees the close too
+            raise self._closed_error()
+        return item
+
+    async def send(self, message: str | bytes) -> None:
+        if self._closed or self._close_code is not None:
+            raise self._closed_error()
+        try:
+            if isinstance(message, bytes):
+                await self.websocket.send_bytes(message)
+            else:
+                await self.websocket.send_text(message)
+        except Exception:  # the client went away under us
+            self._close_code = self._close_code or 1006
+            raise self._closed_error() from None
+
+    async def close(self, code: int = 1000, reason: str = "") -> None:
+        if self._closed:
+            return
+        self._closed = True
+        if self._close_code is None:  # the client has not closed it already
+            try:
+                await self.websocket.close(code, reason)
+            except Exception:
+                pass  # already gone
+        if self._reader is not None:
+            self._reader.cancel()
+
+
+def deploy(
+    config: ServerConfig,
+    settings: ServeSettings,
+    registry_args: dict[str, Any] | None = None,
+    blocking: bool = False,
+) -> str:
+    """Start Serve's proxy on ``settings.host:port`` and deploy the endpoint on
+    the connected cluster (:func:`dsstream.ray_cluster.connect` first); return
+    the WebSocket URL.  ``registry_args``: :func:`default_registry`'s
+    arguments in each replica (samples_dir, beam_width...)."""
+    from ray import serve
+    from ray.serve.config import HTTPOptions
+
+    http = HTTPOptions(host=settings.host, port=settings.port)
+    serve.start(proxy_location=settings.proxy_location, http_options=http)
+    from dsstream.serve_replica import StreamReplica
+
+    deployment = serve.deployment(name="stream", **deployment_options(settings, config))(
+        StreamReplica
+    )
+    app = deployment.bind(config, dict(registry_args or {}))
+    serve.run(app, name=APP_NAME, route_prefix="/", blocking=blocking)
+    shown = "127.0.0.1" if settings.host in ("", "0.0.0.0") else settings.host
+    return f"ws://{shown}:{settings.port}{config.path}"
