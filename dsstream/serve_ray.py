@@ -34,6 +34,7 @@ from websockets.exceptions import ConnectionClosedError, ConnectionClosedOK
 from websockets.frames import Close
 
 from dsstream.errors import CloseCode
+from dsstream.protocol import Limits
 from dsstream.server import ServerConfig
 
 __all__ = [
@@ -41,6 +42,9 @@ __all__ = [
     "AsgiConnection",
     "ServeSettings",
     "deployment_options",
+    "application",
+    "settings_from_args",
+    "build",
     "deploy",
 ]
 
@@ -192,6 +196,73 @@ class AsgiConnection:
             self._reader.cancel()
 
 
+def application(
+    config: ServerConfig, settings: ServeSettings, registry_args: dict[str, Any] | None = None
+) -> Any:
+    """The Serve application (one deployment, ``stream``) for ``config`` and
+    ``settings``; what :func:`deploy` runs and :func:`build` gives Serve's
+    config files."""
+    from ray import serve
+
+    from dsstream.serve_replica import StreamReplica
+
+    options = deployment_options(settings, config)
+    deployment = serve.deployment(name="stream", **options)(StreamReplica)
+    return deployment.bind(config, dict(registry_args or {}))
+
+
+def settings_from_args(args: dict[str, Any]) -> tuple[ServerConfig, ServeSettings, dict[str, Any]]:
+    """A Serve config file's ``args`` (flat, YAML-friendly) as the server's
+    config, the deployment settings and the models' arguments.
+
+    Keys: replicas, autoscale ("MIN..MAX"), target_sessions, upscale_delay_s,
+    downscale_delay_s, drain_timeout_s, cpus_per_replica, max_sessions, token,
+    metrics_public, origins (a list), idle_timeout_s, max_session_s,
+    max_frame_bytes, samples_dir, beam_width, decoder_mode.  Unknown keys are
+    refused (a typo would otherwise be a silent default)."""
+    known = {
+        "replicas", "autoscale", "target_sessions", "upscale_delay_s", "downscale_delay_s",
+        "drain_timeout_s", "cpus_per_replica", "max_sessions", "token", "metrics_public",
+        "origins", "idle_timeout_s", "max_session_s", "max_frame_bytes", "samples_dir",
+        "beam_width", "decoder_mode",
+    }  # fmt: skip
+    unknown = set(args) - known
+    if unknown:
+        raise ValueError(f"unknown dsstream args: {sorted(unknown)}; known: {sorted(known)}")
+    limits = Limits(
+        max_frame_bytes=int(args.get("max_frame_bytes", Limits.max_frame_bytes)),
+        idle_timeout_s=float(args.get("idle_timeout_s", Limits.idle_timeout_s)),
+        max_session_s=float(args.get("max_session_s", Limits.max_session_s)),
+    )
+    config = ServerConfig(
+        limits=limits, max_sessions=int(args.get("max_sessions", ServerConfig.max_sessions)),
+        token=args.get("token"), metrics_public=bool(args.get("metrics_public", False)),
+        allowed_origins=tuple(args.get("origins", ())),
+    )  # fmt: skip
+    autoscale = None
+    if "autoscale" in args:
+        low, sep, high = str(args["autoscale"]).partition("..")
+        if not sep or not (low.isdigit() and high.isdigit()):
+            raise ValueError(f"autoscale is MIN..MAX, e.g. 1..8: got {args['autoscale']!r}")
+        autoscale = (int(low), int(high))
+    scale: dict[str, Any] = {k: float(args[k]) for k in ("target_sessions", "upscale_delay_s",
+                                         "downscale_delay_s", "drain_timeout_s",
+                                         "cpus_per_replica") if k in args}  # fmt: skip
+    settings = ServeSettings(replicas=int(args.get("replicas", 1)), autoscale=autoscale, **scale)
+    models: dict[str, Any] = {
+        k: args[k] for k in ("samples_dir", "beam_width", "decoder_mode") if k in args
+    }
+    return config, settings, models
+
+
+def build(args: dict[str, Any]) -> Any:
+    """Serve's application builder, for config files and KubeRay's RayService
+    (``import_path: dsstream.serve_ray:build``; ``args``: see
+    :func:`settings_from_args`).  Host, port and proxies are the config
+    file's ``http_options`` and ``proxy_location``."""
+    return application(*settings_from_args(args))
+
+
 def deploy(
     config: ServerConfig,
     settings: ServeSettings,
@@ -207,12 +278,7 @@ def deploy(
 
     http = HTTPOptions(host=settings.host, port=settings.port)
     serve.start(proxy_location=settings.proxy_location, http_options=http)
-    from dsstream.serve_replica import StreamReplica
-
-    deployment = serve.deployment(name="stream", **deployment_options(settings, config))(
-        StreamReplica
-    )
-    app = deployment.bind(config, dict(registry_args or {}))
+    app = application(config, settings, registry_args)
     serve.run(app, name=APP_NAME, route_prefix="/", blocking=blocking)
     shown = "127.0.0.1" if settings.host in ("", "0.0.0.0") else settings.host
     return f"ws://{shown}:{settings.port}{config.path}"

@@ -17,6 +17,7 @@ import subprocess
 import sys
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 from dsstream.ray_cluster import LOOPBACK_ENV
 
@@ -33,8 +34,9 @@ def stop() -> None:
 
 
 @contextlib.contextmanager
-def two_nodes(worker_cpus: int = 2) -> Iterator[str]:
-    """Yield the head's address (``127.0.0.1:PORT``); stop both nodes after.
+def two_nodes(worker_cpus: int = 2) -> Iterator[Any]:
+    """Yield the cluster (``ray.cluster_utils.Cluster``: ``.address`` is the
+    head's, ``127.0.0.1:PORT``; ``.add_node`` adds more); stop every node after.
 
     Ray's own test cluster (``ray.cluster_utils.Cluster``) starts the nodes as
     this process's children: ``ray start`` refuses to join a second node while
@@ -49,7 +51,7 @@ def two_nodes(worker_cpus: int = 2) -> Iterator[str]:
     )  # fmt: skip
     try:
         cluster.add_node(num_cpus=worker_cpus, **small)
-        yield cluster.address
+        yield cluster
     finally:
         cluster.shutdown()
 

@@ -216,6 +216,9 @@ EXPECTED = {
         "AsgiConnection",
         "ServeSettings",
         "deployment_options",
+        "application",
+        "settings_from_args",
+        "build",
         "deploy",
     },
     "dsstream.lm": {

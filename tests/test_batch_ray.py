@@ -43,7 +43,8 @@ def _batch(corpus, out, *flags):
 
 
 def test_two_node_cluster_writes_the_local_records(corpus, local_ledger, tmp_path):
-    with local_ray.two_nodes(worker_cpus=2) as address:
+    with local_ray.two_nodes(worker_cpus=2) as cluster:
+        address = cluster.address
         assert local_ray.non_loopback_listeners() == []
         run = _batch(corpus, tmp_path, "--ray-address", address, "--actors", "1")
         assert run.returncode == 1, run.stderr  # the two bad files
@@ -67,7 +68,8 @@ def test_private_local_cluster(corpus, local_ledger, tmp_path):
 
 
 def test_actors_must_leave_cpu_for_reading(corpus, tmp_path):
-    with local_ray.two_nodes(worker_cpus=1) as address:
+    with local_ray.two_nodes(worker_cpus=1) as cluster:
+        address = cluster.address
         run = _batch(corpus, tmp_path, "--ray-address", address, "--actors", "1")
     assert run.returncode == 2
     assert "leave" in run.stderr and "reading" in run.stderr

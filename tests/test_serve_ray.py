@@ -17,6 +17,7 @@ import subprocess
 import sys
 import time
 import urllib.request
+from pathlib import Path
 
 import local_ray
 import numpy as np
@@ -56,15 +57,15 @@ def _free_port() -> int:
 @pytest.fixture(scope="module")
 def cluster():
     os.environ.update(FAST_METRICS)  # inherited by the nodes' processes
-    with local_ray.two_nodes(worker_cpus=3) as address:
+    with local_ray.two_nodes(worker_cpus=3) as nodes:
         from dsstream.ray_cluster import connect
 
-        connect(address)
+        connect(nodes.address)
         import ray
         from ray import serve
 
         try:
-            yield address
+            yield nodes
         finally:
             serve.shutdown()
             ray.shutdown()
@@ -86,7 +87,17 @@ def _deploy(**settings):
 
 @pytest.fixture(scope="module")
 def two_replicas(cluster):
-    return _deploy(replicas=2)
+    """Deployed as a Serve config file (and KubeRay's RayService) deploys it:
+    through the application builder, with its flat args."""
+    from ray import serve
+    from ray.serve.config import HTTPOptions
+
+    from dsstream.serve_ray import build
+
+    serve.start(proxy_location="HeadOnly", http_options=HTTPOptions(host="127.0.0.1", port=PORT))
+    serve.run(build({"replicas": 2, "max_sessions": 64}), name="dsstream", route_prefix="/")
+    assert _replica_states() == {"RUNNING": 2}
+    return f"ws://127.0.0.1:{PORT}/v1/stream", f"http://127.0.0.1:{PORT}"
 
 
 def _get(url: str) -> tuple[int, bytes]:
@@ -175,6 +186,7 @@ async def test_a_session_through_the_proxy_equals_in_process(two_replicas):
     status, body = _get(f"{http}/healthz")
     health = json.loads(body)
     assert status == 200 and health["status"] == "ok" and health["replica"]
+    assert health["max_sessions"] == 64  # the builder's args reached the replicas
     assert health["models"]["asr"]["sample-asr"] == "ok"
     status, body = _get(f"{http}/metrics")
     assert status == 200 and b"dsstream_sessions_total" in body
@@ -299,3 +311,60 @@ async def test_autoscaling_follows_sessions_and_drains_the_replica_it_removes(cl
     text = " ".join(f.text for f in finals if f.text)  # after the keep-alive's silence
     assert wer([REFS[LJ.name]], [text]) <= CARD_WER[LJ.name] + 1 / 15 + 1e-9, text
     await _wait_for(lambda: _replica_states() == {"RUNNING": 1}, 90, "the drain to finish")
+
+
+def test_the_kuberay_manifest_deploys_this_application():
+    """deploy/rayservice.yaml's Serve config is valid for this Ray, and its
+    import path and args build the application."""
+    import importlib
+
+    import yaml
+    from ray.serve import Application
+    from ray.serve.schema import ServeDeploySchema
+
+    path = Path(__file__).parents[1] / "deploy" / "rayservice.yaml"
+    manifest = yaml.safe_load(path.read_text())
+    config = ServeDeploySchema.model_validate(yaml.safe_load(manifest["spec"]["serveConfigV2"]))
+    (app,) = config.applications
+    module, _, name = app.import_path.partition(":")
+    built = getattr(importlib.import_module(module), name)(app.args)
+    assert isinstance(built, Application)
+    workers = manifest["spec"]["rayClusterConfig"]["workerGroupSpecs"][0]["template"]["spec"]
+    grace = workers["terminationGracePeriodSeconds"]
+    assert grace > app.args["drain_timeout_s"]  # the Pod outlives its drain
+
+
+# Last: it drains the worker node for good.
+@async_test
+async def test_draining_a_node_moves_its_replica_and_lets_its_sessions_finish(cluster):
+    """What deploy/prestop-drain.sh does before a Pod goes: ``ray drain-node``
+    on the replica's node.  Serve starts a replacement elsewhere, routes new
+    sessions there, and stops the old replica only once its session ended."""
+    url, _ = _deploy(replicas=1, drain_timeout_s=120.0)
+    await _wait_for(lambda: _replica_states() == {"RUNNING": 1}, 60, "one replica")
+    (worker,) = [n for n in cluster.worker_nodes]
+    cluster.add_node(num_cpus=1, object_store_memory=100_000_000)  # where it can move
+    samples, rate = load_audio(LJ)
+    client = await Client(url).connect()
+    await client.start("asr", sample_rate=rate)
+    old = _replica(client)
+    alive = asyncio.create_task(_keep_alive(client))
+    ray_cli = Path(sys.executable).parent / "ray"
+    drain = subprocess.run(
+        [str(ray_cli), "drain-node", "--address", cluster.address, "--node-id", worker.node_id,
+         "--reason=DRAIN_NODE_REASON_PREEMPTION", "--reason-message=test: pod terminating",
+         "--deadline-remaining-seconds=120"],
+        capture_output=True, text=True, env=local_ray.ray_env(), timeout=60,
+    )  # fmt: skip
+    assert drain.returncode == 0, drain.stderr
+    await _wait_for(lambda: _replica_states() == {"RUNNING": 1, "STOPPING": 1}, 90,
+                    "a replacement replica beside the draining one")  # fmt: skip
+    async with Client(url) as other:  # new sessions go to the replacement
+        await other.start("asr", sample_rate=rate)
+        assert _replica(other) != old
+    alive.cancel()
+    events = await asyncio.wait_for(_finish(client, samples, rate), 120)
+    await client.close()
+    assert not any(isinstance(e, Error) for e in events)
+    assert isinstance(events[-1], Ended) and events[-1].reason == "client"
+    await _wait_for(lambda: _replica_states() == {"RUNNING": 1}, 90, "the old replica to stop")

@@ -92,3 +92,22 @@ async def test_a_connection_closed_outside_a_session_is_not_an_error():
         async with Client(f"ws://127.0.0.1:{port}") as client:
             events = [e async for e in client.events()]
     assert [e.type for e in events] == ["ended"]
+
+
+def test_serve_config_args():
+    from dsstream.serve_ray import settings_from_args
+
+    config, settings, models = settings_from_args({
+        "autoscale": "1..8", "target_sessions": 48, "drain_timeout_s": 900, "max_sessions": 96,
+        "token": "s3cret", "origins": ["https://app.example"], "idle_timeout_s": 20,
+        "beam_width": 32,
+    })  # fmt: skip
+    assert settings.autoscale == (1, 8) and settings.target_sessions == 48.0
+    assert settings.drain_timeout_s == 900.0
+    assert config.max_sessions == 96 and config.token == "s3cret"
+    assert config.allowed_origins == ("https://app.example",)
+    assert config.limits.idle_timeout_s == 20.0 and models == {"beam_width": 32}
+    with pytest.raises(ValueError, match="unknown dsstream args: \\['replica'\\]"):
+        settings_from_args({"replica": 2})
+    with pytest.raises(ValueError, match="MIN..MAX"):
+        settings_from_args({"autoscale": "8"})
