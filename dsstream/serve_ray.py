@@ -42,6 +42,7 @@ __all__ = [
     "AsgiConnection",
     "ServeSettings",
     "deployment_options",
+    "keep_internal_server_on_loopback",
     "application",
     "settings_from_args",
     "build",
@@ -92,6 +93,33 @@ class ServeSettings:
         for name in ("upscale_delay_s", "downscale_delay_s", "drain_timeout_s"):
             if not (math.isfinite(getattr(self, name)) and getattr(self, name) >= 0):
                 raise ValueError(f"{name} must be a finite number >= 0")
+
+
+def keep_internal_server_on_loopback() -> None:
+    """On a cluster whose nodes are on loopback addresses (this machine's own,
+    as `dsstream serve --ray` starts it), bind the replica's inter-deployment
+    gRPC server to 127.0.0.1 instead of every interface.
+
+    Serve (2.60) binds it to ``[::]:0`` unconditionally, after the replica's
+    constructor runs; nothing here calls other deployments, and on a loopback
+    cluster no other host may reach it.  On a real cluster it stays as Serve
+    has it (the other nodes need it)."""
+    import ipaddress
+
+    import ray
+    from ray.serve._private import replica
+
+    if not ipaddress.ip_address(ray.util.get_node_ip_address()).is_loopback:
+        return
+    bind = getattr(replica, "add_port_to_grpc_server", None)
+    if bind is None or getattr(bind, "dsstream_loopback", False):
+        return  # another Ray; or done already in this process
+
+    def loopback(server: Any, address: str) -> Any:
+        return bind(server, address.replace("[::]", "127.0.0.1"))
+
+    loopback.dsstream_loopback = True  # type: ignore[attr-defined]
+    replica.add_port_to_grpc_server = loopback
 
 
 def deployment_options(settings: ServeSettings, config: ServerConfig) -> dict[str, Any]:

@@ -34,6 +34,11 @@ class StreamReplica:
     paths are the replica's ``ServerConfig``'s."""
 
     def __init__(self, config: ServerConfig, registry_args: dict[str, Any]) -> None:
+        # Imported here: Serve ships this class to the replica by value, and a
+        # module-level helper of this file would not come with it.
+        from dsstream.serve_ray import keep_internal_server_on_loopback
+
+        keep_internal_server_on_loopback()
         self.config = config
         registry = default_registry(**registry_args)
         self.host = SessionHost(registry, config.session_settings(), None, config.worker_threads)

@@ -216,6 +216,7 @@ EXPECTED = {
         "AsgiConnection",
         "ServeSettings",
         "deployment_options",
+        "keep_internal_server_on_loopback",
         "application",
         "settings_from_args",
         "build",

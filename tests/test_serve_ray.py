@@ -97,6 +97,8 @@ def two_replicas(cluster):
     serve.start(proxy_location="HeadOnly", http_options=HTTPOptions(host="127.0.0.1", port=PORT))
     serve.run(build({"replicas": 2, "max_sessions": 64}), name="dsstream", route_prefix="/")
     assert _replica_states() == {"RUNNING": 2}
+    # Ray's servers, Serve's controller, proxy and replicas: loopback only.
+    assert local_ray.non_loopback_listeners() == []
     return f"ws://127.0.0.1:{PORT}/v1/stream", f"http://127.0.0.1:{PORT}"
 
 
