@@ -33,7 +33,7 @@ log = logging.getLogger("dsstream.server")
 
 class Connection(Protocol):
     """The WebSocket a runner drives: websockets' server connection, or an
-    adapter of another server's (:class:`dsstream.serve_ray.AsgiConnection`).
+    adapter of another server's (:class:`dsstream.asgi.AsgiConnection`).
 
     ``recv`` may be cancelled without losing a message, and ``recv`` and
     ``send`` raise ``websockets.exceptions.ConnectionClosed`` once the

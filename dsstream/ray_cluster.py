@@ -14,7 +14,7 @@ import ipaddress
 import os
 from typing import Any
 
-__all__ = ["LOOPBACK_ENV", "connect"]
+__all__ = ["LOOPBACK_ENV", "connect", "keep_internal_server_on_loopback"]
 
 # Ray reads these when it is imported.  On Linux it otherwise takes the host's
 # address as the node's even when 127.0.0.1 is asked for, and binds its
@@ -58,3 +58,30 @@ def _is_loopback(address: str) -> bool:
         return ipaddress.ip_address(host).is_loopback
     except ValueError:  # a host name, or "auto"
         return False
+
+
+def keep_internal_server_on_loopback() -> None:
+    """On a cluster whose nodes are on loopback addresses (this machine's own,
+    as `dsstream serve --ray` starts it), bind the replica's inter-deployment
+    gRPC server to 127.0.0.1 instead of every interface.
+
+    Serve (2.60) binds it to ``[::]:0`` unconditionally, after the replica's
+    constructor runs; nothing here calls other deployments, and on a loopback
+    cluster no other host may reach it.  On a real cluster it stays as Serve
+    has it (the other nodes need it)."""
+    import ipaddress
+
+    import ray
+    from ray.serve._private import replica
+
+    if not ipaddress.ip_address(ray.util.get_node_ip_address()).is_loopback:
+        return
+    bind = getattr(replica, "add_port_to_grpc_server", None)
+    if bind is None or getattr(bind, "dsstream_loopback", False):
+        return  # another Ray; or done already in this process
+
+    def loopback(server: Any, address: str) -> Any:
+        return bind(server, address.replace("[::]", "127.0.0.1"))
+
+    loopback.dsstream_loopback = True  # type: ignore[attr-defined]
+    replica.add_port_to_grpc_server = loopback

@@ -1,6 +1,6 @@
 """The streaming endpoint on Ray Serve: ``dsstream serve --ray``.
 
-Each replica (:class:`StreamReplica`) hosts the pipelines and serves what one
+Each replica (:class:`dsstream.serve_replica.StreamReplica`) hosts the pipelines and serves what one
 ``dsstream serve`` process serves: ``/v1/stream`` (the same protocol, through
 the same :class:`dsstream.session.SessionRunner`), ``/vosk``, ``/healthz``,
 ``/metrics`` (the replica's own series) and the demo page.  Clients connect to
@@ -25,31 +25,22 @@ The settings are pure data (:class:`ServeSettings`, :func:`deployment_options`);
 
 from __future__ import annotations
 
-import asyncio
 import math
 from dataclasses import dataclass
 from typing import Any
 
-from websockets.exceptions import ConnectionClosedError, ConnectionClosedOK
-from websockets.frames import Close
-
-from dsstream.errors import CloseCode
 from dsstream.protocol import Limits
 from dsstream.server import ServerConfig
 
 __all__ = [
-    "REPLICA_HEADER",
-    "AsgiConnection",
     "ServeSettings",
     "deployment_options",
-    "keep_internal_server_on_loopback",
     "application",
     "settings_from_args",
     "build",
     "deploy",
 ]
 
-REPLICA_HEADER = "x-dsstream-replica"  # the handshake response names the replica
 APP_NAME = "dsstream"
 
 
@@ -95,33 +86,6 @@ class ServeSettings:
                 raise ValueError(f"{name} must be a finite number >= 0")
 
 
-def keep_internal_server_on_loopback() -> None:
-    """On a cluster whose nodes are on loopback addresses (this machine's own,
-    as `dsstream serve --ray` starts it), bind the replica's inter-deployment
-    gRPC server to 127.0.0.1 instead of every interface.
-
-    Serve (2.60) binds it to ``[::]:0`` unconditionally, after the replica's
-    constructor runs; nothing here calls other deployments, and on a loopback
-    cluster no other host may reach it.  On a real cluster it stays as Serve
-    has it (the other nodes need it)."""
-    import ipaddress
-
-    import ray
-    from ray.serve._private import replica
-
-    if not ipaddress.ip_address(ray.util.get_node_ip_address()).is_loopback:
-        return
-    bind = getattr(replica, "add_port_to_grpc_server", None)
-    if bind is None or getattr(bind, "dsstream_loopback", False):
-        return  # another Ray; or done already in this process
-
-    def loopback(server: Any, address: str) -> Any:
-        return bind(server, address.replace("[::]", "127.0.0.1"))
-
-    loopback.dsstream_loopback = True  # type: ignore[attr-defined]
-    replica.add_port_to_grpc_server = loopback
-
-
 def deployment_options(settings: ServeSettings, config: ServerConfig) -> dict[str, Any]:
     """The ``@serve.deployment`` options for ``settings`` (pure data).
 
@@ -149,79 +113,6 @@ def deployment_options(settings: ServeSettings, config: ServerConfig) -> dict[st
             "look_back_period_s": settings.look_back_period_s,
         }
     return options
-
-
-# -- the WebSocket adapter -------------------------------------------------------------
-
-
-_CLOSED = object()
-
-
-class AsgiConnection:
-    """A Starlette WebSocket with the surface :class:`dsstream.host.Connection`
-    asks for (websockets' own), so the same runners serve it.
-
-    A reader task moves incoming messages to a queue, which makes ``recv``
-    safe to cancel (the runners cancel it on a timeout or a stop) without
-    losing a message."""
-
-    def __init__(self, websocket: Any) -> None:
-        self.websocket = websocket
-        self._inbox: asyncio.Queue[Any] = asyncio.Queue()
-        self._reader: asyncio.Task[None] | None = None
-        self._close_code: int | None = None  # the client's, once it closed
-        self._closed = False
-
-    async def accept(self, headers: list[tuple[bytes, bytes]] | None = None) -> None:
-        await self.websocket.accept(headers=headers)
-        self._reader = asyncio.ensure_future(self._read())
-
-    async def _read(self) -> None:
-        while True:
-            message = await self.websocket.receive()
-            if message["type"] == "websocket.disconnect":
-                self._close_code = int(message.get("code", 1000))
-                self._inbox.put_nowait(_CLOSED)
-                return
-            data = message.get("bytes")
-            self._inbox.put_nowait(data if data is not None else message.get("text", ""))
-
-    def _closed_error(self) -> Exception:
-        code = self._close_code or CloseCode.NORMAL
-        frame = Close(code, "")
-        kind = ConnectionClosedOK if code in (1000, 1001) else ConnectionClosedError
-        return kind(frame, None)
-
-    async def recv(self) -> str | bytes:
-        item = await self._inbox.get()
-        if item is _CLOSED:
-            self._inbox.put_nowait(_CLOSED)  # every later recv sees the close too
-            raise self._closed_error()
-        return item
-
-    async def send(self, message: str | bytes) -> None:
-        if self._closed or self._close_code is not None:
-            raise self._closed_error()
-        try:
-            if isinstance(message, bytes):
-                await self.websocket.send_bytes(message)
-            else:
-                await self.websocket.send_text(message)
-        except Exception:  # the client went away under us
-            self._close_code = self._close_code or 1006
-            raise self._closed_error() from None
-
-    async def close(self, code: int = 1000, reason: str = "") -> None:
-        if self._closed:
-            return
-        self._closed = True
-        if self._close_code is None:  # the client has not closed it already
-            try:
-                await self.websocket.close(code, reason)
-            except Exception:
-                pass  # already gone
-        if self._reader is not None:
-            self._reader.cancel()
 
 
 def application(

@@ -14,16 +14,18 @@ from fastapi import FastAPI, Request, Response, WebSocket
 from ray import serve
 
 from dsstream.access import origin_allowed, token_ok
+from dsstream.asgi import AsgiConnection
 from dsstream.errors import CloseCode, ErrorCode
 from dsstream.host import SessionHost
 from dsstream.metrics import CONTENT_TYPE
 from dsstream.pipelines.defaults import default_registry
-from dsstream.serve_ray import REPLICA_HEADER, AsgiConnection
 from dsstream.server import STATIC, ServerConfig, health_document
 from dsstream.session import SessionRunner
 from dsstream.vosk import serve_vosk
 
-__all__ = ["StreamReplica"]
+__all__ = ["REPLICA_HEADER", "StreamReplica"]
+
+REPLICA_HEADER = "x-dsstream-replica"  # the handshake response names the replica
 
 api = FastAPI(docs_url=None, redoc_url=None, openapi_url=None)
 
@@ -36,7 +38,7 @@ class StreamReplica:
     def __init__(self, config: ServerConfig, registry_args: dict[str, Any]) -> None:
         # Imported here: Serve ships this class to the replica by value, and a
         # module-level helper of this file would not come with it.
-        from dsstream.serve_ray import keep_internal_server_on_loopback
+        from dsstream.ray_cluster import keep_internal_server_on_loopback
 
         keep_internal_server_on_loopback()
         self.config = config

@@ -88,7 +88,8 @@ EXPECTED = {
         "run_local",
     },
     "dsstream.batch_ray": {"run_ray"},
-    "dsstream.ray_cluster": {"LOOPBACK_ENV", "connect"},
+    "dsstream.ray_cluster": {"LOOPBACK_ENV", "connect", "keep_internal_server_on_loopback"},
+    "dsstream.asgi": {"AsgiConnection"},
     "dsstream.server": {
         "ServerConfig",
         "StreamServer",
@@ -212,11 +213,8 @@ EXPECTED = {
     "dsstream.errors": {"CloseCode", "CodedError", "ErrorCode", "close_code_for"},
     "dsstream.host": {"Connection", "Lease", "SessionHost", "SessionSettings"},
     "dsstream.serve_ray": {
-        "REPLICA_HEADER",
-        "AsgiConnection",
         "ServeSettings",
         "deployment_options",
-        "keep_internal_server_on_loopback",
         "application",
         "settings_from_args",
         "build",

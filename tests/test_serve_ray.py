@@ -108,7 +108,7 @@ def _get(url: str) -> tuple[int, bytes]:
 
 
 def _replica(client: Client) -> str:
-    from dsstream.serve_ray import REPLICA_HEADER
+    from dsstream.serve_replica import REPLICA_HEADER
 
     response = client.ws.response
     assert response is not None
