@@ -91,3 +91,40 @@ async def test_demo_page_transcribes_a_fake_microphone(tmp_path, monkeypatch):
     assert wer([REFERENCE], [first]) <= 4 / 12 + 2 / 12, first
     # Free text gets some words wrong; the grammar's final is the sentence itself.
     assert exact and again.startswith("listening")
+
+
+@async_test
+async def test_demo_page_says_when_its_session_is_lost(tmp_path):
+    """A session whose server process goes away (no ``ended``): the page says
+    so with the clients' ``unavailable`` error instead of going quiet."""
+    import asyncio
+
+    audio, rate = sf.read(CLIP, dtype="float32")
+    wav = tmp_path / "mic.wav"
+    sf.write(wav, np.concatenate([audio, np.zeros(rate)]), rate, subtype="PCM_16")
+    flags = [
+        "--use-fake-ui-for-media-stream",
+        "--use-fake-device-for-media-stream",
+        f"--use-file-for-fake-audio-capture={wav}",
+        "--autoplay-policy=no-user-gesture-required",
+    ]
+    async with running_server(default_registry()) as server:
+        async with Browser(flags) as browser:
+            await browser.open(server.http_url)
+            await browser.wait_for(
+                "document.getElementById('health').textContent.includes('ready')"
+            )
+            await browser.eval("document.getElementById('mic-start').click()")
+            await browser.wait_for(
+                "document.getElementById('asr-status').textContent.startsWith('listening')"
+            )
+            while not server.runners:
+                await asyncio.sleep(0.05)
+            for runner in list(server.runners):  # the socket drops, as when a process dies
+                runner.ws.transport.abort()
+            status = await browser.wait_for(
+                "document.getElementById('asr-status').textContent.includes('unavailable') "
+                "&& document.getElementById('asr-status').textContent",
+                timeout=30,
+            )
+    assert status.startswith("error: unavailable: the connection was lost"), status

@@ -26,16 +26,28 @@ function log(text, isError = false) {
 function openSession(task, options, handlers) {
   const ws = new WebSocket(streamUrl());
   ws.binaryType = "arraybuffer";
+  let live = false;  // between started and ended (or a fatal error)
   const ready = new Promise((resolve, reject) => {
     ws.onopen = () => ws.send(JSON.stringify({ type: "start", task, ...options }));
     ws.onerror = () => reject(new Error("WebSocket error"));
     ws.onclose = (ev) => {
       reject(new Error(`closed (${ev.code}) before the session started`));
+      if (live) {
+        // The process serving the session went away (as the Python client
+        // reports it: docs/protocol.md, "unavailable").
+        live = false;
+        const lost = { type: "error", code: "unavailable", fatal: true,
+          message: `the connection was lost before the session ended (close ${ev.code}); start a new session` };
+        log(JSON.stringify(lost), true);
+        if (handlers.error) handlers.error(lost);
+      }
       if (handlers.close) handlers.close(ev);
     };
     ws.onmessage = (msg) => {
       const event = JSON.parse(msg.data);
       if (event.type !== "partial") log(msg.data, event.type === "error");
+      if (event.type === "started") live = true;
+      if (event.type === "ended" || (event.type === "error" && event.fatal)) live = false;
       if (event.type === "started") resolve(event);
       else if (event.type === "error" && event.fatal) reject(new Error(event.message));
       const handler = handlers[event.type];
