@@ -90,6 +90,17 @@ EXPECTED = {
     "dsstream.batch_ray": {"run_ray"},
     "dsstream.ray_cluster": {"LOOPBACK_ENV", "connect", "keep_internal_server_on_loopback"},
     "dsstream.asgi": {"AsgiConnection"},
+    "dsstream.openai_api": {
+        "RESPONSE_FORMATS",
+        "GRANULARITIES",
+        "OPENAI_MODEL_NAMES",
+        "ApiError",
+        "TranscriptionRequest",
+        "parse_request",
+        "prompt_hotwords",
+        "render",
+        "models_document",
+    },
     "dsstream.server": {
         "ServerConfig",
         "StreamServer",
