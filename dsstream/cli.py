@@ -83,6 +83,10 @@ def build_parser() -> argparse.ArgumentParser:
     )  # fmt: skip
     serve.add_argument("--max-sessions", type=int, default=128)
     serve.add_argument("--max-frame-bytes", type=int, default=1 << 20)
+    serve.add_argument(
+        "--max-upload-mb", type=positive_int, default=200,
+        help="largest file POST /v1/audio/transcriptions takes (OpenAI-compatible API)",
+    )  # fmt: skip
     serve.add_argument("--idle-timeout", type=float, default=30.0, help="seconds")
     serve.add_argument("--max-session", type=float, default=3600.0, help="seconds")
     serve.add_argument("--threads", type=positive_int, default=64, help="pipeline worker threads")
@@ -272,6 +276,7 @@ def _serve(args: argparse.Namespace) -> int:
         metrics_public=args.metrics_public,
         worker_threads=args.threads,
         drain_timeout_s=args.drain_timeout,
+        max_upload_bytes=args.max_upload_mb << 20,
     )
 
     registry_args = {

@@ -27,8 +27,10 @@ from dsstream import __version__
 from dsstream.access import origin_allowed, token_ok
 from dsstream.host import SessionHost, SessionSettings
 from dsstream.metrics import CONTENT_TYPE, ServerMetrics
+from dsstream.openai_api import ApiError, models_document
 from dsstream.pipelines.base import PipelineRegistry
 from dsstream.protocol import CloseCode, ErrorCode, Limits, ServerProtocol, encode_event
+from dsstream.rest import RestConnection, UploadSettings
 from dsstream.session import SessionRunner
 from dsstream.vosk import serve_vosk
 from dsstream.workers import (
@@ -76,6 +78,9 @@ class ServerConfig:
     # and lets its open sessions go on this long before it shuts down.
     drain_timeout_s: float = 600.0
     busy_retry_after_ms: int = 2000  # the retry hint sent with ``busy``
+    # POST /v1/audio/transcriptions: the largest upload taken (OpenAI's own
+    # service takes 25 MB; long recordings are read in pieces, not held twice).
+    max_upload_bytes: int = 200 << 20
     # After the server's close frame, how long a client has to answer it before
     # the connection is dropped (websockets' default, 10 s, let a client that
     # keeps sending and never answers hold the socket that long).
@@ -191,9 +196,15 @@ class StreamServer:
             if fd is not None
             else {"host": self.config.host, "port": self.config.port}
         )
+        uploads = UploadSettings(
+            self.host, self.config.token, self.config.max_upload_bytes, self._asr_models,
+            max(1, round(self.config.busy_retry_after_ms / 1000)),
+        )  # fmt: skip
+        self._uploads = uploads
         self._server = await serve(
             self._handle,
             **where,
+            create_connection=RestConnection.serving(uploads),
             process_request=self._process_request,
             max_size=hard,
             compression=None,  # PCM audio does not deflate well; save the CPU
@@ -305,6 +316,13 @@ class StreamServer:
             return None  # go on with the WebSocket handshake
         if path == self.config.path:
             return connection.respond(http.HTTPStatus.UPGRADE_REQUIRED, "WebSocket endpoint\n")
+        if path == "/v1/models":
+            if not authorized:
+                error = ApiError(401, "missing or wrong bearer token", code="invalid_api_key")
+                return _response(connection, http.HTTPStatus.UNAUTHORIZED, error.body(),
+                                 "application/json")  # fmt: skip
+            body = json.dumps(models_document(self._asr_models())).encode()
+            return _response(connection, http.HTTPStatus.OK, body, "application/json")
         if path == "/healthz":
             body = self._health(details=authorized)
             return _response(connection, http.HTTPStatus.OK, body, "application/json")
@@ -321,6 +339,16 @@ class StreamServer:
             body = resources.files("dsstream.web").joinpath(name).read_bytes()
             return _response(connection, http.HTTPStatus.OK, body, ctype)
         return connection.respond(http.HTTPStatus.NOT_FOUND, "not found\n")
+
+    def _asr_models(self) -> list[str]:
+        """The installed ASR models' names, the default first."""
+        models = self.registry.describe().get("asr", {})
+        ready = [name for name, state in models.items() if state == "ok"]
+        try:
+            default = self.registry.resolve("asr").name
+        except Exception:
+            return ready
+        return [default] + [name for name in ready if name != default]
 
     def _health(self, details: bool = True) -> bytes:
         """The server's state; without the token (on a server that has one),

@@ -90,6 +90,7 @@ EXPECTED = {
     "dsstream.batch_ray": {"run_ray"},
     "dsstream.ray_cluster": {"LOOPBACK_ENV", "connect", "keep_internal_server_on_loopback"},
     "dsstream.asgi": {"AsgiConnection"},
+    "dsstream.rest": {"TRANSCRIPTIONS_PATH", "RestConnection", "UploadHandler", "UploadSettings"},
     "dsstream.openai_api": {
         "RESPONSE_FORMATS",
         "GRANULARITIES",
