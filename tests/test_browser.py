@@ -128,3 +128,42 @@ async def test_demo_page_says_when_its_session_is_lost(tmp_path):
                 timeout=30,
             )
     assert status.startswith("error: unavailable: the connection was lost"), status
+
+
+@async_test
+async def test_demo_page_transcribes_a_dropped_file():
+    """A file dropped on the page goes through POST /v1/audio/transcriptions;
+    its words are shown, the low-confidence ones marked, with their times."""
+    import base64
+
+    from dsstream.local import transcribe
+
+    clip = base64.b64encode((SAMPLES_DIR / "asr" / "clips" / "LJ001-0011.flac").read_bytes())
+    drop = (
+        "(async () => {"
+        f"  const bytes = Uint8Array.from(atob('{clip.decode()}'), (c) => c.charCodeAt(0));"
+        "  const data = new DataTransfer();"
+        "  data.items.add(new File([bytes], 'clip.flac', { type: 'audio/flac' }));"
+        "  const drop = document.getElementById('drop');"
+        "  drop.dispatchEvent(new DragEvent('drop', { dataTransfer: data, bubbles: true }));"
+        "})()"
+    )
+    async with running_server(default_registry()) as server:
+        async with Browser([]) as browser:
+            await browser.open(server.http_url)
+            await browser.wait_for(
+                "document.getElementById('health').textContent.includes('ready')"
+            )
+            await browser.eval(drop)
+            status = await browser.wait_for(
+                "document.getElementById('file-status').textContent.includes('words') "
+                "&& document.getElementById('file-status').textContent", timeout=60
+            )  # fmt: skip
+            words = await browser.eval(
+                "[...document.querySelectorAll('#file-words .word')].map((w) => "
+                "[w.textContent, w.classList.contains('low'), w.title])"
+            )
+    expected = transcribe(SAMPLES_DIR / "asr" / "clips" / "LJ001-0011.flac").words
+    assert [w[0] for w in words] == [w.word for w in expected], status
+    assert [w[1] for w in words] == [w.confidence < 0.6 for w in expected]
+    assert all(" s, confidence " in w[2] for w in words) and status.startswith("clip.flac: 4.5 s")

@@ -89,6 +89,47 @@ function showFinal(event) {
   $("partial").textContent = "";
 }
 
+// Words the recognizer was less sure of than this are marked on the page.
+const LOW_CONFIDENCE = 0.6;
+
+// A whole file through the OpenAI-compatible REST endpoint, as its SDKs send
+// it; the words come back with their times and confidences.
+async function transcribeFile(file) {
+  $("file-status").textContent = `transcribing ${file.name}…`;
+  $("file-words").textContent = "";
+  const form = new FormData();
+  form.append("file", file, file.name);
+  form.append("model", "whisper-1");
+  form.append("response_format", "verbose_json");
+  form.append("timestamp_granularities[]", "word");
+  const hotwords = listOption("hotwords");
+  if (hotwords.length) form.append("prompt", hotwords.join(" "));
+  let response;
+  try {
+    response = await fetch("/v1/audio/transcriptions", { method: "POST", body: form });
+  } catch (err) {
+    $("file-status").textContent = `the server is unreachable: ${err.message}`;
+    return null;
+  }
+  const body = await response.json();
+  if (!response.ok) {
+    $("file-status").textContent = `error ${response.status}: ${body.error.message}`;
+    return body;
+  }
+  let low = 0;
+  for (const w of body.words) {
+    const span = document.createElement("span");
+    span.className = w.confidence < LOW_CONFIDENCE ? "word low" : "word";
+    low += w.confidence < LOW_CONFIDENCE ? 1 : 0;
+    span.textContent = w.word;
+    span.title = `${w.start.toFixed(2)}–${w.end.toFixed(2)} s, confidence ${w.confidence.toFixed(2)}`;
+    $("file-words").append(span, " ");
+  }
+  $("file-status").textContent = `${file.name}: ${body.duration.toFixed(1)} s, ${body.words.length} words` +
+    ` (${low} below ${LOW_CONFIDENCE} confidence, underlined; hover a word for its times)`;
+  return body;
+}
+
 function listOption(id) {
   return $(id).value.split(",").map((w) => w.trim()).filter((w) => w.length > 0);
 }
@@ -294,4 +335,16 @@ $("image-file").addEventListener("change", (ev) => {
 });
 $("image-capture").addEventListener("click", captureImage);
 $("question-form").addEventListener("submit", askQuestion);
+$("audio-file").addEventListener("change", (ev) => {
+  const file = ev.target.files[0];
+  if (file) transcribeFile(file);
+});
+$("drop").addEventListener("dragover", (ev) => { ev.preventDefault(); $("drop").classList.add("over"); });
+$("drop").addEventListener("dragleave", () => $("drop").classList.remove("over"));
+$("drop").addEventListener("drop", (ev) => {
+  ev.preventDefault();
+  $("drop").classList.remove("over");
+  const file = ev.dataTransfer.files[0];
+  if (file) transcribeFile(file);
+});
 checkHealth();
