@@ -16,6 +16,7 @@ import logging
 import signal
 from dataclasses import asdict, dataclass, field, fields
 from importlib import resources
+from pathlib import Path
 from typing import Any, Callable
 from urllib.parse import urlsplit
 
@@ -81,6 +82,9 @@ class ServerConfig:
     # POST /v1/audio/transcriptions: the largest upload taken (OpenAI's own
     # service takes 25 MB; long recordings are read in pieces, not held twice).
     max_upload_bytes: int = 200 << 20
+    # Images the demo page offers to click (GET /scenes lists them with their
+    # sample questions, GET /scenes/NAME serves one); None: the VQA samples'.
+    scenes_dir: str | None = None
     # After the server's close frame, how long a client has to answer it before
     # the connection is dropped (websockets' default, 10 s, let a client that
     # keeps sending and never answers hold the socket that long).
@@ -323,6 +327,8 @@ class StreamServer:
                                  "application/json")  # fmt: skip
             body = json.dumps(models_document(self._asr_models())).encode()
             return _response(connection, http.HTTPStatus.OK, body, "application/json")
+        if path == "/scenes" or path.startswith("/scenes/"):
+            return self._scenes(connection, path)
         if path == "/healthz":
             body = self._health(details=authorized)
             return _response(connection, http.HTTPStatus.OK, body, "application/json")
@@ -339,6 +345,19 @@ class StreamServer:
             body = resources.files("dsstream.web").joinpath(name).read_bytes()
             return _response(connection, http.HTTPStatus.OK, body, ctype)
         return connection.respond(http.HTTPStatus.NOT_FOUND, "not found\n")
+
+    def _scenes(self, connection: ServerConnection, path: str) -> Response:
+        """The demo page's sample scenes: their list, or one PNG of it (only a
+        listed name is served, so no path reaches another file)."""
+        root = Path(self.config.scenes_dir) if self.config.scenes_dir else default_scenes_dir()
+        scenes = list_scenes(root)
+        if path == "/scenes":
+            body = json.dumps(scenes).encode()
+            return _response(connection, http.HTTPStatus.OK, body, "application/json")
+        name = path.removeprefix("/scenes/")
+        if name not in {scene["name"] for scene in scenes}:
+            return connection.respond(http.HTTPStatus.NOT_FOUND, "not found\n")
+        return _response(connection, http.HTTPStatus.OK, (root / name).read_bytes(), "image/png")
 
     def _asr_models(self) -> list[str]:
         """The installed ASR models' names, the default first."""
@@ -448,6 +467,28 @@ def health_document(
         "reloads": reloads,
         "limits": asdict(config.limits),
     }
+
+
+def default_scenes_dir() -> Path:
+    from dsstream.pipelines.defaults import SAMPLES_DIR
+
+    return SAMPLES_DIR / "vqa" / "images"
+
+
+def list_scenes(root: Path) -> list[dict[str, Any]]:
+    """The PNG scenes in ``root`` with their sample questions (``questions.tsv``:
+    image, question, type, answer), sorted; [] where there are none."""
+    if not root.is_dir():
+        return []
+    questions: dict[str, list[str]] = {}
+    table = root / "questions.tsv"
+    if table.is_file():
+        for line in table.read_text(encoding="utf-8").splitlines()[1:]:
+            parts = line.split("\t")
+            if len(parts) >= 2:
+                questions.setdefault(parts[0], []).append(parts[1])
+    return [{"name": p.name, "questions": questions.get(p.name, [])}
+            for p in sorted(root.glob("*.png"))]  # fmt: skip
 
 
 def _origins_line(allowed: tuple[str, ...]) -> str:

@@ -167,3 +167,24 @@ async def test_demo_page_transcribes_a_dropped_file():
     assert [w[0] for w in words] == [w.word for w in expected], status
     assert [w[1] for w in words] == [w.confidence < 0.6 for w in expected]
     assert all(" s, confidence " in w[2] for w in words) and status.startswith("clip.flac: 4.5 s")
+
+
+@async_test
+async def test_demo_page_answers_about_a_clicked_sample_scene():
+    """One VQA round: click a shipped scene, ask its sample question (filled in)."""
+    async with running_server(default_registry()) as server:
+        async with Browser([]) as browser:
+            await browser.open(server.http_url)
+            await browser.wait_for("document.querySelectorAll('#scenes img').length === 4")
+            await browser.eval("document.querySelector('#scenes img[alt=\"scene0.png\"]').click()")
+            await browser.wait_for(
+                "document.getElementById('vqa-status').textContent.startsWith('image sent')"
+            )
+            question = await browser.eval("document.getElementById('question').value")
+            await browser.eval("document.getElementById('question-form').requestSubmit()")
+            answer = await browser.wait_for(
+                "document.querySelector('#answers li')?.textContent.includes('→') "
+                "&& document.querySelector('#answers li').textContent"
+            )
+    assert question == "which shape does the red object have?"
+    assert answer.startswith(question) and "→ square" in answer, answer

@@ -1,6 +1,7 @@
 """The demo page: served on the server's port, and its JavaScript parses."""
 
 import asyncio
+import json
 import re
 import shutil
 import subprocess
@@ -65,3 +66,29 @@ def test_node_check_catches_a_syntax_error(tmp_path):
     path = tmp_path / "broken.js"
     path.write_text(WEB.joinpath("app.js").read_text() + "\nfunction (\n")
     assert subprocess.run([node, "--check", str(path)], capture_output=True).returncode != 0
+
+
+@async_test
+async def test_sample_scenes_are_listed_and_served():
+    import urllib.error
+
+    from dsstream.pipelines.defaults import SAMPLES_DIR
+
+    async with running_server(pipelines.registry()) as server:
+        base = server.http_url.rstrip("/")
+
+        def get(path):
+            with urllib.request.urlopen(base + path, timeout=10) as r:
+                return r.status, r.headers["Content-Type"], r.read()
+
+        status, ctype, body = await asyncio.to_thread(get, "/scenes")
+        scenes = json.loads(body)
+        assert [s["name"] for s in scenes] == ["scene0.png", "scene1.png", "scene2.png",
+                                               "scene3.png"]  # fmt: skip
+        assert "which shape does the red object have?" in scenes[0]["questions"]
+        status, ctype, png = await asyncio.to_thread(get, "/scenes/scene0.png")
+        assert ctype == "image/png" and png == (SAMPLES_DIR / "vqa/images/scene0.png").read_bytes()
+        for bad in ("/scenes/questions.tsv", "/scenes/..%2Fimages%2Fscene0.png", "/scenes/x.png"):
+            with pytest.raises(urllib.error.HTTPError) as caught:
+                await asyncio.to_thread(get, bad)
+            assert caught.value.code == 404

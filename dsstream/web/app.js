@@ -71,7 +71,7 @@ async function checkHealth() {
     vqa.speechAvailable = asrModels.some((state) => state === "ok");
     $("voice-ask").disabled = !vqa.speechAvailable;
   } catch (err) {
-    $("health").textContent = `server unreachable: ${err.message}`;
+    $("health").textContent = `the server is unreachable (${err.message}); reload the page once it is up`;
   }
 }
 
@@ -178,7 +178,9 @@ async function startMic() {
     asr.node.port.onmessage = (msg) => send(msg.data.buffer);
     $("mic-stop").disabled = false;
   } catch (err) {
-    $("asr-status").textContent = `could not start: ${err.message}`;
+    $("asr-status").textContent = err.name === "NotAllowedError"
+      ? "the microphone is blocked for this page: allow it in the browser's site settings, then start again"
+      : `could not start: ${err.message}`;
     stopCapture();
   }
 }
@@ -256,6 +258,29 @@ async function sendImage(blob) {
     $("vqa-status").textContent = `image sent (${blob.size} bytes)`;
   } catch (err) {
     $("vqa-status").textContent = `could not start: ${err.message}`;
+  }
+}
+
+// The sample scenes shipped with the VQA model: click one instead of
+// starting from an empty image; its sample question fills the box.
+async function loadScenes() {
+  let scenes = [];
+  try {
+    scenes = await (await fetch("/scenes")).json();
+  } catch (err) {
+    return;  // checkHealth reports an unreachable server
+  }
+  for (const scene of scenes) {
+    const img = document.createElement("img");
+    img.src = `/scenes/${scene.name}`;
+    img.alt = scene.name;
+    img.addEventListener("click", async () => {
+      document.querySelectorAll("#scenes img").forEach((i) => i.classList.remove("chosen"));
+      img.classList.add("chosen");
+      if (scene.questions.length) $("question").value = scene.questions[0];
+      await sendImage(await (await fetch(img.src)).blob());
+    });
+    $("scenes").appendChild(img);
   }
 }
 
@@ -348,3 +373,4 @@ $("drop").addEventListener("drop", (ev) => {
   if (file) transcribeFile(file);
 });
 checkHealth();
+loadScenes();
