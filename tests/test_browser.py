@@ -7,6 +7,7 @@ screenshot is kept in artifacts/test/ for a person to look at.
 
 from __future__ import annotations
 
+import contextlib
 from pathlib import Path
 
 import numpy as np
@@ -21,6 +22,20 @@ from dsstream.pipelines.defaults import SAMPLES_DIR, default_registry
 ROOT = Path(__file__).resolve().parents[1]
 CLIP = SAMPLES_DIR / "asr" / "clips" / "heldout-espeak-david.flac"
 REFERENCE = "sherlock holmes had sprung out and seized the intruder by the collar"
+
+
+@contextlib.asynccontextmanager
+async def page(flags: list[str], name: str):
+    """A browser; if the test fails inside, a screenshot of the page goes to
+    artifacts/test/<name>-failure.png for a person to look at."""
+    async with Browser(flags) as browser:
+        try:
+            yield browser
+        except BaseException:
+            with contextlib.suppress(Exception):
+                await browser.screenshot(ROOT / "artifacts" / "test" / f"{name}-failure.png")
+            raise
+
 
 pytestmark = [
     pytest.mark.skipif(chromium_path() is None, reason="chromium is not installed"),
@@ -57,7 +72,7 @@ async def test_demo_page_transcribes_a_fake_microphone(tmp_path, monkeypatch):
         "--autoplay-policy=no-user-gesture-required",
     ]
     async with running_server(default_registry()) as server:
-        async with Browser(flags) as browser:
+        async with page(flags, "browser-demo") as browser:
             await browser.open(server.http_url)
             await browser.wait_for(
                 "document.getElementById('health').textContent.includes('ready')"
@@ -66,6 +81,8 @@ async def test_demo_page_transcribes_a_fake_microphone(tmp_path, monkeypatch):
             await browser.wait_for(
                 "document.getElementById('asr-status').textContent.startsWith('listening')"
             )
+            # The level meter moves with the (fake) microphone's speech.
+            await browser.wait_for("document.getElementById('level').value > 0.05")
             first = await browser.wait_for(
                 "document.querySelector('#finals .final-segment')?.textContent", timeout=60
             )
@@ -109,7 +126,7 @@ async def test_demo_page_says_when_its_session_is_lost(tmp_path):
         "--autoplay-policy=no-user-gesture-required",
     ]
     async with running_server(default_registry()) as server:
-        async with Browser(flags) as browser:
+        async with page(flags, "browser-lost") as browser:
             await browser.open(server.http_url)
             await browser.wait_for(
                 "document.getElementById('health').textContent.includes('ready')"
@@ -149,7 +166,7 @@ async def test_demo_page_transcribes_a_dropped_file():
         "})()"
     )
     async with running_server(default_registry()) as server:
-        async with Browser([]) as browser:
+        async with page([], "browser-file") as browser:
             await browser.open(server.http_url)
             await browser.wait_for(
                 "document.getElementById('health').textContent.includes('ready')"
@@ -173,7 +190,7 @@ async def test_demo_page_transcribes_a_dropped_file():
 async def test_demo_page_answers_about_a_clicked_sample_scene():
     """One VQA round: click a shipped scene, ask its sample question (filled in)."""
     async with running_server(default_registry()) as server:
-        async with Browser([]) as browser:
+        async with page([], "browser-vqa") as browser:
             await browser.open(server.http_url)
             await browser.wait_for("document.querySelectorAll('#scenes img').length === 4")
             await browser.eval("document.querySelector('#scenes img[alt=\"scene0.png\"]').click()")

@@ -175,7 +175,10 @@ async function startMic() {
       if (asr.session && asr.session.ws.readyState === WebSocket.OPEN) asr.session.ws.send(buffer);
     };
     early.splice(0).forEach(send);
-    asr.node.port.onmessage = (msg) => send(msg.data.buffer);
+    asr.node.port.onmessage = (msg) => {
+      showLevel(msg.data);
+      send(msg.data.buffer);
+    };
     $("mic-stop").disabled = false;
   } catch (err) {
     $("asr-status").textContent = err.name === "NotAllowedError"
@@ -185,7 +188,17 @@ async function startMic() {
   }
 }
 
+// The microphone's level (RMS of each captured block, 0 to 1 on a scale where
+// ordinary speech sits mid-way): the user sees the page hears them.
+function showLevel(samples) {
+  let sum = 0;
+  for (let i = 0; i < samples.length; i++) sum += samples[i] * samples[i];
+  const rms = Math.sqrt(sum / Math.max(1, samples.length));
+  $("level").value = Math.min(1, rms * 8);
+}
+
 function stopCapture() {
+  $("level").value = 0;
   if (asr.stream) asr.stream.getTracks().forEach((t) => t.stop());
   if (asr.context) asr.context.close();
   asr.stream = asr.context = asr.node = null;
