@@ -31,7 +31,9 @@ from dsstream.host import Lease, SessionHost
 from dsstream.local import PIECE_SECONDS, transcribe_pieces
 from dsstream.openai_api import ApiError, TranscriptionRequest, parse_request, render
 
-__all__ = ["TRANSCRIPTIONS_PATH", "RestConnection", "UploadHandler", "UploadSettings"]
+__all__ = [
+    "TRANSCRIPTIONS_PATH", "RestConnection", "UploadHandler", "UploadSettings", "transcribe_upload",
+]  # fmt: skip
 
 log = logging.getLogger("dsstream.rest")
 
@@ -247,7 +249,7 @@ class UploadHandler(asyncio.Protocol):
     async def _transcribe(self, request: TranscriptionRequest, file: BinaryIO) -> None:
         try:
             transcript, duration = await self.settings.host.run(
-                _transcribe_file, self.lease, file, request
+                transcribe_upload, self.lease, file, request
             )
             body, ctype = render(request, transcript, duration)
             self._respond(200, body, ctype)
@@ -298,7 +300,7 @@ class UploadHandler(asyncio.Protocol):
             self.file.close()
 
 
-def _transcribe_file(
+def transcribe_upload(
     lease: Lease, file: BinaryIO, request: TranscriptionRequest
 ) -> tuple[Any, float]:
     """On a pool thread: decode the upload piece by piece and transcribe it

@@ -8,6 +8,7 @@ parameter types at run time to inject the WebSocket and the request.
 import asyncio
 import json
 from importlib import resources
+from pathlib import Path
 from typing import Any
 
 from fastapi import FastAPI, Request, Response, WebSocket
@@ -18,8 +19,17 @@ from dsstream.asgi import AsgiConnection
 from dsstream.errors import CloseCode, ErrorCode
 from dsstream.host import SessionHost
 from dsstream.metrics import CONTENT_TYPE
+from dsstream.openai_api import ApiError, models_document, parse_request, render
 from dsstream.pipelines.defaults import default_registry
-from dsstream.server import STATIC, ServerConfig, health_document
+from dsstream.rest import transcribe_upload
+from dsstream.server import (
+    STATIC,
+    ServerConfig,
+    asr_model_names,
+    default_scenes_dir,
+    health_document,
+    list_scenes,
+)
 from dsstream.session import SessionRunner
 from dsstream.vosk import serve_vosk
 
@@ -33,7 +43,11 @@ api = FastAPI(docs_url=None, redoc_url=None, openapi_url=None)
 @serve.ingress(api)
 class StreamReplica:
     """The pipelines, their pool and metrics, and the server's routes; the
-    paths are the replica's ``ServerConfig``'s."""
+    paths are the replica's ``ServerConfig``'s.
+
+    Everything the methods call is imported from other modules or lives on
+    the class: Serve ships the class to the replica by value, without this
+    file's module-level helpers."""
 
     def __init__(self, config: ServerConfig, registry_args: dict[str, Any]) -> None:
         # Imported here: Serve ships this class to the replica by value, and a
@@ -99,15 +113,77 @@ class StreamReplica:
             return Response(json.dumps(doc), media_type="application/json")
         if route == "/metrics":
             if not (authorized or config.metrics_public):
-                return _unauthorized("missing or wrong bearer token")
+                return self._unauthorized("missing or wrong bearer token")
             return Response(self.host.metrics.exposition(), media_type=CONTENT_TYPE)
         if route in (config.path, config.vosk_path):
             return Response("WebSocket endpoint\n", status_code=426)
+        if route == "/v1/models":
+            if not authorized:
+                return self._api_error(ApiError(401, "missing or wrong bearer token",
+                                           code="invalid_api_key"))  # fmt: skip
+            doc = models_document(asr_model_names(self.host.registry))
+            return Response(json.dumps(doc), media_type="application/json")
+        if route == "/scenes" or route.startswith("/scenes/"):
+            root = Path(config.scenes_dir) if config.scenes_dir else default_scenes_dir()
+            scenes = list_scenes(root)
+            if route == "/scenes":
+                return Response(json.dumps(scenes), media_type="application/json")
+            name = route.removeprefix("/scenes/")
+            if name in {scene["name"] for scene in scenes}:
+                return Response((root / name).read_bytes(), media_type="image/png")
+            return Response("not found\n", status_code=404)
         if route in STATIC:
             name, ctype = STATIC[route]
             body = resources.files("dsstream.web").joinpath(name).read_bytes()
             return Response(body, media_type=ctype.split(";")[0])
         return Response("not found\n", status_code=404)
+
+    @api.post("/v1/audio/transcriptions")
+    async def transcriptions(self, request: Request) -> Response:
+        """The OpenAI-compatible upload (docs/protocol.md), as the server's own
+        port answers it: same checks, admission, pool and responses."""
+        config = self.config
+        full = request.url.path + (f"?{request.url.query}" if request.url.query else "")
+        if not token_ok(config.token, request.headers.get("authorization"), full):
+            return self._api_error(ApiError(401, "missing or wrong bearer token",
+                                       code="invalid_api_key"))  # fmt: skip
+        if int(request.headers.get("content-length") or 0) > config.max_upload_bytes:
+            return self._api_error(ApiError(413, "the upload is larger than this server's limit",
+                                       "file", "file_too_large"))  # fmt: skip
+        lease = self.host.admit("asr")
+        if lease is None:
+            retry = str(max(1, round(config.busy_retry_after_ms / 1000)))
+            return self._api_error(ApiError(429, "the server is at its session limit; retry later",
+                                       code="server_busy", type="server_busy"),
+                              {"Retry-After": retry})  # fmt: skip
+        try:
+            form = await request.form()
+            fields = {k: [v for v in form.getlist(k) if isinstance(v, str)] for k in form}
+            upload = form.get("file")
+            parsed = parse_request(fields, asr_model_names(self.host.registry))
+            if upload is None or isinstance(upload, str):
+                raise ApiError(400, "the form has no 'file' part with the audio", "file")
+            transcript, duration = await self.host.run(
+                transcribe_upload, lease, upload.file, parsed
+            )
+            body, ctype = render(parsed, transcript, duration)
+            return Response(body, media_type=ctype.split(";")[0])
+        except ApiError as error:
+            return self._api_error(error)
+        finally:
+            lease.release()
+
+    @staticmethod
+    def _api_error(error: ApiError, headers: dict[str, str] | None = None) -> Response:
+        return Response(error.body(), status_code=error.status, media_type="application/json",
+                        headers=headers)  # fmt: skip
+
+    @staticmethod
+    def _unauthorized(message: str) -> Response:
+        body = json.dumps({"type": "error", "code": ErrorCode.UNAUTHORIZED.value,
+                           "message": message, "fatal": True})  # fmt: skip
+        return Response(body, status_code=401, media_type="application/json",
+                        headers={"WWW-Authenticate": 'Bearer realm="dsstream"'})  # fmt: skip
 
     async def __del__(self) -> None:
         # Serve calls this once the drain is over (every session ended) or when
@@ -120,10 +196,3 @@ class StreamReplica:
                 break
             await asyncio.sleep(0.1)
         self.host.close()
-
-
-def _unauthorized(message: str) -> Response:
-    body = json.dumps({"type": "error", "code": ErrorCode.UNAUTHORIZED.value,
-                       "message": message, "fatal": True})  # fmt: skip
-    return Response(body, status_code=401, media_type="application/json",
-                    headers={"WWW-Authenticate": 'Bearer realm="dsstream"'})  # fmt: skip

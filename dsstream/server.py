@@ -42,7 +42,10 @@ from dsstream.workers import (
     watch_parent,
 )
 
-__all__ = ["ServerConfig", "StreamServer", "health_document", "run_server", "server_urls", "STATIC"]
+__all__ = [
+    "ServerConfig", "StreamServer", "health_document", "run_server", "server_urls", "STATIC",
+    "asr_model_names", "default_scenes_dir", "list_scenes",
+]  # fmt: skip
 
 log = logging.getLogger("dsstream.server")
 
@@ -360,14 +363,7 @@ class StreamServer:
         return _response(connection, http.HTTPStatus.OK, (root / name).read_bytes(), "image/png")
 
     def _asr_models(self) -> list[str]:
-        """The installed ASR models' names, the default first."""
-        models = self.registry.describe().get("asr", {})
-        ready = [name for name, state in models.items() if state == "ok"]
-        try:
-            default = self.registry.resolve("asr").name
-        except Exception:
-            return ready
-        return [default] + [name for name in ready if name != default]
+        return asr_model_names(self.registry)
 
     def _health(self, details: bool = True) -> bytes:
         """The server's state; without the token (on a server that has one),
@@ -467,6 +463,17 @@ def health_document(
         "reloads": reloads,
         "limits": asdict(config.limits),
     }
+
+
+def asr_model_names(registry: PipelineRegistry) -> list[str]:
+    """The installed ASR models' names, the default first (GET /v1/models)."""
+    models = registry.describe().get("asr", {})
+    ready = [name for name, state in models.items() if state == "ok"]
+    try:
+        default = registry.resolve("asr").name
+    except Exception:
+        return ready
+    return [default] + [name for name in ready if name != default]
 
 
 def default_scenes_dir() -> Path:

@@ -90,7 +90,13 @@ EXPECTED = {
     "dsstream.batch_ray": {"run_ray"},
     "dsstream.ray_cluster": {"LOOPBACK_ENV", "connect", "keep_internal_server_on_loopback"},
     "dsstream.asgi": {"AsgiConnection"},
-    "dsstream.rest": {"TRANSCRIPTIONS_PATH", "RestConnection", "UploadHandler", "UploadSettings"},
+    "dsstream.rest": {
+        "TRANSCRIPTIONS_PATH",
+        "RestConnection",
+        "UploadHandler",
+        "UploadSettings",
+        "transcribe_upload",
+    },
     "dsstream.openai_api": {
         "RESPONSE_FORMATS",
         "GRANULARITIES",
@@ -109,6 +115,9 @@ EXPECTED = {
         "run_server",
         "server_urls",
         "STATIC",
+        "asr_model_names",
+        "default_scenes_dir",
+        "list_scenes",
     },
     "dsstream.workers": {
         "WorkerInfo",

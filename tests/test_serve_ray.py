@@ -194,6 +194,25 @@ async def test_a_session_through_the_proxy_equals_in_process(two_replicas):
     assert status == 200 and b"dsstream_sessions_total" in body
     status, body = _get(f"{http}/")
     assert status == 200 and b"<html" in body.lower()
+    status, body = _get(f"{http}/scenes")
+    assert status == 200 and len(json.loads(body)) == 4
+
+
+def test_the_openai_api_through_the_proxy(two_replicas):
+    openai = pytest.importorskip("openai")
+    _, http = two_replicas
+    client = openai.OpenAI(base_url=f"{http}/v1", api_key="unused", max_retries=0, timeout=120)
+    with open(LJ, "rb") as f:
+        result = client.audio.transcriptions.create(
+            model="whisper-1", file=f, response_format="verbose_json",
+            timestamp_granularities=["word"],
+        )  # fmt: skip
+    reference = transcribe(LJ)
+    assert result.text == reference.text
+    assert [w.word for w in result.words] == [w.word for w in reference.words]
+    assert [m.id for m in client.models.list().data] == ["sample-asr"]
+    with pytest.raises(openai.NotFoundError):
+        client.audio.transcriptions.create(model="nope", file=("a.flac", LJ.read_bytes()))
 
 
 @async_test
