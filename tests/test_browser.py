@@ -37,6 +37,29 @@ async def page(flags: list[str], name: str):
             raise
 
 
+def fake_microphone(wav: Path) -> list[str]:
+    """Chromium's flags for a microphone that plays ``wav`` (looped), allowed."""
+    return [
+        "--use-fake-ui-for-media-stream",
+        "--use-fake-device-for-media-stream",
+        f"--use-file-for-fake-audio-capture={wav}",
+        "--autoplay-policy=no-user-gesture-required",
+    ]
+
+
+async def open_ready(browser: Browser, url: str) -> None:
+    """The demo page, once /healthz says the models are ready."""
+    await browser.open(url)
+    await browser.wait_for("document.getElementById('health').textContent.includes('ready')")
+
+
+async def start_listening(browser: Browser) -> None:
+    await browser.eval("document.getElementById('mic-start').click()")
+    await browser.wait_for(
+        "document.getElementById('asr-status').textContent.startsWith('listening')"
+    )
+
+
 pytestmark = [
     pytest.mark.skipif(chromium_path() is None, reason="chromium is not installed"),
     pytest.mark.skipif(
@@ -65,22 +88,10 @@ async def test_demo_page_transcribes_a_fake_microphone(tmp_path, monkeypatch):
     wav = tmp_path / "mic.wav"
     sf.write(wav, np.concatenate([np.zeros(rate // 2), audio, np.zeros(2 * rate)]), rate,
              subtype="PCM_16")  # fmt: skip
-    flags = [
-        "--use-fake-ui-for-media-stream",
-        "--use-fake-device-for-media-stream",
-        f"--use-file-for-fake-audio-capture={wav}",
-        "--autoplay-policy=no-user-gesture-required",
-    ]
     async with running_server(default_registry()) as server:
-        async with page(flags, "browser-demo") as browser:
-            await browser.open(server.http_url)
-            await browser.wait_for(
-                "document.getElementById('health').textContent.includes('ready')"
-            )
-            await browser.eval("document.getElementById('mic-start').click()")
-            await browser.wait_for(
-                "document.getElementById('asr-status').textContent.startsWith('listening')"
-            )
+        async with page(fake_microphone(wav), "browser-demo") as browser:
+            await open_ready(browser, server.http_url)
+            await start_listening(browser)
             # The level meter moves with the (fake) microphone's speech.
             await browser.wait_for("document.getElementById('level').value > 0.05")
             first = await browser.wait_for(
@@ -119,22 +130,10 @@ async def test_demo_page_says_when_its_session_is_lost(tmp_path):
     audio, rate = sf.read(CLIP, dtype="float32")
     wav = tmp_path / "mic.wav"
     sf.write(wav, np.concatenate([audio, np.zeros(rate)]), rate, subtype="PCM_16")
-    flags = [
-        "--use-fake-ui-for-media-stream",
-        "--use-fake-device-for-media-stream",
-        f"--use-file-for-fake-audio-capture={wav}",
-        "--autoplay-policy=no-user-gesture-required",
-    ]
     async with running_server(default_registry()) as server:
-        async with page(flags, "browser-lost") as browser:
-            await browser.open(server.http_url)
-            await browser.wait_for(
-                "document.getElementById('health').textContent.includes('ready')"
-            )
-            await browser.eval("document.getElementById('mic-start').click()")
-            await browser.wait_for(
-                "document.getElementById('asr-status').textContent.startsWith('listening')"
-            )
+        async with page(fake_microphone(wav), "browser-lost") as browser:
+            await open_ready(browser, server.http_url)
+            await start_listening(browser)
             while not server.runners:
                 await asyncio.sleep(0.05)
             for runner in list(server.runners):  # the socket drops, as when a process dies
@@ -167,10 +166,7 @@ async def test_demo_page_transcribes_a_dropped_file():
     )
     async with running_server(default_registry()) as server:
         async with page([], "browser-file") as browser:
-            await browser.open(server.http_url)
-            await browser.wait_for(
-                "document.getElementById('health').textContent.includes('ready')"
-            )
+            await open_ready(browser, server.http_url)
             await browser.eval(drop)
             status = await browser.wait_for(
                 "document.getElementById('file-status').textContent.includes('words') "
