@@ -167,10 +167,11 @@ class UploadHandler(asyncio.Protocol):
             self._respond_error(ApiError(400, f"malformed HTTP request: {exc}"))
 
     def connection_lost(self, exc: Exception | None) -> None:
-        self.done = True
-        if self.task is not None and not self.task.done():
-            self.task.cancel()
-        self._release()
+        self.done = True  # nothing more is sent
+        if self.task is None or self.task.done():
+            self._release()
+        # else: the transcription runs on to its end on a pool thread (it
+        # cannot be interrupted), holding its session slot; the task releases it.
         self.settings.open.discard(self)
 
     # -- the request -----------------------------------------------------------------

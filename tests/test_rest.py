@@ -159,3 +159,38 @@ def test_limits_auth_busy_and_models(registry, tmp_path):
             assert caught.value.code == 429 and caught.value.headers["Retry-After"] == "2"
             with contextlib.suppress(Exception):
                 ws.send(json.dumps({"type": "end"}))
+
+
+def test_a_client_gone_mid_transcription_keeps_its_slot_until_the_work_ends(registry):
+    """The pool cannot stop a transcription half-way: its session slot stays
+    taken until it ends, so admission still counts the work being done."""
+    import socket
+    import time
+
+    audio, rate = sf.read(LJ, dtype="float32")
+    long = io.BytesIO()
+    sf.write(long, np.tile(audio, 40), rate, format="FLAC")  # 3 minutes: seconds of work
+    part = b'Content-Disposition: form-data; name="file"; filename="a.flac"\r\n'
+    body = (b'--x\r\nContent-Disposition: form-data; name="model"\r\n\r\nwhisper-1\r\n'
+            b"--x\r\n" + part + b"Content-Type: audio/flac\r\n\r\n" + long.getvalue()
+            + b"\r\n--x--\r\n")  # fmt: skip
+    with server_thread(registry, max_sessions=1) as url:
+        host, port = url.removeprefix("ws://").split("/", 1)[0].rsplit(":", 1)
+        head = (f"POST /v1/audio/transcriptions HTTP/1.1\r\nHost: {host}\r\n"
+                "Content-Type: multipart/form-data; boundary=x\r\n"
+                f"Content-Length: {len(body)}\r\n\r\n")  # fmt: skip
+        with socket.create_connection((host, int(port))) as s:
+            s.sendall(head.encode() + body)
+            time.sleep(0.3)  # received whole: the transcription is running
+        client = openai.OpenAI(base_url=f"http://{host}:{port}/v1", api_key="x", max_retries=0)
+        short = ("clip.flac", LJ.read_bytes())
+        with pytest.raises(openai.RateLimitError):  # gone, but its work still holds the slot
+            client.audio.transcriptions.create(model="whisper-1", file=short)
+        deadline = time.monotonic() + 120
+        while True:  # then free again
+            try:
+                client.audio.transcriptions.create(model="whisper-1", file=short)
+                break
+            except openai.RateLimitError:
+                assert time.monotonic() < deadline, "the slot was never freed"
+                time.sleep(0.2)
