@@ -40,7 +40,7 @@ from typing import Any
 
 import numpy as np
 
-from dsstream.local import PIECE_SECONDS, Transcript, transcribe_pieces
+from dsstream.local import PIECE_SECONDS, Transcript, file_pieces, transcribe_pieces
 
 __all__ = [
     "AUDIO_SUFFIXES",
@@ -252,12 +252,7 @@ def read_pieces(path: Path, mono: bool) -> Iterator[np.ndarray]:
     import soundfile as sf
 
     with sf.SoundFile(str(path)) as f:
-        size = f.samplerate * PIECE_SECONDS
-        while True:
-            block = f.read(size, dtype="float32", always_2d=True)
-            if not len(block):
-                return
-            yield block.mean(axis=1, dtype=np.float32) if mono else block
+        yield from file_pieces(f, mono)
 
 
 def split_pieces(samples: np.ndarray, rate: int) -> Iterator[np.ndarray]:

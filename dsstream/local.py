@@ -9,7 +9,7 @@ from __future__ import annotations
 import threading
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Iterable
+from typing import Any, Iterable, Iterator
 
 import numpy as np
 
@@ -27,7 +27,9 @@ from dsstream.protocol import (
     Word,
 )
 
-__all__ = ["PIECE_SECONDS", "LocalSession", "Transcript", "transcribe", "transcribe_pieces"]
+__all__ = [
+    "PIECE_SECONDS", "LocalSession", "Transcript", "file_pieces", "transcribe", "transcribe_pieces",
+]  # fmt: skip
 
 
 class LocalSession:
@@ -161,6 +163,18 @@ def transcribe(
 # Audio goes into a session in pieces of this many seconds: memory stays flat on
 # long recordings, and every caller that cuts the same pieces gets the same result.
 PIECE_SECONDS = 10
+
+
+def file_pieces(audio: Any, mono: bool = True) -> Iterator[np.ndarray]:
+    """An open ``soundfile.SoundFile`` read in :data:`PIECE_SECONDS` pieces,
+    float32 ``[n]`` (channels averaged) or ``[n, channels]``: the pieces
+    :func:`transcribe` cuts from the whole array, without holding it."""
+    size = audio.samplerate * PIECE_SECONDS
+    while True:
+        block = audio.read(size, dtype="float32", always_2d=True)
+        if not len(block):
+            return
+        yield block.mean(axis=1, dtype=np.float32) if mono else block
 
 
 def transcribe_pieces(

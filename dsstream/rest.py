@@ -19,20 +19,20 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from collections.abc import Callable
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any, BinaryIO
 
 import h11
-import numpy as np
 from websockets.asyncio.server import ServerConnection
 
 from dsstream.access import token_ok
 from dsstream.host import Lease, SessionHost
-from dsstream.local import PIECE_SECONDS, transcribe_pieces
+from dsstream.local import file_pieces, transcribe_pieces
 from dsstream.openai_api import ApiError, TranscriptionRequest, parse_request, render
 
 __all__ = [
-    "TRANSCRIPTIONS_PATH", "RestConnection", "UploadHandler", "UploadSettings", "transcribe_upload",
+    "TRANSCRIPTIONS_PATH", "RestConnection", "UploadHandler", "UploadSettings",
+    "transcribe_upload", "answer_upload",
 ]  # fmt: skip
 
 log = logging.getLogger("dsstream.rest")
@@ -242,17 +242,14 @@ class UploadHandler(asyncio.Protocol):
     def _end(self) -> None:
         assert self.form is not None
         self.form.finalize()
-        request = parse_request(self.fields, self.settings.asr_models())
-        if self.file is None:
-            raise ApiError(400, "the form has no 'file' part with the audio", "file")
-        self.task = asyncio.ensure_future(self._transcribe(request, self.file))
+        self.task = asyncio.ensure_future(self._answer())
 
-    async def _transcribe(self, request: TranscriptionRequest, file: BinaryIO) -> None:
+    async def _answer(self) -> None:
         try:
-            transcript, duration = await self.settings.host.run(
-                transcribe_upload, self.lease, file, request
+            assert self.lease is not None
+            body, ctype = await answer_upload(
+                self.settings.host, self.lease, self.fields, self.file, self.settings.asr_models()
             )
-            body, ctype = render(request, transcript, duration)
             self._respond(200, body, ctype)
         except ApiError as error:
             self._respond_error(error)
@@ -320,13 +317,24 @@ def transcribe_upload(
         if audio.frames == 0:
             raise ApiError(400, "the audio file holds no samples", "file", "empty_file")
         rate, duration = audio.samplerate, audio.frames / audio.samplerate
-
-        def pieces() -> Any:
-            while True:
-                block = audio.read(rate * PIECE_SECONDS, dtype="float32", always_2d=True)
-                if not len(block):
-                    return
-                yield block.mean(axis=1, dtype=np.float32)
-
-        transcript = transcribe_pieces(pieces(), rate, lease.registry, **request.asr_options())
+        pieces = file_pieces(audio)
+        transcript = transcribe_pieces(pieces, rate, lease.registry, **request.asr_options())
     return transcript, duration
+
+
+async def answer_upload(
+    host: SessionHost,
+    lease: Lease,
+    fields: Mapping[str, Sequence[str]],
+    file: BinaryIO | None,
+    models: list[str],
+) -> tuple[bytes, str]:
+    """A received form's answer (body, content type): the fields checked,
+    the file transcribed on ``host``'s pool with ``lease``'s models.  Raises
+    :class:`ApiError`.  The server's own port and Ray Serve replicas both
+    answer through it."""
+    request = parse_request(fields, models)
+    if file is None:
+        raise ApiError(400, "the form has no 'file' part with the audio", "file")
+    transcript, duration = await host.run(transcribe_upload, lease, file, request)
+    return render(request, transcript, duration)

@@ -8,7 +8,6 @@ parameter types at run time to inject the WebSocket and the request.
 import asyncio
 import json
 from importlib import resources
-from pathlib import Path
 from typing import Any
 
 from fastapi import FastAPI, Request, Response, WebSocket
@@ -19,16 +18,15 @@ from dsstream.asgi import AsgiConnection
 from dsstream.errors import CloseCode, ErrorCode
 from dsstream.host import SessionHost
 from dsstream.metrics import CONTENT_TYPE
-from dsstream.openai_api import ApiError, models_document, parse_request, render
+from dsstream.openai_api import ApiError, models_document
 from dsstream.pipelines.defaults import default_registry
-from dsstream.rest import transcribe_upload
+from dsstream.rest import answer_upload
 from dsstream.server import (
     STATIC,
     ServerConfig,
     asr_model_names,
-    default_scenes_dir,
     health_document,
-    list_scenes,
+    scenes_route,
 )
 from dsstream.session import SessionRunner
 from dsstream.vosk import serve_vosk
@@ -124,14 +122,8 @@ class StreamReplica:
             doc = models_document(asr_model_names(self.host.registry))
             return Response(json.dumps(doc), media_type="application/json")
         if route == "/scenes" or route.startswith("/scenes/"):
-            root = Path(config.scenes_dir) if config.scenes_dir else default_scenes_dir()
-            scenes = list_scenes(root)
-            if route == "/scenes":
-                return Response(json.dumps(scenes), media_type="application/json")
-            name = route.removeprefix("/scenes/")
-            if name in {scene["name"] for scene in scenes}:
-                return Response((root / name).read_bytes(), media_type="image/png")
-            return Response("not found\n", status_code=404)
+            status, body, ctype = scenes_route(config.scenes_dir, route)
+            return Response(body, status_code=status, media_type=ctype)
         if route in STATIC:
             name, ctype = STATIC[route]
             body = resources.files("dsstream.web").joinpath(name).read_bytes()
@@ -160,13 +152,9 @@ class StreamReplica:
             form = await request.form()
             fields = {k: [v for v in form.getlist(k) if isinstance(v, str)] for k in form}
             upload = form.get("file")
-            parsed = parse_request(fields, asr_model_names(self.host.registry))
-            if upload is None or isinstance(upload, str):
-                raise ApiError(400, "the form has no 'file' part with the audio", "file")
-            transcript, duration = await self.host.run(
-                transcribe_upload, lease, upload.file, parsed
-            )
-            body, ctype = render(parsed, transcript, duration)
+            file = None if upload is None or isinstance(upload, str) else upload.file
+            models = asr_model_names(self.host.registry)
+            body, ctype = await answer_upload(self.host, lease, fields, file, models)
             return Response(body, media_type=ctype.split(";")[0])
         except ApiError as error:
             return self._api_error(error)

@@ -44,7 +44,7 @@ from dsstream.workers import (
 
 __all__ = [
     "ServerConfig", "StreamServer", "health_document", "run_server", "server_urls", "STATIC",
-    "asr_model_names", "default_scenes_dir", "list_scenes",
+    "asr_model_names", "default_scenes_dir", "list_scenes", "scenes_route",
 ]  # fmt: skip
 
 log = logging.getLogger("dsstream.server")
@@ -350,17 +350,8 @@ class StreamServer:
         return connection.respond(http.HTTPStatus.NOT_FOUND, "not found\n")
 
     def _scenes(self, connection: ServerConnection, path: str) -> Response:
-        """The demo page's sample scenes: their list, or one PNG of it (only a
-        listed name is served, so no path reaches another file)."""
-        root = Path(self.config.scenes_dir) if self.config.scenes_dir else default_scenes_dir()
-        scenes = list_scenes(root)
-        if path == "/scenes":
-            body = json.dumps(scenes).encode()
-            return _response(connection, http.HTTPStatus.OK, body, "application/json")
-        name = path.removeprefix("/scenes/")
-        if name not in {scene["name"] for scene in scenes}:
-            return connection.respond(http.HTTPStatus.NOT_FOUND, "not found\n")
-        return _response(connection, http.HTTPStatus.OK, (root / name).read_bytes(), "image/png")
+        status, body, ctype = scenes_route(self.config.scenes_dir, path)
+        return _response(connection, http.HTTPStatus(status), body, ctype)
 
     def _asr_models(self) -> list[str]:
         return asr_model_names(self.registry)
@@ -496,6 +487,20 @@ def list_scenes(root: Path) -> list[dict[str, Any]]:
                 questions.setdefault(parts[0], []).append(parts[1])
     return [{"name": p.name, "questions": questions.get(p.name, [])}
             for p in sorted(root.glob("*.png"))]  # fmt: skip
+
+
+def scenes_route(scenes_dir: str | None, path: str) -> tuple[int, bytes, str]:
+    """``GET /scenes`` (the demo page's sample scenes with their questions) or
+    ``/scenes/NAME`` (one PNG; only a listed name is served, so no path
+    reaches another file): status, body and content type."""
+    root = Path(scenes_dir) if scenes_dir else default_scenes_dir()
+    scenes = list_scenes(root)
+    if path == "/scenes":
+        return 200, json.dumps(scenes).encode(), "application/json"
+    name = path.removeprefix("/scenes/")
+    if name not in {scene["name"] for scene in scenes}:
+        return 404, b"not found\n", "text/plain; charset=utf-8"
+    return 200, (root / name).read_bytes(), "image/png"
 
 
 def _origins_line(allowed: tuple[str, ...]) -> str:

@@ -66,6 +66,7 @@ EXPECTED = {
         "PIECE_SECONDS",
         "LocalSession",
         "Transcript",
+        "file_pieces",
         "transcribe",
         "transcribe_pieces",
     },
@@ -96,6 +97,7 @@ EXPECTED = {
         "UploadHandler",
         "UploadSettings",
         "transcribe_upload",
+        "answer_upload",
     },
     "dsstream.openai_api": {
         "RESPONSE_FORMATS",
@@ -118,6 +120,7 @@ EXPECTED = {
         "asr_model_names",
         "default_scenes_dir",
         "list_scenes",
+        "scenes_route",
     },
     "dsstream.workers": {
         "WorkerInfo",
