@@ -76,6 +76,10 @@ class TorchBackend:
         self.torch = torch
         self.device = torch.device(device)
         self.bf16_inputs = set(bf16_inputs)  # positions fed as float32 arrays (NumPy has no bf16)
+        # INT8 programs call torch.ops.quantized_decomposed.*, which exist only
+        # once this module has registered them: without it, loading fails.
+        import torch.ao.quantization.fx._decomposed  # noqa: F401
+
         program = torch.export.load(io.BytesIO(data))
         self.fused = 0
         if fuse_kernels if fuse_kernels is not None else self.device.type == "cuda":

@@ -224,6 +224,28 @@ def test_int8_artifact_round_trip_through_both_backends(tmp_path, mode):
             np.testing.assert_allclose(got, q_eager, atol=1e-2 * np.abs(want).max())
 
 
+def test_int8_artifact_loads_on_the_torch_backend_in_a_fresh_process(tmp_path):
+    """Its program calls torch.ops.quantized_decomposed.*, registered only when
+    torch's module for them is imported: the backend imports it (a process that
+    never quantized anything could not load an INT8 artifact before)."""
+    import subprocess
+    import sys
+
+    model, data = _mlp(), _batches()
+    x = data[0][0]
+    int8 = convert(model, (x,), output=tmp_path / "int8.ds", quantize=QuantConfig(),
+                   calibration=data)  # fmt: skip
+    np.save(tmp_path / "x.npy", x.numpy())
+    code = ("import sys, numpy as np; from engine import InferenceEngine; "
+            f"x = np.load({str(tmp_path / 'x.npy')!r}); "
+            f"print(float(InferenceEngine({str(int8)!r}, backend='torch').infer([x])"
+            "['output_0'].sum())); assert 'engine.quant' not in sys.modules")  # fmt: skip
+    run = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert run.returncode == 0, run.stderr[-2000:]
+    want = InferenceEngine(int8, backend="onnx").infer([x.numpy()])["output_0"].sum()
+    assert float(run.stdout.split()[-1]) == pytest.approx(float(want), rel=2e-2)
+
+
 def test_convert_accepts_a_model_quantized_by_the_caller(tmp_path):
     model, data = _mlp(), _batches()
     qat = prepare(model)
