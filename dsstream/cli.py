@@ -366,6 +366,10 @@ def _add_asr_flags(parser: argparse.ArgumentParser) -> None:
                         help="recognize each channel of a stereo file on its own (a call's "
                              "two parties)")  # fmt: skip
     parser.add_argument("--no-endpointing", action="store_true")
+    parser.add_argument(
+        "--punctuate", action=argparse.BooleanOptionalAction, default=None,
+        help="marks and capitals in the text (default: on for captions, else off)",
+    )  # fmt: skip
 
 
 # -- transcribe -------------------------------------------------------------------
@@ -405,8 +409,14 @@ class _Printer:
             print(f"error: {event.code.value}: {event.message}", file=sys.stderr, flush=True)
 
 
-def _asr_options(args: argparse.Namespace) -> dict[str, Any]:
+def _asr_options(args: argparse.Namespace, captions: bool = False) -> dict[str, Any]:
+    """A start message's options from the flags; ``captions``: subtitles are
+    written, which are punctuated unless ``--no-punctuate``."""
     options: dict[str, Any] = {"nbest": args.nbest}
+    # A grammar's finals are its phrases as given: captions of them stay so.
+    punctuate = captions and not args.grammar if args.punctuate is None else args.punctuate
+    if punctuate:
+        options["punctuate"] = True
     if args.decoder_mode:
         options["decoder_mode"] = args.decoder_mode
     if args.hotword:
@@ -430,7 +440,10 @@ async def _transcribe_remote(args: argparse.Namespace, show: _Printer) -> int:
     status = 0
     async with Client(args.server, args.token) as client:
         async for event in client.transcribe(
-            audio, chunk_ms=args.chunk_ms, realtime=args.realtime, **_asr_options(args)
+            audio,
+            chunk_ms=args.chunk_ms,
+            realtime=args.realtime,
+            **_asr_options(args, args.captions is not None),
         ):
             show(event)
             if isinstance(event, Error) and event.fatal:
@@ -445,7 +458,7 @@ def _transcribe_local(args: argparse.Namespace, show: _Printer) -> int:
 
     samples, rate = load_audio(args.file, mono=not args.split_channels)
     registry = default_registry(args.samples)
-    options = channel_options(samples, _asr_options(args))
+    options = channel_options(samples, _asr_options(args, args.captions is not None))
     with LocalSession("asr", registry, sample_rate=rate, **options) as session:
         for chunk in iter_chunks(samples, rate, args.chunk_ms):
             for event in session.send_audio(chunk):
@@ -479,7 +492,8 @@ def _transcribe_batch(args: argparse.Namespace) -> int:
     use_ray = args.ray or args.ray_address is not None
     captions = tuple(fmt for fmt, on in (("srt", args.srt), ("vtt", args.vtt)) if on)
     config = BatchConfig(
-        options=_asr_options(args), captions=captions, max_seconds=args.max_seconds,
+        options=_asr_options(args, bool(captions)), captions=captions,
+        max_seconds=args.max_seconds,
         samples_dir=str(args.samples) if args.samples else None,
     )  # fmt: skip
     paths = collect_inputs(args.inputs)

@@ -2,7 +2,8 @@
 
 ``POST /v1/audio/transcriptions`` (multipart: ``file``, ``model``, optional
 ``language``, ``prompt``, ``response_format``, ``temperature``,
-``timestamp_granularities[]``) and ``GET /v1/models``, as the official
+``timestamp_granularities[]``; dsstream's own ``punctuate``, true or false,
+default true where the model has punctuation) and ``GET /v1/models``, as the official
 ``openai`` SDKs and the tools that take a base URL call them.  This module
 turns the form's fields into a :class:`TranscriptionRequest` (or an
 :class:`ApiError` with OpenAI's status, type, param and code), a transcript
@@ -89,12 +90,17 @@ class TranscriptionRequest:
     prompt: str = ""
     temperature: float = 0.0  # accepted and ignored: the search is deterministic
     granularities: tuple[str, ...] = ()
+    # dsstream's own field: marks and capitals (None: on where the model has them)
+    punctuate: bool | None = None
 
     def asr_options(self) -> dict[str, Any]:
-        """The ASR session's options: the model and the prompt's hotwords."""
+        """The ASR session's options: the model, the prompt's hotwords and
+        ``punctuate`` where the form set it."""
         options: dict[str, Any] = {}
         if self.model is not None:
             options["model"] = self.model
+        if self.punctuate is not None:
+            options["punctuate"] = self.punctuate
         hotwords = prompt_hotwords(self.prompt)
         if hotwords:
             options["hotwords"] = hotwords
@@ -140,8 +146,17 @@ def parse_request(
                        "timestamp_granularities")  # fmt: skip
     return TranscriptionRequest(
         chosen, response_format, language, _one(fields, "prompt") or "", temperature,
-        tuple(dict.fromkeys(granularities)),
+        tuple(dict.fromkeys(granularities)), _flag(fields, "punctuate"),
     )  # fmt: skip
+
+
+def _flag(fields: Mapping[str, Sequence[str]], name: str) -> bool | None:
+    text = _one(fields, name)
+    if text is None or text == "":
+        return None
+    if text.lower() not in ("true", "false", "1", "0"):
+        raise ApiError(400, f"'{name}' must be true or false, got '{text}'", name)
+    return text.lower() in ("true", "1")
 
 
 def _temperature(text: str | None) -> float:

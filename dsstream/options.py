@@ -80,6 +80,9 @@ class AsrOptions:
     decoder_mode: str | None = None
     endpointing: EndpointOptions = field(default_factory=EndpointOptions)
     model: str | None = None  # a model name; None: the server's default
+    # Marks and capitals in finals (partials stay raw); None: the endpoint's
+    # default: off for WebSocket sessions, on for REST uploads and captions.
+    punctuate: bool | None = None
 
 
 @dataclass(frozen=True)
@@ -265,6 +268,9 @@ def _asr(raw: dict[str, Any]) -> AsrOptions:
         raise OptionsError("option 'split_channels' needs 'channels': 2")
     if raw.get("grammar_sequence") is True and not raw.get("grammar"):
         raise OptionsError("option 'grammar_sequence' needs a 'grammar'")
+    if raw.get("grammar") and raw.get("punctuate") is True:
+        raise OptionsError("options 'grammar' and 'punctuate' do not combine: a grammar's "
+                           "finals are its phrases as written in it")  # fmt: skip
     if raw.get("grammar") and raw.get("hotwords"):
         raise OptionsError("options 'grammar' and 'hotwords' do not combine: list the phrases")
     return AsrOptions(
@@ -293,6 +299,7 @@ def _asr(raw: dict[str, Any]) -> AsrOptions:
         decoder_mode=_choice("decoder_mode", raw.get("decoder_mode"), DECODER_MODES),
         endpointing=_endpointing(raw.get("endpointing", {})),
         model=_model(raw.get("model")),
+        punctuate=None if raw.get("punctuate") is None else _bool("punctuate", raw["punctuate"]),
     )
 
 

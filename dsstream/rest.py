@@ -318,7 +318,11 @@ def transcribe_upload(
             raise ApiError(400, "the audio file holds no samples", "file", "empty_file")
         rate, duration = audio.samplerate, audio.frames / audio.samplerate
         pieces = file_pieces(audio)
-        transcript = transcribe_pieces(pieces, rate, lease.registry, **request.asr_options())
+        options = request.asr_options()
+        if "punctuate" not in options:  # uploads are read: punctuated where the model can
+            factory = lease.registry.resolve("asr", request.model)
+            options["punctuate"] = getattr(factory, "punct", None) is not None
+        transcript = transcribe_pieces(pieces, rate, lease.registry, **options)
     return transcript, duration
 
 

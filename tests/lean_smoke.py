@@ -1,7 +1,7 @@
 """Smoke test of the core install, without torch: ``dsstream serve`` with the
 shipped sample models, one WebSocket session that transcribes a shipped clip,
-``dsstream transcribe`` and ``dsstream ask`` in this process; torch is never
-imported.
+``dsstream transcribe`` (raw and punctuated) and ``dsstream ask`` in this
+process; torch is never imported.
 
 ``.ci/run`` runs it in a second environment built from the clone with the core
 install only (``pip install .``: torch is not there at all);
@@ -131,6 +131,12 @@ def main(argv: list[str] | None = None) -> int:
     if code != 0:
         raise SystemExit(f"dsstream transcribe failed ({code})")
     _check_text("dsstream transcribe", _finals(out))
+    # Punctuation runs in the core install too (its model through ONNX Runtime).
+    code, out = _cli(["transcribe", "--json", "--punctuate", str(CLIPS / CLIP)])
+    written = _finals(out)
+    if code != 0 or not written[:1].isupper():
+        raise SystemExit(f"dsstream transcribe --punctuate failed ({code}): {written!r}")
+    _check_text("punctuated", " ".join(w.strip(".,?!").lower() for w in written.split()))
 
     image, question, _, answer = (IMAGES / "questions.tsv").read_text().splitlines()[1].split("\t")
     code, out = _cli(["ask", "--json", str(IMAGES / image), question])

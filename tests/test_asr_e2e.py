@@ -230,11 +230,19 @@ def test_cli_transcribes_with_and_without_a_server(registry):
     assert set(sequence.split()) <= set(REFS[name].split())
     assert wer([REFS[name]], [sequence]) < wer([REFS[name]], [local.stdout.strip()])
     assert wer([REFS[name]], [sequence]) <= 1 / 12 + 1e-9
-    # Subtitles: the words of the transcript, in cues of at most 42 characters.
+    # Subtitles: the words of the transcript, in cues of at most 42 characters,
+    # punctuated (captions are, by default) or raw with --no-punctuate.
+    raw = _cli("transcribe", path, "--captions", "srt", "--no-punctuate").stdout.strip()
+    cues = [block.split("\n") for block in raw.split("\n\n")]
+    assert " ".join(c[2] for c in cues) == " ".join(local.stdout.split())
     srt = _cli("transcribe", path, "--captions", "srt").stdout.strip().split("\n\n")
     cues = [block.split("\n") for block in srt]
     assert [c[0] for c in cues] == [str(i) for i in range(1, len(cues) + 1)]
-    assert " ".join(c[2] for c in cues) == " ".join(local.stdout.split())
+    written = " ".join(c[2] for c in cues)
+    assert written[0].isupper() and any(mark in written for mark in ".,?!")
+    assert " ".join(w.strip(".,?!").lower() for w in written.split()) == " ".join(
+        local.stdout.split()
+    )
     assert all(len(c[2]) <= 42 for c in cues) and len(cues) >= 2
     times = [t for c in cues for t in c[1].split(" --> ")]  # HH:MM:SS,mmm sort as text
     seconds = float(times[-1][6:].replace(",", "."))

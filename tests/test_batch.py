@@ -223,8 +223,9 @@ def test_cli_transcribe_batch(corpus, tmp_path):
         "error: unreadable" in run.stderr and "2 files done (1 failed), 0 done before" in run.stderr
     )
     records = read_ledger(out / "transcripts.jsonl")
-    assert records[str(corpus["lj"])]["text"] == transcribe(corpus["lj"]).text
-    assert (out / "captions" / "LJ001-0011.vtt").read_text().startswith("WEBVTT")
+    # Captions asked for: punctuated, the JSON text too (as --punctuate would).
+    assert records[str(corpus["lj"])]["text"] == transcribe(corpus["lj"], punctuate=True).text
+    assert (out / "captions" / "LJ001-0011.vtt").read_text().startswith("WEBVTT\n\n00:")
     again = subprocess.run(
         [*cmd, str(corpus["lj"]), "-o", str(out)], capture_output=True, text=True, timeout=120
     )

@@ -112,3 +112,13 @@ def test_models_document():
     doc = models_document(MODELS)
     assert doc["object"] == "list"
     assert [Model.model_validate(m).id for m in doc["data"]] == MODELS
+
+
+def test_punctuate_is_a_form_flag():
+    assert parse_request({"model": ["whisper-1"]}, MODELS).punctuate is None
+    off = parse_request({"model": ["whisper-1"], "punctuate": ["false"]}, MODELS)
+    assert off.punctuate is False and off.asr_options() == {"punctuate": False}
+    assert parse_request({"model": ["whisper-1"], "punctuate": ["True"]}, MODELS).punctuate
+    with pytest.raises(ApiError) as caught:
+        parse_request({"model": ["whisper-1"], "punctuate": ["maybe"]}, MODELS)
+    assert caught.value.status == 400 and caught.value.param == "punctuate"

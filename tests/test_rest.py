@@ -8,6 +8,7 @@ from __future__ import annotations
 import contextlib
 import io
 import json
+import re
 import urllib.request
 
 import numpy as np
@@ -42,7 +43,7 @@ def client(base):
 
 @pytest.fixture(scope="module")
 def reference():
-    return transcribe(LJ)
+    return transcribe(LJ, punctuate=True)  # uploads are punctuated unless asked not to
 
 
 def test_json_and_text(client, reference):
@@ -92,8 +93,7 @@ def test_formats_rates_and_stereo(client, fmt):
     buf.seek(0)
     result = client.audio.transcriptions.create(model="whisper-1",
                                                 file=(f"clip.{fmt.lower()}", buf))  # fmt: skip
-    words = set(result.text.split())
-    assert len(words & set(transcribe(LJ).text.split())) >= 8, result.text
+    assert len(_words(result.text) & set(transcribe(LJ).text.split())) >= 8, result.text
 
 
 def test_prompt_words_become_hotwords(client):
@@ -104,7 +104,21 @@ def test_prompt_words_become_hotwords(client):
         prompted = client.audio.transcriptions.create(
             model="whisper-1", file=f, prompt="importance letter should"
         ).text  # fmt: skip
-    assert "should" not in plain.split() and "should" in prompted.split()
+    assert "should" not in _words(plain) and "should" in _words(prompted)
+
+
+def _words(text: str) -> set[str]:
+    return set(re.findall(r"[a-z']+", text.lower()))
+
+
+def test_punctuation_is_on_for_uploads_unless_the_form_says_false(client, reference):
+    raw = transcribe(LJ)
+    assert reference.text != raw.text and reference.text[0].isupper()
+    assert re.sub(r"[^a-z' ]", "", reference.text.lower()) == raw.text
+    with open(LJ, "rb") as f:
+        result = client.audio.transcriptions.create(model="whisper-1", file=f,
+                                                    extra_body={"punctuate": "false"})  # fmt: skip
+    assert result.text == raw.text
 
 
 def _error(call) -> tuple[int, dict]:
@@ -127,6 +141,8 @@ def test_bad_requests_get_openai_errors(client, tmp_path):
     assert status == 400 and body["code"] == "invalid_file_format"
     status, body = _error(lambda: create(language="fr"))
     assert status == 400 and body["param"] == "language"
+    status, body = _error(lambda: create(extra_body={"punctuate": "maybe"}))
+    assert status == 400 and body["param"] == "punctuate"
 
 
 def test_limits_auth_busy_and_models(registry, tmp_path):

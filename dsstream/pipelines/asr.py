@@ -49,11 +49,12 @@ from dsstream.protocol import (
     ServerEvent,
     Word,
 )
+from dsstream.punctuation import PunctStream, Punctuator
 from dsstream.vad import SileroVad, VadConfig
 
 __all__ = ["AsrModelSpec", "AsrConfig", "AsrRuntime", "AsrPipeline", "StageTimes", "load"]
 
-STAGES = ("resample", "vad", "frontend", "encoder", "decoder")
+STAGES = ("resample", "vad", "frontend", "encoder", "decoder", "punctuation")
 
 
 @dataclass(frozen=True)
@@ -126,11 +127,17 @@ class AsrRuntime:
         lm: str | Path | None = None,
         config: AsrConfig = AsrConfig(),
         name: str = "asr",
+        punct: str | Path | None = None,
     ) -> None:
+        """``punct``: a punctuation model (``samples/punct/punct.ds``) that
+        sessions asking ``punctuate`` use; None: finals stay raw."""
         from engine import BatchPolicy, EngineConfig, InferenceEngine
 
         self.config = config
         self.name = name
+        self.punctuator: Punctuator | None = None
+        if punct is not None:
+            self.punctuator = Punctuator(punct, threads=config.engine_threads)
         policy = BatchPolicy(
             max_batch_size=config.max_batch, max_queue_delay_ms=config.batch_delay_ms
         )
@@ -193,6 +200,8 @@ class AsrRuntime:
 
     def close(self) -> None:
         self.engine.close()
+        if self.punctuator is not None:
+            self.punctuator.close()
 
 
 def _first(*values: float | None) -> float:
@@ -243,6 +252,7 @@ class AsrPipeline:
         self.hotwords = rt.decoder.hotwords([(h.phrase, h.boost) for h in options.hotwords])
         self.grammar = self._grammar(options.grammar, options.grammar_sequence)
         self.overrides = self._search(options)
+        self.punct = self._punctuation(options)
         self.held: list[np.ndarray] = []  # audio not yet through the VAD and frontend
         self.held_samples = 0
         self.pending = np.zeros((0, spec.fbank.n_mels), np.float32)  # features not yet run
@@ -259,7 +269,19 @@ class AsrPipeline:
             "chunk_ms": round(spec.chunk_s * 1000),
             "language_model": rt.decoder.lm is not None,
             "decoder_mode": self.overrides.get("mode", rt.decoder.config.mode),
+            "punctuate": self.punct is not None,
         }
+
+    def _punctuation(self, options: AsrOptions) -> PunctStream | None:
+        if not options.punctuate:
+            return None
+        if self.runtime.punctuator is None:
+            raise PipelineError(
+                ErrorCode.UNSUPPORTED,
+                f"model {self.runtime.name!r} has no punctuation model; start without 'punctuate'",
+                True,
+            )
+        return PunctStream(self.runtime.punctuator)
 
     def step(self, frame: Any) -> list[ServerEvent]:
         self._check()
@@ -475,8 +497,11 @@ class AsrPipeline:
                 Word(w.word, min(w.start, end), min(w.end, end), w.confidence) for w in result.words
             )
         nbest = tuple(Hypothesis(t, round(s, 4)) for t, s in result.nbest) if opts.nbest > 1 else ()
+        text = result.text
+        if self.punct is not None and text:
+            text, words = self._punctuate(text, words)
         events: list[ServerEvent] = [
-            Final(result.text, self.segment, round(start, 3), round(end, 3), words, nbest),
+            Final(text, self.segment, round(start, 3), round(end, 3), words, nbest),
             Endpoint(self.segment, round(end, 3), reason),
         ]
         self.segment += 1
@@ -485,7 +510,21 @@ class AsrPipeline:
         self._new_decoder()
         return events
 
+    def _punctuate(self, text: str, words: tuple[Word, ...]) -> tuple[str, tuple[Word, ...]]:
+        """The final's text as written; its words take their written forms
+        (captions are cut from them), their times and confidences unchanged."""
+        assert self.punct is not None
+        t0 = time.perf_counter()
+        shown = self.punct.apply(text.split())
+        self.runtime.times.add({"punctuation": time.perf_counter() - t0}, 0.0)
+        if len(words) == len(shown):
+            words = tuple(replace(w, word=s) for w, s in zip(words, shown))
+        return " ".join(shown), words
 
-def load(model: Path, lm: Path | None = None, name: str = "asr", **config: Any) -> AsrRuntime:
+
+def load(
+    model: Path, lm: Path | None = None, name: str = "asr", punct: Path | None = None,
+    **config: Any,
+) -> AsrRuntime:  # fmt: skip
     """The registry's entry point: load once; the runtime, called, makes a session pipeline."""
-    return AsrRuntime(model, lm, replace(AsrConfig(), **config), name=name)
+    return AsrRuntime(model, lm, replace(AsrConfig(), **config), name=name, punct=punct)

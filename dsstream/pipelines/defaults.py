@@ -11,7 +11,7 @@ from dsstream.pipelines.base import PipelineRegistry
 from dsstream.pipelines.config import AsrConfig, VqaConfig
 from dsstream.pipelines.factories import AsrFactory, VqaFactory
 
-__all__ = ["SAMPLES_DIR", "asr_model", "asr_lm", "default_registry", "preload"]
+__all__ = ["SAMPLES_DIR", "asr_model", "asr_lm", "punct_model", "default_registry", "preload"]
 
 T = TypeVar("T")
 
@@ -43,6 +43,15 @@ def asr_lm(root: Path) -> Path:
     if binary.is_file() and vocab_sidecar(binary).is_file():
         return binary
     return root / "asr" / "lm.arpa"
+
+
+def punct_model(root: Path) -> Path | None:
+    """The sample punctuation model under a samples folder, or None where it
+    is not shipped (finals then stay raw; a session asking ``punctuate`` is
+    told so).  Which precision ships as ``punct.ds`` was measured
+    (samples/punct/MODEL.md)."""
+    path = root / "punct" / "punct.ds"
+    return path if path.is_file() else None
 
 
 def default_registry(
@@ -78,6 +87,7 @@ def default_registry(
     asr = AsrFactory(
         "sample-asr", asr_model(root, int8), asr_lm(root), asr_config,
         hint="train and export it with the recipe in apps/asr (python -m apps.asr.export)",
+        punct=punct_model(root),
     )  # fmt: skip
     vqa = VqaFactory(
         "sample-vqa", root / "vqa" / "image.ds", root / "vqa" / "fuser.ds", vqa_config,

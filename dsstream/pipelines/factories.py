@@ -23,21 +23,22 @@ __all__ = ["AsrFactory", "VqaFactory"]
 
 @dataclass
 class AsrFactory(LoadOnce):
-    """Streaming ASR (dsstream.pipelines.asr) from an acoustic model artifact
-    and an optional n-gram LM."""
+    """Streaming ASR (dsstream.pipelines.asr) from an acoustic model artifact,
+    an optional n-gram LM and an optional punctuation model."""
 
     name: str
     model: Path
     lm: Path | None = None
     config: AsrConfig = field(default_factory=AsrConfig)
     hint: str = ""  # how to obtain the missing files
+    punct: Path | None = None  # sessions' ``punctuate`` needs it
     task: str = field(default="asr", init=False)
     _make: Callable[[], Pipeline] | None = field(default=None, init=False, repr=False)
     _lock: threading.Lock = field(default_factory=threading.Lock, init=False, repr=False)
 
     @property
     def files(self) -> Mapping[str, Path | None]:  # type: ignore[override]
-        return {"model": self.model, "lm": self.lm}
+        return {"model": self.model, "lm": self.lm, "punct": self.punct}
 
     def _module(self) -> str:
         return "dsstream.pipelines.asr"
@@ -45,7 +46,7 @@ class AsrFactory(LoadOnce):
     def _load(self) -> Callable[[], Pipeline]:
         from dsstream.pipelines.asr import AsrRuntime
 
-        return AsrRuntime(self.model, self.lm, self.config, name=self.name)
+        return AsrRuntime(self.model, self.lm, self.config, name=self.name, punct=self.punct)
 
     def reloaded(self, copies: Mapping[int, Any]) -> AsrFactory:
         """An unloaded copy that reads its files again on its first ``create``."""

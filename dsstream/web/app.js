@@ -104,6 +104,7 @@ async function transcribeFile(file) {
   form.append("timestamp_granularities[]", "word");
   const hotwords = listOption("hotwords");
   if (hotwords.length) form.append("prompt", hotwords.join(" "));
+  form.append("punctuate", $("punctuate").checked ? "true" : "false");
   let response;
   try {
     response = await fetch("/v1/audio/transcriptions", { method: "POST", body: form });
@@ -134,10 +135,12 @@ function listOption(id) {
   return $(id).value.split(",").map((w) => w.trim()).filter((w) => w.length > 0);
 }
 
-// Commands: a grammar (each final one of them, "[unk]" for other speech); else hotwords.
+// Commands: a grammar (each final one of them, "[unk]" for other speech, shown
+// as said); else hotwords, and finals punctuated where the box is ticked.
 function wordOptions() {
   const commands = listOption("commands");
-  return commands.length ? { grammar: [...commands, "[unk]"] } : { hotwords: listOption("hotwords") };
+  if (commands.length) return { grammar: [...commands, "[unk]"] };
+  return { hotwords: listOption("hotwords"), ...($("punctuate").checked ? { punctuate: true } : {}) };
 }
 
 async function startMic() {

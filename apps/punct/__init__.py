@@ -1,0 +1,1 @@
+"""The punctuation and capitals recipe: prepare, train, evaluate, export (docs/punctuation.md)."""
