@@ -233,6 +233,7 @@ class AsrPipeline:
             self.options = options
             return effective
         rt, spec = self.runtime, self.spec
+        self.punct = self._punctuation(options)  # refused before any state is taken
         try:
             self.resampler = StreamingResampler(options.sample_rate, spec.sample_rate)
         except ResampleError as exc:
@@ -252,7 +253,6 @@ class AsrPipeline:
         self.hotwords = rt.decoder.hotwords([(h.phrase, h.boost) for h in options.hotwords])
         self.grammar = self._grammar(options.grammar, options.grammar_sequence)
         self.overrides = self._search(options)
-        self.punct = self._punctuation(options)
         self.held: list[np.ndarray] = []  # audio not yet through the VAD and frontend
         self.held_samples = 0
         self.pending = np.zeros((0, spec.fbank.n_mels), np.float32)  # features not yet run
