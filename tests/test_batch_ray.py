@@ -31,7 +31,9 @@ def local_ledger(corpus, tmp_path_factory):
     paths = collect_inputs([corpus["lj"].parent])
     out = tmp_path_factory.mktemp("local")
     with Output(out, common_root(paths)) as output:
-        run_local(paths, output, BatchConfig(captions=("srt",)), jobs=1)
+        # What the CLI's --srt asks for: captions, punctuated.
+        config = BatchConfig(options={"punctuate": True}, captions=("srt",))
+        run_local(paths, output, config, jobs=1)
     return out / "transcripts.jsonl"
 
 
