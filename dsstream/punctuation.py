@@ -207,14 +207,14 @@ class Punctuator:
         # The no-mark probability is scaled by this before the argmax: chosen on
         # dev text by the recipe (below 1 writes more marks: recall for precision).
         self.none_scale = float(extra.get("none_scale", 1.0))
+        self._scale = np.array([self.none_scale] + [1.0] * (len(MARKS) - 1), np.float32)
         if self.context + LOOKAHEAD >= self.max_len:
             raise ValueError(f"{path}: context {self.context} leaves no room in {self.max_len}")
         self.path = Path(path)
 
     def _run(self, tokens: np.ndarray, segment: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         out = self.engine.infer({"tokens": tokens, "segment": segment})
-        marks = out["marks"][0] * np.array([self.none_scale] + [1.0] * (len(MARKS) - 1), np.float32)
-        return marks, out["cases"][0]
+        return out["marks"][0] * self._scale, out["cases"][0]
 
     def label(self, context: Sequence[str], words: Sequence[str]) -> tuple[list[int], list[int]]:
         return label_windows(self._run, self.vocab, context, words, self.max_len, self.context)

@@ -122,7 +122,8 @@ def artifact_labeller(punctuator: Punctuator, times: list[float] | None = None) 
     return label
 
 
-def _cost(times: list[float]) -> dict[str, float]:
+def cost(times: list[float]) -> dict[str, float]:
+    """Count, mean, median and p95 in ms of per-final times given in seconds."""
     ms = sorted(t * 1000 for t in times)
     return {
         "finals": len(ms),
@@ -144,7 +145,7 @@ def evaluate_artifact(path: Path, data: Path, split: str, lj001: Path) -> dict[s
     for name, sets in ((split, docs), ("lj001", lj), ("lj001 unpaused", unpaused)):
         result[name] = {"model": score_documents(sets, label, punctuator.context),
                         "baseline": score_documents(sets, None, punctuator.context)}  # fmt: skip
-    result["cost"] = _cost(times)
+    result["cost"] = cost(times)
     result["words"] = {split: sum(len(d["words"]) for d in docs), "lj001": len(lj[0]["words"])}
     punctuator.close()
     return result
