@@ -253,17 +253,58 @@ def _peer_rows(data: Path) -> str:
     )
 
 
+def _lineage(state: dict[str, Any]) -> list[tuple[str, dict[str, Any]]]:
+    """The runs the model's weights came through before this one, newest
+    first: each checkpoint's ``init`` names the one its run started from."""
+    runs: list[tuple[str, dict[str, Any]]] = []
+    while "init" in state:
+        path = Path(state["init"])
+        path = path if path.is_absolute() else ROOT / path
+        if not path.is_file() or len(runs) > 16:
+            break
+        state = torch.load(path, map_location="cpu", weights_only=False)["state"]
+        runs.append((path.name, state))
+    return runs
+
+
+def _real_run(state: dict[str, Any]) -> bool:
+    return any(h.get("valid") == "real_dev.jsonl" for h in state.get("history", []))
+
+
 def _init_words(state: dict[str, Any]) -> str:
-    """Where the run's weights started: a checkpoint's own run, or from scratch."""
+    """Where the run's weights started: the chain of runs before it, or scratch."""
     if "init" not in state:
         return "trained from scratch"
-    init = Path(state["init"])
-    before = ""
-    if init.is_file():
-        prior = torch.load(init, map_location="cpu", weights_only=False)["state"]
-        before = (f" (the model shipped before: {prior['epoch']} epochs, {prior['step']} steps"
-                  " on synthesized speech only)")  # fmt: skip
-    return f"initialized from `{init.name}`{before}, then trained"
+    words, link = [], "initialized from"
+    if "grown" in state:
+        link = (f"grown from {state['grown']['from_layers']} to {state['grown']['layers']} blocks"
+                " (new blocks inserted as identities) from")  # fmt: skip
+    for name, prior in _lineage(state) or [(Path(state["init"]).name, {})]:
+        what = ""
+        if prior:
+            data = "real and synthesized speech" if _real_run(prior) else "synthesized speech only"
+            what = f" ({prior['epoch']} epochs, {prior['step']} steps on {data})"
+        words.append(f"{link} `{name}`{what}")
+        link = "itself grown from" if "grown" in prior else "itself initialized from"
+    return ", ".join(words) + ", then trained"
+
+
+def _history_rows(state: dict[str, Any], name: str) -> str:
+    """Validation after each epoch of this run and of the runs before it that
+    were scored on the real dev speakers, oldest first."""
+    runs = [(n, s) for n, s in reversed(_lineage(state)) if _real_run(s)] + [(name, state)]
+    return "\n".join(
+        f"| `{n}` | {h['epoch']} | {h['step']} | {h['loss']:.3f} | {_pct(h['valid_cer'])} |"
+        for n, s in runs
+        for h in s["history"]
+    )
+
+
+def _time_words(state: dict[str, Any]) -> str:
+    """The run's wall time, where it recorded one (apps.asr.train since 2026-12-07)."""
+    if "seconds" not in state:
+        return ""
+    return f" ({state['seconds'] / 3600:.1f} h of wall time)"
 
 
 def _clip_rows(samples: Path) -> list[str]:
@@ -287,8 +328,10 @@ def main(argv: list[str] | None = None) -> Path:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--data", type=Path, default=ROOT / "cache" / "asr")
     parser.add_argument("--samples", type=Path, default=ROOT / "samples")
+    parser.add_argument("--checkpoint", type=Path, help="default: <data>/ckpt/last.pt")
     args = parser.parse_args(argv)
-    ckpt = torch.load(args.data / "ckpt" / "last.pt", map_location="cpu", weights_only=False)
+    path = args.checkpoint or args.data / "ckpt" / "last.pt"
+    ckpt = torch.load(path, map_location="cpu", weights_only=False)
     state, cfg = ckpt["state"], ckpt["config"]
     params = sum(v.numel() for v in ckpt["model"].values())
     train = read_manifest(args.data / "train.jsonl")
@@ -300,7 +343,7 @@ def main(argv: list[str] | None = None) -> Path:
     card = CARD.format(
         params=params / 1e6, cfg=cfg, mb=artifact.stat().st_size / 1e6,
         chunk_ms=cfg["chunk"] * 40, left_s=cfg["left"] * 0.04,
-        init=_init_words(state), **_data_fields(args.data, train, valid, state),
+        init=_init_words(state), **_data_fields(args.data, train, valid, state, path.name),
         **_score_fields(args.data, report), clip_rows="\n".join(_clip_rows(args.samples)),
         int8_section=_int8_section(args.data, artifact, args.samples / "asr" / "model-int8.ds"),
     )  # fmt: skip
@@ -310,7 +353,9 @@ def main(argv: list[str] | None = None) -> Path:
     return out
 
 
-def _data_fields(data: Path, train: list[dict], valid: list[dict], state: dict) -> dict[str, Any]:
+def _data_fields(
+    data: Path, train: list[dict], valid: list[dict], state: dict, name: str
+) -> dict[str, Any]:
     real_train, real_held = _real_data(data)
     with_eq = any(c.get("eq") for c in state.get("changes", []))
     valid_sets = {h.get("valid", "valid.jsonl") for h in state["history"]}
@@ -319,10 +364,6 @@ def _data_fields(data: Path, train: list[dict], valid: list[dict], state: dict) 
         if valid_sets == {"real_dev.jsonl"}
         else "the first 200 held-out utterances (release 1 voices)"
     )
-    history = "\n".join(
-        f"| {h['epoch']} | {h['step']} | {h['loss']:.3f} | {_pct(h['valid_cer'])} |"
-        for h in state["history"]
-    )
     return {
         "real_train": real_train, "real_held": real_held, "train_n": len(train),
         "train_h": _hours(train), "train_voices": len({r["speaker"] for r in train}),
@@ -330,7 +371,8 @@ def _data_fields(data: Path, train: list[dict], valid: list[dict], state: dict) 
         "valid_voices": len({r["speaker"] for r in valid}), "valid_releases": _by_release(valid),
         "channel": " microphone/channel response," if with_eq else "",
         "epochs": state["epoch"], "steps": state["step"], "scored_on": scored_on,
-        "notes": _run_notes(state), "history": history,
+        "notes": _run_notes(state), "history": _history_rows(state, name),
+        "run": name, "time": _time_words(state),
     }  # fmt: skip
 
 
@@ -418,11 +460,11 @@ reverberation,{channel} telephone-band and SpecAugment augmentation.
 
 ## Training
 
-{epochs} epochs, {steps} steps on 2 CPU cores. Each epoch is scored on
-{scored_on}.
+This run (`{run}`): {epochs} epochs, {steps} steps on 2 CPU cores{time}.
+Each epoch is scored on {scored_on}.
 {notes}
-| epoch | step | train loss | validation CER (greedy) |
-|---:|---:|---:|---:|
+| run | epoch | step | train loss | validation CER (greedy) |
+|---|---:|---:|---:|---:|
 {history}
 
 ## Scores
@@ -455,7 +497,7 @@ The weights were trained on these corpora; their licences ask for credit:
 
 ## Limits
 
-About 12 hours of real speech and a 3 M-parameter model trained on 2 CPU
+About 12 hours of real speech and a {params:.1f} M-parameter model trained on 2 CPU
 cores: what limits it and what would help next is in docs/asr.md ("What
 limits real speech"). Some synthesized training voices have restrictive
 terms (MBROLA databases, RHVoice evgeniy-eng: CC BY-NC-ND 4.0, the OALD

@@ -2,7 +2,7 @@
 
     python -m apps.asr.quantize [--mode static|dynamic] [--observer minmax|percentile|mse]
         [--calib 256] [--sweep 16,64,256,1024] [--sensitivity 8] [--keep-float 0]
-        [--chunk 8] [--left 32] [--out samples/asr/model-int8.ds]
+        [--chunk 8] [--left 32] [--checkpoint ckpt/last.pt] [--out samples/asr/model-int8.ds]
 
 Calibrates on training utterances (never the held-out voices), quantizes with
 ``engine.quant``, scores the INT8 model exactly as ``apps.asr.evaluate`` scores
@@ -129,10 +129,11 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     parser.add_argument("--out", type=Path, default=None, help="write the INT8 artifact here")
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--qat", action="store_true", help="use ckpt/qat.pt (train --qat)")
+    parser.add_argument("--checkpoint", type=Path, help="default: <data>/ckpt/last.pt")
     add_geometry_arguments(parser)
     args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)
-    model, fbank_cfg, ckpt = load_checkpoint(args.data / "ckpt" / "last.pt")
+    model, fbank_cfg, ckpt = load_checkpoint(args.checkpoint or args.data / "ckpt" / "last.pt")
     set_geometry(model, args)  # calibrated, scored and exported at this chunk and left context
     fbank = Fbank(fbank_cfg)
     if args.qat:

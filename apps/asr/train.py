@@ -436,7 +436,7 @@ def train(args: argparse.Namespace) -> dict[str, Any]:
     augment = None if args.no_augment else AugmentConfig(vtlp_prob=args.vtlp, eq_prob=args.eq)
     data = SpeechSet(train_rows, fbank_cfg, augment, args.seed)
     started = time.monotonic()
-    last_save = started
+    last_save = tick = started
     from tqdm import tqdm
 
     def checkpoint() -> None:
@@ -474,6 +474,9 @@ def train(args: argparse.Namespace) -> dict[str, Any]:
             state["batch_in_epoch"] = state.get("batch_in_epoch", 0) + 1
             bar.set_postfix(loss=f"{loss.item():.3f}", cer=state.get("cer", "-"))
             now = time.monotonic()
+            # Wall time of the run across resumes, for the model card's training time.
+            state["seconds"] = round(state.get("seconds", 0.0) + now - tick, 1)
+            tick = now
             if now - last_save > args.checkpoint_minutes * 60:
                 checkpoint()
                 last_save = now
@@ -484,6 +487,7 @@ def train(args: argparse.Namespace) -> dict[str, Any]:
                 )
                 return state
         state["cer"] = round(evaluate(model, valid_rows, fbank_cfg), 4)
+        state["seconds"] = round(state.get("seconds", 0.0) + time.monotonic() - tick, 1)
         state["history"].append({
             "epoch": state["epoch"], "step": state["step"],
             "valid_cer": state["cer"], "loss": round(loss.item(), 4), "valid": valid_name,
@@ -492,7 +496,7 @@ def train(args: argparse.Namespace) -> dict[str, Any]:
         state["epoch"] += 1
         state["batch_in_epoch"] = 0
         checkpoint()
-        last_save = time.monotonic()
+        last_save = tick = time.monotonic()
     return state
 
 
