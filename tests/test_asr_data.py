@@ -455,6 +455,23 @@ def test_lexicon_mode_must_beat_the_free_search_by_more_than_the_tolerance():
     assert choose_mode({"free": {"wer": 0.38}}, 0.01) == "free"
 
 
+def test_the_card_says_when_the_free_search_won_a_tie(tmp_path):
+    from apps.asr.card import _modes_note
+
+    def note(chosen: str, free: float, lexicon: float) -> str:
+        modes = {"free": {"alpha": 0.5, "beta": 1.0, "wer": free},
+                 "lexicon": {"alpha": 0.5, "beta": 0.0, "wer": lexicon}}  # fmt: skip
+        record = {"mode": chosen, "modes": modes, "tolerance": 1.0}
+        (tmp_path / "decoder.json").write_text(json.dumps(record))
+        return _modes_note(tmp_path)
+
+    tie = note("free", 0.3661, 0.3647)
+    assert "36.6% WER on the dev set, where lexicon mode" in tie
+    assert "within the 1-point tolerance, so the free search" in tie
+    assert "tolerance" not in note("free", 0.3881, 0.3911)
+    assert note("lexicon", 0.40, 0.38).startswith(". The lexicon search was chosen")
+
+
 def test_the_card_follows_the_runs_a_model_came_through(tmp_path):
     import torch
 

@@ -30,7 +30,7 @@ REFS = dict(
     line.split("\t") for line in (CLIPS / "transcripts.tsv").read_text().strip().splitlines()
 )
 # Word error rate of each shipped clip with the served (INT8) model and LM (MODEL.md).
-CARD_WER = {"heldout-espeak-david.flac": 4 / 12, "LJ001-0011.flac": 3 / 15}
+CARD_WER = {"heldout-espeak-david.flac": 5 / 12, "LJ001-0011.flac": 3 / 15}
 
 pytestmark = pytest.mark.skipif(
     not (SAMPLES_DIR / "asr" / "model.ds").exists(),

@@ -416,9 +416,13 @@ def _modes_note(data: Path) -> str:
         return ""
     notes = [f"{m} mode (`decoder_mode`) scored {_pct(v['wer'])} at alpha {v['alpha']}, "
              f"beta {v['beta']}" for m, v in others]  # fmt: skip
+    tie = ""
+    if chosen == "free" and any(v["wer"] < modes["free"]["wer"] for _, v in others):
+        tie = (f", within the {tuned.get('tolerance', 1.0):g}-point tolerance, so the free"
+               " search, which can write words outside the LM, stays the default")  # fmt: skip
     return (
         f". The {chosen} search was chosen by measurement: {_pct(modes[chosen]['wer'])} "
-        f'WER on the dev set, where {"; ".join(notes)} (docs/asr.md, "Lexicon mode")'
+        f'WER on the dev set, where {"; ".join(notes)}{tie} (docs/asr.md, "Lexicon mode")'
     )
 
 
