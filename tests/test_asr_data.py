@@ -457,11 +457,13 @@ def test_lexicon_mode_must_beat_the_free_search_by_more_than_the_tolerance():
 
 def test_the_card_says_when_the_free_search_won_a_tie(tmp_path):
     from apps.asr.card import _modes_note
+    from apps.asr.tune import lowest_wer_mode
 
     def note(chosen: str, free: float, lexicon: float) -> str:
         modes = {"free": {"alpha": 0.5, "beta": 1.0, "wer": free},
                  "lexicon": {"alpha": 0.5, "beta": 0.0, "wer": lexicon}}  # fmt: skip
-        record = {"mode": chosen, "modes": modes, "tolerance": 1.0}
+        record = {"mode": chosen, "modes": modes, "tolerance": 1.0,
+                  "free_kept_by_tolerance": chosen != lowest_wer_mode(modes)}  # fmt: skip
         (tmp_path / "decoder.json").write_text(json.dumps(record))
         return _modes_note(tmp_path)
 
@@ -475,7 +477,7 @@ def test_the_card_says_when_the_free_search_won_a_tie(tmp_path):
 def test_the_card_follows_the_runs_a_model_came_through(tmp_path):
     import torch
 
-    from apps.asr.card import _history_rows, _init_words, _time_words
+    from apps.asr.card import _history_rows, _init_words, _lineage, _time_words
 
     row = {"epoch": 0, "step": 10, "loss": 1.0, "valid_cer": 0.3}
     synthetic = {"epoch": 56, "step": 31884, "history": [{**row, "valid_cer": 0.15}]}
@@ -487,21 +489,20 @@ def test_the_card_follows_the_runs_a_model_came_through(tmp_path):
             "grown": {"from_layers": 6, "layers": 10},
             "history": [{**row, "epoch": 5, "valid_cer": 0.2289,
                          "valid": "real_dev.jsonl"}]}  # fmt: skip
-    assert _init_words(deep) == (
+    assert _init_words(deep, _lineage(deep)) == (
         "grown from 6 to 10 blocks (new blocks inserted as identities) from `real-e8.pt`"
         " (8 epochs, 3784 steps on real and synthesized speech), itself initialized from"
         " `shipped.pt` (56 epochs, 31884 steps on synthesized speech only), then trained"
     )
     # The synthetic-only run was scored on other voices: its rows stay off the table.
-    assert _history_rows(deep, "deep10.pt").splitlines() == [
+    assert _history_rows(deep, "deep10.pt", _lineage(deep)).splitlines() == [
         "| `real-e8.pt` | 0 | 10 | 1.000 | 30.0% |",
         "| `deep10.pt` | 5 | 10 | 1.000 | 22.9% |",
     ]
     assert _time_words(deep) == " (1.5 h of wall time)" and _time_words(real) == ""
-    assert _init_words({"init": str(tmp_path / "gone.pt")}) == (
-        "initialized from `gone.pt`, then trained"
-    )
-    assert _init_words(synthetic) == "trained from scratch"
+    gone = {"init": str(tmp_path / "gone.pt")}
+    assert _init_words(gone, _lineage(gone)) == "initialized from `gone.pt`, then trained"
+    assert _init_words(synthetic, _lineage(synthetic)) == "trained from scratch"
 
 
 def test_the_card_words_only_changes_that_trained_the_model():

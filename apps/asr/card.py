@@ -253,10 +253,14 @@ def _peer_rows(data: Path) -> str:
     )
 
 
-def _lineage(state: dict[str, Any]) -> list[tuple[str, dict[str, Any]]]:
+# The runs a checkpoint's weights came through: (checkpoint file name, its run state).
+Lineage = list[tuple[str, dict[str, Any]]]
+
+
+def _lineage(state: dict[str, Any]) -> Lineage:
     """The runs the model's weights came through before this one, newest
     first: each checkpoint's ``init`` names the one its run started from."""
-    runs: list[tuple[str, dict[str, Any]]] = []
+    runs: Lineage = []
     while "init" in state:
         path = Path(state["init"])
         path = path if path.is_absolute() else ROOT / path
@@ -271,15 +275,16 @@ def _real_run(state: dict[str, Any]) -> bool:
     return any(h.get("valid") == "real_dev.jsonl" for h in state.get("history", []))
 
 
-def _init_words(state: dict[str, Any]) -> str:
-    """Where the run's weights started: the chain of runs before it, or scratch."""
+def _init_words(state: dict[str, Any], lineage: Lineage) -> str:
+    """Where the run's weights started: the chain of runs before it
+    (``_lineage(state)``), or scratch."""
     if "init" not in state:
         return "trained from scratch"
     words, link = [], "initialized from"
     if "grown" in state:
         link = (f"grown from {state['grown']['from_layers']} to {state['grown']['layers']} blocks"
                 " (new blocks inserted as identities) from")  # fmt: skip
-    for name, prior in _lineage(state) or [(Path(state["init"]).name, {})]:
+    for name, prior in lineage or [(Path(state["init"]).name, {})]:
         what = ""
         if prior:
             data = "real and synthesized speech" if _real_run(prior) else "synthesized speech only"
@@ -289,10 +294,10 @@ def _init_words(state: dict[str, Any]) -> str:
     return ", ".join(words) + ", then trained"
 
 
-def _history_rows(state: dict[str, Any], name: str) -> str:
-    """Validation after each epoch of this run and of the runs before it that
-    were scored on the real dev speakers, oldest first."""
-    runs = [(n, s) for n, s in reversed(_lineage(state)) if _real_run(s)] + [(name, state)]
+def _history_rows(state: dict[str, Any], name: str, lineage: Lineage) -> str:
+    """Validation after each epoch of this run and of the runs before it
+    (``lineage``) that were scored on the real dev speakers, oldest first."""
+    runs = [(n, s) for n, s in reversed(lineage) if _real_run(s)] + [(name, state)]
     return "\n".join(
         f"| `{n}` | {h['epoch']} | {h['step']} | {h['loss']:.3f} | {_pct(h['valid_cer'])} |"
         for n, s in runs
@@ -340,10 +345,12 @@ def main(argv: list[str] | None = None) -> Path:
     artifact = args.samples / "asr" / "model.ds"
     # The chunk geometry the artifact streams with (apps.asr.export --chunk/--left).
     cfg = {**cfg, **read_artifact(artifact)[0].extra.get("model", {})}
+    lineage = _lineage(state)  # loads each ancestor checkpoint once
     card = CARD.format(
         params=params / 1e6, cfg=cfg, mb=artifact.stat().st_size / 1e6,
         chunk_ms=cfg["chunk"] * 40, left_s=cfg["left"] * 0.04,
-        init=_init_words(state), **_data_fields(args.data, train, valid, state, path.name),
+        init=_init_words(state, lineage),
+        **_data_fields(args.data, train, valid, state, path.name, lineage),
         **_score_fields(args.data, report), clip_rows="\n".join(_clip_rows(args.samples)),
         int8_section=_int8_section(args.data, artifact, args.samples / "asr" / "model-int8.ds"),
     )  # fmt: skip
@@ -354,7 +361,7 @@ def main(argv: list[str] | None = None) -> Path:
 
 
 def _data_fields(
-    data: Path, train: list[dict], valid: list[dict], state: dict, name: str
+    data: Path, train: list[dict], valid: list[dict], state: dict, name: str, lineage: Lineage
 ) -> dict[str, Any]:
     real_train, real_held = _real_data(data)
     with_eq = any(c.get("eq") for c in state.get("changes", []))
@@ -371,7 +378,7 @@ def _data_fields(
         "valid_voices": len({r["speaker"] for r in valid}), "valid_releases": _by_release(valid),
         "channel": " microphone/channel response," if with_eq else "",
         "epochs": state["epoch"], "steps": state["step"], "scored_on": scored_on,
-        "notes": _run_notes(state), "history": _history_rows(state, name),
+        "notes": _run_notes(state), "history": _history_rows(state, name, lineage),
         "run": name, "time": _time_words(state),
     }  # fmt: skip
 
@@ -417,7 +424,7 @@ def _modes_note(data: Path) -> str:
     notes = [f"{m} mode (`decoder_mode`) scored {_pct(v['wer'])} at alpha {v['alpha']}, "
              f"beta {v['beta']}" for m, v in others]  # fmt: skip
     tie = ""
-    if chosen == "free" and any(v["wer"] < modes["free"]["wer"] for _, v in others):
+    if tuned.get("free_kept_by_tolerance"):
         tie = (f", within the {tuned.get('tolerance', 1.0):g}-point tolerance, so the free"
                " search, which can write words outside the LM, stays the default")  # fmt: skip
     return (
