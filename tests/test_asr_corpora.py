@@ -14,6 +14,8 @@ import soundfile as sf
 from apps.asr.corpora import CORPORA, hold_out, normalize_transcript, prepare, read_corpus
 from apps.asr.lm import SHARED
 
+ROOT = Path(__file__).resolve().parents[1]
+
 needs_speech = pytest.mark.skipif(
     not all((SHARED / "speech" / c.name / "transcripts.tsv").is_file() for c in CORPORA),
     reason="needs ../shared/data/speech's corpora",
@@ -161,6 +163,25 @@ def test_scores_per_corpus_and_the_telephone_path():
     assert telephone_rate(low.astype("float32")).shape == (16000,)
     assert np.std(telephone_rate(low.astype("float32"))[1000:-1000]) > 0.6
     assert np.std(telephone_rate(high.astype("float32"))[1000:-1000]) < 0.01  # above 4 kHz
+
+
+def test_per_corpus_scores_decode_each_utterance_once_and_match_each_corpus_alone():
+    from apps.asr.evaluate import score, score_groups, transcripts
+    from dsstream.decoding import CTCDecoder
+
+    decoder = CTCDecoder(beam_width=8, language_model=ROOT / "samples/asr/lm.bin")
+    batches = []
+    real_decode = decoder.decode_batch
+    decoder.decode_batch = lambda mats: batches.append(len(mats)) or real_decode(mats)  # type: ignore[method-assign]
+    rng = np.random.default_rng(0)
+    rows = [{"text": t, "corpus": c} for t, c in (("the cat", "a"), ("a dog", "b"), ("sat", "a"))]
+    mats = [np.log(rng.dirichlet(np.ones(29), size=n)).astype(np.float32) for n in (30, 24, 18)]
+    report = score_groups(rows, mats, "corpus", decoder)
+    assert batches == [3]  # one beam search over the set, not one more per corpus
+    for name, idx in (("a", [0, 2]), ("b", [1])):
+        alone = score([rows[i]["text"] for i in idx], transcripts([mats[i] for i in idx], decoder))
+        assert report[name] == alone
+    assert report["all"]["n"] == 3 and set(report["all"]) >= {"wer_lm", "cer_greedy"}
 
 
 def test_the_lms_real_text_leaves_out_held_out_speakers_and_lj001(tmp_path):

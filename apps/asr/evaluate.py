@@ -17,6 +17,7 @@ import argparse
 import json
 import math
 from collections import defaultdict
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -33,7 +34,7 @@ ROOT = Path(__file__).resolve().parents[2]
 
 __all__ = [
     "DEFAULT_DECODER", "decoder_settings", "evaluate", "main", "real_sets", "score",
-    "score_groups", "telephone_rate",
+    "score_groups", "telephone_rate", "transcripts",
 ]  # fmt: skip
 
 # The decoder settings when apps.asr.tune has not chosen any (<data>/decoder.json).
@@ -66,12 +67,28 @@ def _logp(model: torch.nn.Module, fbank: Fbank, wave: np.ndarray) -> np.ndarray:
         return model(feats[None])[0].numpy()
 
 
-def score(refs: list[str], mats: list[np.ndarray], decoder: Any) -> dict[str, float]:
-    greedy = [decode_greedy(torch.from_numpy(m)) for m in mats]
-    out = {"cer_greedy": cer(refs, greedy), "wer_greedy": wer(refs, greedy), "n": len(refs)}
+def transcripts(mats: list[np.ndarray], decoder: Any) -> dict[str, list[str]]:
+    """Each utterance's transcript from its log-probabilities ``mats`` (each
+    [frames, tokens]): ``"greedy"``, and ``"lm"`` (the beam search with the
+    LM) when ``decoder`` is given.  Decoded once per set, and ``score`` takes
+    its groups (corpus, voice, release) from it instead of decoding again."""
+    out = {"greedy": [decode_greedy(torch.from_numpy(m)) for m in mats]}
     if decoder is not None:
-        beams = [r.text for r in decoder.decode_batch(mats)]
-        out |= {"cer_lm": cer(refs, beams), "wer_lm": wer(refs, beams)}
+        out["lm"] = [r.text for r in decoder.decode_batch(mats)]
+    return out
+
+
+def score(
+    refs: list[str], hyps: dict[str, list[str]], idx: Sequence[int] | None = None
+) -> dict[str, float]:
+    """CER and WER of each kind of transcript in ``hyps`` (``transcripts``)
+    against ``refs``, over the utterances ``idx`` (default: all)."""
+    take = range(len(refs)) if idx is None else idx
+    picked = [refs[i] for i in take]
+    out: dict[str, float] = {"n": len(picked)}
+    for kind, texts in hyps.items():
+        mine = [texts[i] for i in take]
+        out |= {f"cer_{kind}": cer(picked, mine), f"wer_{kind}": wer(picked, mine)}
     return {k: round(v, 4) for k, v in out.items()}
 
 
@@ -97,15 +114,20 @@ def real_sets(data: Path) -> dict[str, list[dict[str, Any]]]:
 def score_groups(
     rows: list[dict[str, Any]], mats: list[np.ndarray], key: str, decoder: Any
 ) -> dict[str, Any]:
-    """``score`` over all ``rows`` (as ``"all"``) and per value of ``row[key]``."""
+    """``score`` over all ``rows`` (as ``"all"``) and per value of ``row[key]``,
+    each utterance decoded once."""
+    refs, labels = [r["text"] for r in rows], [str(r[key]) for r in rows]
+    return _score_by(refs, transcripts(mats, decoder), labels)
+
+
+def _score_by(refs: list[str], hyps: dict[str, list[str]], labels: list[str]) -> dict[str, Any]:
+    """``score`` over all utterances (``"all"``) and per label."""
     groups: dict[str, list[int]] = defaultdict(list)
-    for i, row in enumerate(rows):
-        groups[str(row[key])].append(i)
-    refs = [r["text"] for r in rows]
-    out = {"all": score(refs, mats, decoder)}
-    for name, idx in sorted(groups.items()):
-        out[name] = score([refs[i] for i in idx], [mats[i] for i in idx], decoder)
-    return out
+    for i, label in enumerate(labels):
+        groups[label].append(i)
+    return {"all": score(refs, hyps)} | {
+        name: score(refs, hyps, idx) for name, idx in sorted(groups.items())
+    }
 
 
 def lj_set(limit: int) -> list[tuple[str, str]]:
@@ -138,19 +160,15 @@ def evaluate(
                              mode=mode)  # fmt: skip
     valid = data / "valid.jsonl"
     rows = read_manifest(valid)[:limit] if valid.is_file() else []
-    by_voice: dict[str, list[int]] = defaultdict(list)
-    by_release: dict[str, list[int]] = defaultdict(list)
-    for i, row in enumerate(rows):
-        by_voice[row["speaker"]].append(i)
-        by_release[str(row.get("release", 1))].append(i)
-    mats = [_logp(model, fbank, load_wave(r["path"])) for r in rows]
-    refs = [r["text"] for r in rows]
-    report: dict[str, Any] = {"held_out_voices": score(refs, mats, decoder)} if rows else {}
-    for key, groups in (("per_release", by_release), ("per_voice", by_voice)):
-        report[key] = {
-            name: score([refs[i] for i in idx], [mats[i] for i in idx], decoder)
-            for name, idx in sorted(groups.items())
-        }
+    report: dict[str, Any] = {}
+    if rows:
+        refs = [r["text"] for r in rows]
+        hyps = transcripts([_logp(model, fbank, load_wave(r["path"])) for r in rows], decoder)
+        releases = _score_by(refs, hyps, [str(r.get("release", 1)) for r in rows])
+        voices = _score_by(refs, hyps, [r["speaker"] for r in rows])
+        report["held_out_voices"] = releases.pop("all")
+        del voices["all"]
+        report["per_release"], report["per_voice"] = releases, voices
     for split, real in real_sets(data).items():
         if real:
             real_mats = [_logp(model, fbank, load_wave(r["path"])) for r in real]
@@ -158,13 +176,13 @@ def evaluate(
     if (SHARED / "speech" / "lj001").is_dir() and lj_limit:
         pairs = lj_set(lj_limit)
         lj_refs = [t for _, t in pairs]
-        lj_mats = [_logp(model, fbank, load_wave(p)) for p, _ in pairs]
-        report["lj001"] = score(lj_refs, lj_mats, decoder)
+        lj_hyps = transcripts([_logp(model, fbank, load_wave(p)) for p, _ in pairs], decoder)
+        report["lj001"] = score(lj_refs, lj_hyps)
         if 0 < lj_dev < len(pairs):
-            report["lj001_test"] = score(lj_refs[lj_dev:], lj_mats[lj_dev:], decoder)
+            report["lj001_test"] = score(lj_refs, lj_hyps, range(lj_dev, len(pairs)))
             report["lj001_test"]["first_clip"] = lj_dev + 1
         tel_mats = [_logp(model, fbank, telephone_rate(load_wave(p))) for p, _ in pairs]
-        report["lj001_8k"] = score(lj_refs, tel_mats, decoder)
+        report["lj001_8k"] = score(lj_refs, transcripts(tel_mats, decoder))
     return report
 
 
