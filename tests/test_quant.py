@@ -311,3 +311,12 @@ def test_a_dynamic_model_quantized_by_the_caller_exports_with_integer_kernels(tm
     got = InferenceEngine(path, backend="onnx").infer([x])["output_0"]
     with torch.no_grad():
         assert np.linalg.norm(got - model(x).numpy()) / np.linalg.norm(model(x).numpy()) < 0.03
+
+
+def test_int8_dot_saturation_is_detected_from_the_cpu_flags():
+    from engine.backends import int8_dot_saturates
+
+    assert int8_dot_saturates("flags\t\t: fpu sse2 avx avx2 fma bmi2\n")  # AVX2 only: VPMADDUBSW
+    assert not int8_dot_saturates("flags\t\t: avx2 avx512f avx512_vnni\n")
+    assert not int8_dot_saturates("flags\t\t: avx2 avx_vnni\n")
+    assert not int8_dot_saturates("processor: 0\n")  # no flags: ONNX Runtime's fusions stay
