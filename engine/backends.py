@@ -36,8 +36,9 @@ def int8_dot_saturates(cpuinfo: str | None = None) -> bool:
     on x86 without VNNI they multiply with VPMADDUBSW, whose int16 sums of
     two products saturate (255 * 127 * 2 > 32767); measured on an AVX2-only
     AMD EPYC: 15% relative error on a static INT8 MLP that the VNNI Xeon
-    of earlier runs kept under the test's 3% bound (tests/test_quant.py).  ``cpuinfo``: /proc/cpuinfo's text (read when None; False
-    where it cannot be read, e.g. not Linux, or not x86)."""
+    of earlier runs kept under the test's 3% bound (tests/test_quant.py).
+    ``cpuinfo``: /proc/cpuinfo's text (read when None; False where it cannot
+    be read, e.g. not Linux, or not x86)."""
     if cpuinfo is None:
         if platform.machine().lower() not in ("x86_64", "amd64"):
             return False
