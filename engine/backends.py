@@ -5,6 +5,7 @@ the manifest's input/output order."""
 from __future__ import annotations
 
 import contextlib
+import functools
 import io
 import platform
 from pathlib import Path
@@ -31,6 +32,7 @@ class Backend(Protocol):
         """Inputs in manifest order; outputs in manifest order."""
 
 
+@functools.cache  # the CPU does not change: read /proc/cpuinfo once per process
 def int8_dot_saturates(cpuinfo: str | None = None) -> bool:
     """Whether ONNX Runtime's fused uint8 x int8 kernels lose accuracy here:
     on x86 without VNNI they multiply with VPMADDUBSW, whose int16 sums of

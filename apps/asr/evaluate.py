@@ -116,18 +116,16 @@ def score_groups(
 ) -> dict[str, Any]:
     """``score`` over all ``rows`` (as ``"all"``) and per value of ``row[key]``,
     each utterance decoded once."""
-    refs, labels = [r["text"] for r in rows], [str(r[key]) for r in rows]
-    return _score_by(refs, transcripts(mats, decoder), labels)
+    refs, hyps = [r["text"] for r in rows], transcripts(mats, decoder)
+    return {"all": score(refs, hyps)} | _score_by(refs, hyps, [str(r[key]) for r in rows])
 
 
 def _score_by(refs: list[str], hyps: dict[str, list[str]], labels: list[str]) -> dict[str, Any]:
-    """``score`` over all utterances (``"all"``) and per label."""
+    """``score`` per label, over the utterances that carry it."""
     groups: dict[str, list[int]] = defaultdict(list)
     for i, label in enumerate(labels):
         groups[label].append(i)
-    return {"all": score(refs, hyps)} | {
-        name: score(refs, hyps, idx) for name, idx in sorted(groups.items())
-    }
+    return {name: score(refs, hyps, idx) for name, idx in sorted(groups.items())}
 
 
 def lj_set(limit: int) -> list[tuple[str, str]]:
@@ -164,11 +162,9 @@ def evaluate(
     if rows:
         refs = [r["text"] for r in rows]
         hyps = transcripts([_logp(model, fbank, load_wave(r["path"])) for r in rows], decoder)
-        releases = _score_by(refs, hyps, [str(r.get("release", 1)) for r in rows])
-        voices = _score_by(refs, hyps, [r["speaker"] for r in rows])
-        report["held_out_voices"] = releases.pop("all")
-        del voices["all"]
-        report["per_release"], report["per_voice"] = releases, voices
+        report["held_out_voices"] = score(refs, hyps)
+        report["per_release"] = _score_by(refs, hyps, [str(r.get("release", 1)) for r in rows])
+        report["per_voice"] = _score_by(refs, hyps, [r["speaker"] for r in rows])
     for split, real in real_sets(data).items():
         if real:
             real_mats = [_logp(model, fbank, load_wave(r["path"])) for r in real]
